@@ -3,9 +3,11 @@
 On `UNet(base_filters, depth)` with each head, times (as `tf.function`s, side by side):
 
 ```none
-deterministic     argmax(model(x))                                    the reference
-<head> N=n        argmax of n logit samples -> label maps [n, B, H, W]  (model.sample)
-<head> proba N=n  mean of softmax over n samples -> [B, H, W, C]        (model.predict_proba)
+deterministic       argmax(model(x))                                    the reference
+<head> label maps   n label maps [n, B, H, W] (model.sample: head.sample_labels, drawn from
+                    the C - 1 logit differences for the SSN and heteroscedastic heads)
+<head> argmax       argmax of n logit samples (head.sample_logits): the same distribution
+<head> proba        mean of softmax over n samples -> [B, H, W, C]      (model.predict_proba)
 ```
 
 for the SSN (`LowRankLogits`), the heteroscedastic head and the Probabilistic U-Net (which
@@ -80,6 +82,8 @@ def main(argv=None) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    import tfp_seg
+
     models = _models(args)
     x = tf.constant(
         np.random.default_rng(0)
@@ -97,8 +101,11 @@ def main(argv=None) -> dict:
         model = models[name]
         for n in args.samples:
             fns[(name, "label maps", n)] = wrap(
-                lambda v, m=model, n=n: tf.argmax(
-                    m.head.sample_logits(m(v), n, antithetic=False), axis=-1
+                lambda v, m=model, n=n: m.head.sample_labels(m(v), n, antithetic=False)
+            )
+            fns[(name, "argmax of logits", n)] = wrap(
+                lambda v, m=model, n=n: tfp_seg.distributions.argmax_classes(
+                    m.head.sample_logits(m(v), n, antithetic=False)
                 )
             )
             fns[(name, "proba", n)] = wrap(
@@ -113,7 +120,7 @@ def main(argv=None) -> dict:
     pu = models["prob_unet"]
     for n in args.samples:
         fns[("prob_unet", "label maps", n)] = wrap(
-            lambda v, n=n: tf.argmax(pu._sample_logits_tensor(v, n), axis=-1)
+            lambda v, n=n: pu._sample_labels_tensor(v, n)
         )
         fns[("prob_unet", "proba", n)] = wrap(
             lambda v, n=n: tf.reduce_mean(

@@ -73,6 +73,19 @@ class DistributionHead(keras.layers.Layer):
         """The head's negative log-likelihood as a Keras loss."""
         raise NotImplementedError
 
+    def sample_labels(self, params, num_samples: int, seed=None, antithetic=None) -> tf.Tensor:
+        """Sampled label maps `[N, B, H, W]` (int32): the arg max of each logit sample.
+
+        Heads with a faster exact sampler of the arg max override this (`LowRankLogits`,
+        `HeteroscedasticLogits`); their maps have the distribution of
+        `argmax(sample_logits(...))` but are not the same draws for the same seed.
+        """
+        from tfp_seg.distributions import argmax_classes
+
+        return argmax_classes(
+            self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
+        )
+
     def _bias_initializer(self):
         return "zeros"
 

@@ -58,6 +58,14 @@ class CategoricalLogits(DistributionHead):
         logits = self.mean_logits(params)
         return tf.repeat(logits[tf.newaxis], num_samples, axis=0)
 
+    def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
+        """The arg max of the logits, repeated: `[N, B, H, W]` (int32)."""
+        from tfp_seg.distributions import argmax_classes, check_num_samples
+
+        num_samples = check_num_samples(num_samples, antithetic=False)
+        labels = argmax_classes(self.mean_logits(params))
+        return tf.repeat(labels[tf.newaxis], num_samples, axis=0)
+
     def mean_probabilities(self, params, num_samples: int = 1, seed=None) -> tf.Tensor:
         return tf.nn.softmax(self.mean_logits(params), axis=-1)
 

@@ -256,6 +256,32 @@ class HeteroscedasticLogits(DistributionHead):
             deviation = tf.concat([deviation, -deviation], axis=0)
         return loc[tf.newaxis] + deviation
 
+    def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
+        """Label maps `[N, B, H, W]` distributed as `argmax` of logit samples. Without class
+        factors they are drawn from the C - 1 logit differences
+        (`tfp_seg.distributions.sample_low_rank_labels`), which is cheaper than the arg max of
+        `sample_logits` but not the same draws for the same seed."""
+        if self.low_rank_classes:
+            return super().sample_labels(params, num_samples, seed=seed, antithetic=antithetic)
+        antithetic = self.antithetic if antithetic is None else bool(antithetic)
+        loc, _, variance = self.covariance_parts(params)
+        return dists.sample_low_rank_labels(
+            loc, None, variance, num_samples, seed=seed, antithetic=antithetic
+        )
+
+    def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
+        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
+        pairs when the head's default is antithetic and `num_samples` is even."""
+        num_samples = dists.check_num_samples(num_samples, antithetic=False)
+        antithetic = self.antithetic and num_samples % 2 == 0
+        if self.low_rank_classes:
+            samples = self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
+            return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
+        loc, _, variance = self.covariance_parts(self.check_params(params))
+        return dists.low_rank_mean_probabilities(
+            loc, None, variance, num_samples, seed=seed, antithetic=antithetic
+        )
+
     def default_loss(self, **kwargs):
         from tfp_seg.losses import HeteroscedasticNLL
 

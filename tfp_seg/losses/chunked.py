@@ -38,7 +38,7 @@ from typing import Callable, List, Optional, Sequence
 import tensorflow as tf
 
 from tfp_seg import _checks
-from tfp_seg.distribute import replica_seed
+from tfp_seg import distributions as dists
 from tfp_seg.losses.monte_carlo import _pixel_log_probs, _pixel_weights
 
 __all__ = ["sampled_nll_terms", "check_chunk_size"]
@@ -73,16 +73,9 @@ def _fold(seed, k) -> tf.Tensor:
 
 
 def _normal(shape, seed) -> tf.Tensor:
-    """Standard normal noise by Box-Muller on stateless uniforms (exact, ~2x faster on CPU
-    than `tf.random.stateless_normal`); distinct per replica under `tf.distribute`."""
-    seed = replica_seed(seed)
-    size = tf.reduce_prod(shape)
-    half = (size + 1) // 2
-    u = tf.random.stateless_uniform(tf.stack([2, half]), seed=seed, minval=0.0, maxval=1.0)
-    radius = tf.sqrt(-2.0 * tf.math.log1p(-u[0]))
-    angle = (2.0 * math.pi) * u[1]
-    flat = tf.concat([radius * tf.cos(angle), radius * tf.sin(angle)], axis=0)
-    return tf.reshape(flat[:size], shape)
+    """Standard normal noise from a stateless seed (Box-Muller, `dists.standard_normal`);
+    distinct per replica under `tf.distribute`."""
+    return dists.standard_normal(shape, seed)
 
 
 # --- chunk scorers -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfp_seg import _checks
+from tfp_seg import distributions as dists
 
 __all__ = ["SampleReadout"]
 
@@ -23,6 +24,12 @@ class SampleReadout:
 
     def _sample_logits_tensor(self, images, num_samples: int, seed=None, antithetic=False):
         raise NotImplementedError
+
+    def _sample_labels_tensor(self, images, num_samples: int, seed=None, antithetic=False):
+        """Label maps `[N, B, H, W]` (int32); models with a cheaper exact sampler override it."""
+        return dists.argmax_classes(
+            self._sample_logits_tensor(images, num_samples, seed=seed, antithetic=antithetic)
+        )
 
     def _batches(self, x, batch_size: Optional[int]):
         x = tf.convert_to_tensor(x)
@@ -63,13 +70,15 @@ class SampleReadout:
         batch_size: Optional[int] = 32,
         antithetic: bool = False,
     ) -> np.ndarray:
-        """Sampled label maps `[N, B, H, W]` (int32 numpy): argmax of each logit sample."""
+        """Sampled label maps `[N, B, H, W]` (int32 numpy), distributed as the arg max of
+        logit samples.
+
+        Heads with an exact label sampler (`head.sample_labels`: SSN, heteroscedastic) draw
+        the maps from the logit differences, which is cheaper; so the maps are not the arg
+        max of `sample_logits` with the same seed, though they have its distribution.
+        """
         out = [
-            tf.argmax(
-                self._sample_logits_tensor(xb, num_samples, seed=seed, antithetic=antithetic),
-                axis=-1,
-                output_type=tf.int32,
-            ).numpy()
+            self._sample_labels_tensor(xb, num_samples, seed=seed, antithetic=antithetic).numpy()
             for xb in self._batches(x, batch_size)
         ]
         return np.concatenate(out, axis=1)

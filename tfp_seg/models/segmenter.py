@@ -110,6 +110,11 @@ class ProbabilisticSegmenter(SampleReadout, keras.Model):
             self(images, training=False), num_samples, seed=seed, antithetic=antithetic
         )
 
+    def _sample_labels_tensor(self, images, num_samples: int, seed=None, antithetic=False):
+        return self.head.sample_labels(
+            self(images, training=False), num_samples, seed=seed, antithetic=antithetic
+        )
+
     def _mean_probabilities(self, images, num_samples: int, seed) -> np.ndarray:
         # The head's own estimator: antithetic pairs by default, one pass for a point mass.
         params = self(images, training=False)

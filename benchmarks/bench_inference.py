@@ -7,13 +7,14 @@ deterministic       argmax(model(x))                                    the refe
 <head> label maps   n label maps [n, B, H, W] (model.sample: head.sample_labels, drawn from
                     the C - 1 logit differences for the SSN and heteroscedastic heads)
 <head> argmax       argmax of n logit samples (head.sample_logits): the same distribution
-<head> proba        mean of softmax over n samples -> [B, H, W, C]      (model.predict_proba)
+<head> proba        mean of softmax over n samples -> [B, H, W, C]
+                    (model.predict_proba: head.mean_probabilities, on class planes)
 ```
 
 for the SSN (`LowRankLogits`), the heteroscedastic head and the Probabilistic U-Net (which
 runs the backbone and prior net once and f_comb on the n latents). Label-map samples are
 independent (`antithetic=False`, as `model.sample`); the mean probabilities use the head's
-default (antithetic pairs for the SSN, as `model.predict_proba`; independent for odd N).
+default (antithetic pairs for the SSN when N is even, as `model.predict_proba`).
 Times are medians of interleaved repeats; ratios are against the deterministic forward pass
 of the same batch.
 
@@ -109,13 +110,7 @@ def main(argv=None) -> dict:
                 )
             )
             fns[(name, "proba", n)] = wrap(
-                lambda v, m=model, n=n: tf.reduce_mean(
-                    tf.nn.softmax(
-                        m.head.sample_logits(m(v), n, antithetic=m.head.antithetic and n % 2 == 0),
-                        axis=-1,
-                    ),
-                    axis=0,
-                )
+                lambda v, m=model, n=n: m.head.mean_probabilities(m(v), n)
             )
     pu = models["prob_unet"]
     for n in args.samples:

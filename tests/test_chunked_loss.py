@@ -240,3 +240,36 @@ def test_chunked_peak_memory_is_flat_in_num_samples(rng):
     small, large, direct_large = peak(8, 4), peak(64, 4), peak(64, None)
     assert large < 1.5 * small, (small, large)
     assert direct_large > 3 * large, (direct_large, large)
+
+
+def test_heteroscedastic_loss_chunked_option(rng):
+    head = HeteroscedasticLogits(C)
+    loss = losses.HeteroscedasticNLL(head, num_samples=M, chunk_size=2)
+    assert loss.get_config()["chunk_size"] == 2
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert revived.chunk_size == 2 and revived.num_samples == M
+    with pytest.raises(ValueError, match="divide"):
+        losses.HeteroscedasticNLL(head, num_samples=M, chunk_size=3)
+    labels = rng.integers(0, C, size=(B, H, W))
+    # Near-zero variances: every sample is the mean, so the loss is the cross-entropy.
+    loc = rng.normal(size=(B, H, W, C)).astype("float32")
+    point = tf.constant(np.concatenate([loc, np.full_like(loc, -30.0)], -1))
+    np.testing.assert_allclose(
+        loss(labels, point).numpy(),
+        losses.SegmentationCrossEntropy(C)(labels, loc).numpy(),
+        rtol=1e-4,
+    )
+    # Real variances: the chunked loss has the direct loss's expectation, and a gradient.
+    params = tf.constant(
+        np.concatenate([loc, rng.normal(size=loc.shape).astype("float32")], -1)
+    )
+    direct = losses.HeteroscedasticNLL(head, num_samples=M)
+    both = tf.function(lambda: (loss(labels, params), direct(labels, params)))
+    values = np.array([[v.numpy() for v in both()] for _ in range(200)])
+    stderr = np.sqrt(values.var(0).sum() / len(values))
+    assert abs(values[:, 0].mean() - values[:, 1].mean()) < 4 * stderr
+    with tf.GradientTape() as tape:
+        tape.watch(params)
+        value = loss(labels, params)
+    grad = tape.gradient(value, params).numpy()
+    assert np.isfinite(grad).all() and np.abs(grad[..., C:]).sum() > 0

@@ -46,12 +46,12 @@ Every replica runs the same program on a different slice of the batch. Noise dra
 replica 0 and example `b` of replica 1 would share their noise, correlating the Monte Carlo
 estimates across the global batch. `tfp_seg.distributions.standard_normal` (used by every head,
 loss and latent sampler) folds `replica_id_in_sync_group` into the seed when more than one
-replica is in sync, via `replica_seed`. With `seed=None` the stateful `tf.random.normal` ops of
+replica is in sync, via `replica_seed`. With `seed=None` the stateful `tf.random.uniform` ops of
 different replicas of one process already differ (each replica has its own op), but the
 replicas of different *workers* are built from the same graph and global seed and would draw
 the same numbers; there a fresh seed is drawn from the stateful RNG and the replica id is
 folded into it too. Outside a strategy (or with one replica) nothing changes, so exported
-graphs keep their plain `RandomNormal` ops.
+graphs keep their plain `RandomUniform` ops.
 
 #### Fault tolerance
 

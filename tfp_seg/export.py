@@ -39,7 +39,7 @@ request with `num_samples` equal to the export value reproduces
 #### ONNX graph (`onnx`)
 
 One graph, input `images`, dynamic batch, `num_samples` fixed at export; sampling with
-`tf.random.normal` (ONNX `RandomNormalLike`): outputs the `params` signature's tensors (no
+`tf.random.uniform` (ONNX `RandomUniformLike`): outputs the `params` signature's tensors (no
 string), `probabilities`, `labels`, `logit_samples [N,B,H,W,C]`, `label_samples [N,B,H,W]` and
 the uncertainty maps. The head config is in the model's `metadata_props["tfp_seg"]`.
 
@@ -105,7 +105,7 @@ class ExportAdapter:
 
     Subclasses (or `ExportAdapter.from_functions`) provide `prepare`, `params`, `mean_logits`
     and `sample_logits` in graph-safe TensorFlow ops; `sample_logits` must accept a Python int
-    `num_samples` and a `seed` that is None (stateful `tf.random.normal`) or an int64 `[2]`
+    `num_samples` and a `seed` that is None (stateful `tf.random` ops) or an int64 `[2]`
     tensor (stateless, reproducible). `trackable` is the object that owns the variables (the
     Keras model); it is stored on the exported module.
 
@@ -660,9 +660,9 @@ def onnx(
 
     The graph takes `images` float32 `[B, H, W, channels]` (dynamic B) and returns the
     deterministic parameters (`params`, `mean_logits`, and `loc`, `cov_factor`, `cov_diag` for
-    heads with a covariance), `num_samples` logit samples drawn with ONNX `RandomNormalLike`
-    (`logit_samples [N, B, H, W, C]`, `label_samples [N, B, H, W]` int32), their mean
-    `probabilities [B, H, W, C]`, `labels [B, H, W]` int32 and the uncertainty maps
+    heads with a covariance), `num_samples` logit samples (Box-Muller on ONNX
+    `RandomUniformLike`; `logit_samples [N, B, H, W, C]`, `label_samples [N, B, H, W]` int32),
+    their mean `probabilities [B, H, W, C]`, `labels [B, H, W]` int32 and the uncertainty maps
     (`predictive_entropy`, `expected_entropy`, `mutual_information`, `variance`, `[B, H, W]`).
 
     The converted graph is loaded and run in onnxruntime before it is written: its
@@ -759,7 +759,7 @@ def _check_onnx(adapter, session, images, atol, path, num_samples):
             raise ExportParityError(
                 f"{path}: logit samples are identical across runs although the Keras model's "
                 "are not: the sampling noise was frozen into a constant (sample with "
-                "tf.random.normal, not keras.random.normal)."
+                "tf.random ops, not keras.random.normal)."
             )
 
 

@@ -46,6 +46,11 @@ class HeteroscedasticNLL(_SampledHeadLoss):
       antithetic: override the head's default.
       ignore_label, class_weights: see `tfp_seg.losses.mc_marginal_nll`.
       normalize: "pixels" or "none".
+      chunk_size: None (the default: all T samples at once, `head.sample_logits` and
+        `mc_marginal_nll`) or K dividing T (even with antithetic sampling): draw, score and
+        discard K samples at a time and recompute them in the backward pass
+        (`tfp_seg.losses.chunked`), so the loss's memory stays flat as T grows; same
+        estimator, different draws.
     """
 
     def __init__(
@@ -58,6 +63,7 @@ class HeteroscedasticNLL(_SampledHeadLoss):
         normalize: str = "pixels",
         validate_args: bool = True,
         name: str = "heteroscedastic_nll",
+        chunk_size: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(
@@ -69,10 +75,13 @@ class HeteroscedasticNLL(_SampledHeadLoss):
             normalize=normalize,
             validate_args=validate_args,
             name=name,
+            chunk_size=chunk_size,
             **kwargs,
         )
 
     def call(self, y_true, y_pred):
+        if self.chunk_size is not None:
+            return self._normalize(self._nll_terms(y_true, y_pred)[1], y_true)
         samples = self.head.sample_logits(y_pred, self.num_samples, antithetic=self.antithetic)
         nll = mc_marginal_nll(
             y_true,

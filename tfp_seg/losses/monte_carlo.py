@@ -264,8 +264,16 @@ class _SampledHeadLoss(_HeadLoss):
     parameter functions, and must not own the model's layer (saving would walk it).
     """
 
-    def __init__(self, head, num_samples: int, antithetic: Optional[bool], **kwargs):
+    def __init__(
+        self,
+        head,
+        num_samples: int,
+        antithetic: Optional[bool],
+        chunk_size: Optional[int] = None,
+        **kwargs,
+    ):
         from tfp_seg.distributions import check_num_samples
+        from tfp_seg.losses.chunked import check_chunk_size
 
         head = _head_copy(head)
         self.head = head
@@ -273,8 +281,25 @@ class _SampledHeadLoss(_HeadLoss):
             getattr(head, "antithetic", False) if antithetic is None else bool(antithetic)
         )
         self.num_samples = check_num_samples(num_samples, self.antithetic)
+        self.chunk_size = check_chunk_size(chunk_size, self.num_samples, self.antithetic)
         kwargs.pop("num_classes", None)
         super().__init__(num_classes=head.num_classes, **kwargs)
+
+    def _nll_terms(self, y_true, y_pred):
+        """Joint and marginal Monte Carlo NLL `([B], [B])` (`chunked.sampled_nll_terms`)."""
+        from tfp_seg.losses.chunked import sampled_nll_terms
+
+        return sampled_nll_terms(
+            self.head,
+            y_true,
+            y_pred,
+            self.num_samples,
+            chunk_size=self.chunk_size,
+            antithetic=self.antithetic,
+            ignore_label=self.ignore_label,
+            class_weights=self.class_weights,
+            validate_args=self.validate_args,
+        )
 
     def get_config(self):
         config = super().get_config()
@@ -283,6 +308,7 @@ class _SampledHeadLoss(_HeadLoss):
                 "head": keras.saving.serialize_keras_object(self.head),
                 "num_samples": self.num_samples,
                 "antithetic": self.antithetic,
+                "chunk_size": self.chunk_size,
             }
         )
         return config
@@ -345,8 +371,6 @@ class StochasticSegmentationNLL(_SampledHeadLoss):
         chunk_size: Optional[int] = None,
         **kwargs,
     ):
-        from tfp_seg.losses.chunked import check_chunk_size
-
         if not (isinstance(marginal_weight, (int, float)) and marginal_weight >= 0):
             raise ValueError(f"`marginal_weight` must be a float >= 0; got {marginal_weight!r}.")
         self.marginal_weight = float(marginal_weight)
@@ -359,35 +383,18 @@ class StochasticSegmentationNLL(_SampledHeadLoss):
             normalize=normalize,
             validate_args=validate_args,
             name=name,
+            chunk_size=chunk_size,
             **kwargs,
         )
-        self.chunk_size = check_chunk_size(chunk_size, self.num_samples, self.antithetic)
 
     def call(self, y_true, y_pred):
-        from tfp_seg.losses.chunked import sampled_nll_terms
-
-        joint, marginal = sampled_nll_terms(
-            self.head,
-            y_true,
-            y_pred,
-            self.num_samples,
-            chunk_size=self.chunk_size,
-            antithetic=self.antithetic,
-            ignore_label=self.ignore_label,
-            class_weights=self.class_weights,
-            validate_args=self.validate_args,
-        )
+        joint, marginal = self._nll_terms(y_true, y_pred)
         nll = joint + self.marginal_weight * marginal if self.marginal_weight else joint
         return self._normalize(nll, y_true)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            {
-                "marginal_weight": self.marginal_weight,
-                "chunk_size": self.chunk_size,
-            }
-        )
+        config.update({"marginal_weight": self.marginal_weight})
         return config
 
 

@@ -118,9 +118,7 @@ def main(argv=None) -> dict:
             lambda v, n=n: pu._sample_labels_tensor(v, n)
         )
         fns[("prob_unet", "proba", n)] = wrap(
-            lambda v, n=n: tf.reduce_mean(
-                tf.nn.softmax(pu._sample_logits_tensor(v, n), axis=-1), axis=0
-            )
+            lambda v, n=n: tfp_seg.distributions.mean_softmax(pu._sample_logits_tensor(v, n))
         )
     for fn in fns.values():
         fn()  # trace

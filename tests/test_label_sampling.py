@@ -310,3 +310,12 @@ def test_mean_probabilities_edge_cases(rng):
     np.testing.assert_allclose(probs[..., 0], 1.0)
     ones = dists.low_rank_mean_probabilities(loc[..., :1], None, np.ones((1, 3, 3, 1)), 2)
     np.testing.assert_array_equal(ones.numpy(), np.ones((1, 3, 3, 1)))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 6, 3), (7, 10, 2), (3, 2, 4, 40), (2, 5, 1)])
+def test_mean_softmax_matches_numpy(rng, shape):
+    logits = (3 * rng.normal(size=shape)).astype("float32")
+    logits[0, 0] = 1e4  # extreme, tied logits stay finite
+    got = dists.mean_softmax(logits).numpy()
+    assert got.shape == shape[1:]
+    np.testing.assert_allclose(got, special.softmax(logits, axis=-1).mean(0), atol=1e-6)

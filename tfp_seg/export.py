@@ -73,6 +73,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
+from tfp_seg import distributions as dists
+
 __all__ = [
     "ExportAdapter",
     "ExportError",
@@ -471,16 +473,16 @@ class ServingModule(tf.Module):
 
         def serving_default(images, num_samples=default_n, seed=default_seed):
             samples = self._samples(images, num_samples, seed)
-            probabilities = tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
+            probabilities = dists.mean_softmax(samples)
             return {
                 "probabilities": probabilities,
-                "labels": tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+                "labels": dists.argmax_classes(probabilities),
             }
 
         def sample(images, num_samples=default_n, seed=default_seed):
             samples = self._samples(images, num_samples, seed)
             return {
-                "labels": tf.argmax(samples, axis=-1, output_type=tf.int32),
+                "labels": dists.argmax_classes(samples),
                 "logits": samples,
             }
 
@@ -700,12 +702,12 @@ def onnx(
         out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
         out["mean_logits"] = tf.cast(adapter.mean_logits(state), tf.float32)
         samples = tf.cast(adapter.sample_logits(state, num_samples, seed=None), tf.float32)
-        probabilities = tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
+        probabilities = dists.mean_softmax(samples)
         out.update(
             logit_samples=samples,
-            label_samples=tf.argmax(samples, axis=-1, output_type=tf.int32),
+            label_samples=dists.argmax_classes(samples),
             probabilities=probabilities,
-            labels=tf.argmax(probabilities, axis=-1, output_type=tf.int32),
+            labels=dists.argmax_classes(probabilities),
         )
         out.update(uncertainty_maps(samples))
         return out

@@ -276,7 +276,7 @@ class HeteroscedasticLogits(DistributionHead):
         antithetic = self.antithetic and num_samples % 2 == 0
         if self.low_rank_classes:
             samples = self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
-            return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
+            return dists.mean_softmax(samples)
         loc, _, variance = self.covariance_parts(self.check_params(params))
         return dists.low_rank_mean_probabilities(
             loc, None, variance, num_samples, seed=seed, antithetic=antithetic

@@ -103,4 +103,4 @@ class SampleReadout:
 
     def _mean_probabilities(self, images, num_samples: int, seed) -> np.ndarray:
         samples = self._sample_logits_tensor(images, num_samples, seed=seed)
-        return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0).numpy()
+        return dists.mean_softmax(samples).numpy()

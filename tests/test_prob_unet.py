@@ -498,3 +498,27 @@ def test_one_fit_step_under_mirrored_strategy_on_two_cpus():
     # (|delta W| ratio per weight; 2.0 if the loss were not scaled by 1 / replicas).
     assert result["num_ratios"] > 10, result
     assert 0.98 < result["step_ratio_min"] <= result["step_ratio_max"] < 1.02, result
+
+
+@pytest.mark.parametrize(
+    "num_convs, policy", [(0, "float32"), (2, "float32"), (2, "mixed_float16")]
+)
+def test_latent_injection_split_first_layer_equals_a_loop(rng, num_convs, policy):
+    # sample_logits computes the first 1x1 convolution as features @ K_f (once) + z @ K_z
+    # (per latent); it must equal calling the layer on each latent.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        inj = LatentInjection(3, filters=8, num_convs=num_convs)
+        features = rng.normal(size=(2, 5, 4, 6)).astype("float32")
+        zs = rng.normal(size=(4, 2, 3)).astype("float32")
+        inj(features, zs[0])
+        got = inj.sample_logits(features, zs).numpy()
+        loop = np.stack([inj(features, zs[n]).numpy() for n in range(4)])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert got.shape == (4, 2, 5, 4, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, loop, atol=1e-5 if policy == "float32" else 2e-2)
+    assert np.abs(loop[0] - loop[1]).max() > 1e-3  # the latent matters
+    with pytest.raises(ValueError, match="F \\+ L"):
+        inj.sample_logits(features[..., :5], zs)

@@ -361,19 +361,43 @@ class LatentInjection(keras.layers.Layer):
         return self.logits(h)
 
     def sample_logits(self, features, z_samples) -> tf.Tensor:
-        """Logits for `N` latents per image: `[N, B, L]` -> `[N, B, H, W, C]`, batched as N*B."""
+        """Logits for `N` latents per image: `[N, B, L]` -> `[N, B, H, W, C]`, batched as N*B.
+
+        The first 1x1 convolution acts on `concat([features, z])`, so it splits into
+        `features @ K_f + b`, computed once, plus `z @ K_z`, one vector per latent: the features
+        are neither copied N times nor convolved N times. Equal to calling the layer once per
+        latent up to float rounding.
+        """
         features = tf.convert_to_tensor(features)
         z_samples = tf.convert_to_tensor(z_samples)
         _checks.check_rank(features, 4, "features", "[B, H, W, F]")
         _checks.check_rank(z_samples, 3, "z_samples", "[N, B, L]")
-        n = tf.shape(z_samples)[0]
+        if not self.built:
+            self.build(tuple(features.shape), (None, z_samples.shape[-1]))
+        first = self.convs[0] if self.convs else self.logits
+        dtype = first.compute_dtype
+        kernel = tf.cast(tf.convert_to_tensor(first.kernel), dtype)[0, 0]  # [F + L, out]
+        num_features = features.shape[-1]
+        if num_features is None or kernel.shape[0] != num_features + z_samples.shape[-1]:
+            raise ValueError(
+                f"`features` [B, H, W, F] and `z_samples` [N, B, L] must have F + L = "
+                f"{kernel.shape[0]} channels (as built); got shapes {tuple(features.shape)} and "
+                f"{tuple(z_samples.shape)}."
+            )
         fshape = tf.shape(features)
-        folded = tf.reshape(
-            tf.broadcast_to(features[tf.newaxis], tf.concat([[n], fshape], 0)),
-            tf.concat([[-1], fshape[1:]], 0),
+        flat = tf.reshape(tf.cast(features, dtype), [-1, num_features])
+        shared = tf.reshape(
+            tf.matmul(flat, kernel[:num_features]), tf.concat([fshape[:3], [-1]], 0)
         )
-        z = tf.reshape(z_samples, [-1, z_samples.shape[-1] or tf.shape(z_samples)[-1]])
-        logits = self(folded, z)
+        if first.use_bias:
+            shared += tf.cast(tf.convert_to_tensor(first.bias), dtype)
+        per_latent = tf.matmul(tf.cast(z_samples, dtype), kernel[num_features:])  # [N, B, out]
+        h = first.activation(shared[tf.newaxis] + per_latent[:, :, tf.newaxis, tf.newaxis, :])
+        n = tf.shape(z_samples)[0]
+        h = tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0))  # [N*B, H, W, out]
+        for conv in (self.convs[1:] if self.convs else []):
+            h = conv(h)
+        logits = self.logits(h) if self.convs else tf.cast(h, tf.float32)
         return tf.reshape(logits, tf.concat([[n], fshape[:3], [self.num_classes]], 0))
 
     def compute_output_shape(self, features_shape, z_shape=None):

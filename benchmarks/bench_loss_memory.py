@@ -12,6 +12,10 @@ chunked K=k   StochasticSegmentationNLL(chunk_size=k): k samples at a time, reco
               the backward pass (memory flat in M); one row per --chunk-sizes entry
 ```
 
+`--head heteroscedastic` measures `HeteroscedasticNLL` of a `HeteroscedasticLogits` head instead
+(M sweep only): `direct` (chunk_size=None: `head.sample_logits` + `mc_marginal_nll`) against
+`chunked K=k`.
+
 The M sweep uses independent samples (`antithetic=False`, so that M = 1 is allowed); the R
 sweep uses the head's default antithetic pairs. Times are medians of interleaved repeats;
 memory is the peak of TensorFlow's CPU allocator above the start of the call
@@ -45,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--chunk-sizes", type=int, nargs="+", default=[2, 10], help="K of the chunked forms"
     )
+    parser.add_argument("--head", choices=("low_rank", "heteroscedastic"), default="low_rank")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="64x64, M up to 50, R up to 20")
@@ -60,7 +65,9 @@ def parse_args(argv=None):
 def _variants(head, labels, params, num_samples, chunk_sizes, antithetic):
     import tensorflow as tf
 
-    from tfp_seg import losses
+    from tfp_seg import layers, losses
+
+    heteroscedastic = isinstance(head, layers.HeteroscedasticLogits)
 
     def grad_fn(loss_fn):
         @tf.function
@@ -77,18 +84,21 @@ def _variants(head, labels, params, num_samples, chunk_sizes, antithetic):
         nll = losses.mc_categorical_nll(labels, samples) + losses.mc_marginal_nll(labels, samples)
         return tf.reduce_mean(nll) / float(labels.shape[1] * labels.shape[2])
 
-    variants = {"materialised": grad_fn(materialised)}
+    variants = {} if heteroscedastic else {"materialised": grad_fn(materialised)}
+    loss_class = losses.HeteroscedasticNLL if heteroscedastic else losses.StochasticSegmentationNLL
     for chunk in [None] + list(chunk_sizes):
         if chunk is not None and (
             num_samples % chunk or num_samples <= chunk or (antithetic and chunk % 2)
         ):
             continue  # not a valid chunking of M (or one chunk: the fused form)
-        loss = losses.StochasticSegmentationNLL(
-            head, num_samples, antithetic=antithetic, chunk_size=chunk
-        )
-        name = "fused" if chunk is None else f"chunked K={chunk}"
+        loss = loss_class(head, num_samples, antithetic=antithetic, chunk_size=chunk)
+        name = _reference(heteroscedastic) if chunk is None else f"chunked K={chunk}"
         variants[name] = grad_fn(lambda p, loss=loss: loss(labels, p))
     return variants
+
+
+def _reference(heteroscedastic: bool) -> str:
+    return "direct" if heteroscedastic else "fused"
 
 
 def _measure(args, rank, num_samples, antithetic):
@@ -98,7 +108,10 @@ def _measure(args, rank, num_samples, antithetic):
     import tfp_seg
 
     rng = np.random.default_rng(0)
-    head = tfp_seg.layers.LowRankLogits(args.num_classes, rank=rank)
+    if args.head == "heteroscedastic":
+        head = tfp_seg.layers.HeteroscedasticLogits(args.num_classes)
+    else:
+        head = tfp_seg.layers.LowRankLogits(args.num_classes, rank=rank)
     shape = (args.batch, args.size, args.size)
     params = tf.constant(0.3 * rng.normal(size=shape + (head.params_size,)).astype("float32"))
     labels = tf.constant(rng.integers(0, args.num_classes, size=shape).astype("int32"))
@@ -108,7 +121,13 @@ def _measure(args, rank, num_samples, antithetic):
     memory = {name: _common.peak_mib(fn) for name, fn in fns.items()}
     times = _common.interleaved_ms(fns, args.repeats, args.warmup)
     return [
-        {"variant": name, "M": num_samples, "R": rank, "ms": times[name], "peak_mib": memory[name]}
+        {
+            "variant": name,
+            "M": num_samples,
+            "R": None if args.head == "heteroscedastic" else rank,
+            "ms": times[name],
+            "peak_mib": memory[name],
+        }
         for name in fns
     ]
 
@@ -120,30 +139,39 @@ def main(argv=None) -> dict:
     rows_m, rows_r = [], []
     for m in args.samples:
         rows_m += _measure(args, args.rank, m, antithetic=False)
-    for r in args.ranks:
+    heteroscedastic = args.head == "heteroscedastic"
+    for r in [] if heteroscedastic else args.ranks:
         rows_r += _measure(args, r, args.rank_samples, antithetic=True)
-    _add_ratios(rows_m, key="M", base=10 if 10 in args.samples else args.samples[0])
-    _add_ratios(rows_r, key="R", base=args.ranks[0])
+    reference = _reference(heteroscedastic)
+    _add_ratios(rows_m, "M", 10 if 10 in args.samples else args.samples[0], reference)
+    if rows_r:
+        _add_ratios(rows_r, "R", args.ranks[0], reference)
 
     columns = [
         ("variant", "variant", ""),
         ("M", "M", "d"),
         ("R", "R", "d"),
         ("ms", "fwd+bwd ms", ".1f"),
-        ("ms_vs_fused", "time / fused", ".2f"),
+        ("ms_vs_fused", f"time / {reference}", ".2f"),
         ("peak_mib", "peak MiB", ".1f"),
         ("peak_vs_base", "peak / base", ".2f"),
     ]
+    loss_name = "HeteroscedasticNLL" if heteroscedastic else "SSN loss"
     title = (
-        f"SSN loss forward+backward on CPU, B={args.batch}, {args.size}x{args.size}, "
+        f"{loss_name} forward+backward on CPU, B={args.batch}, {args.size}x{args.size}, "
         f"C={args.num_classes}; median of {args.repeats} interleaved repeats"
     )
     print(f"\n{title}")
-    print(f"M sweep (R={args.rank}, independent samples; peak base: the same loss at M=10)")
+    rank_text = "" if heteroscedastic else f"R={args.rank}, "
+    print(f"M sweep ({rank_text}independent samples; peak base: the same loss at M=10)")
     print(_common.markdown_table(rows_m, columns))
-    r_base = args.ranks[0]
-    print(f"\nR sweep (M={args.rank_samples}, antithetic; peak base: the same loss at R={r_base})")
-    print(_common.markdown_table(rows_r, columns))
+    if rows_r:
+        r_base = args.ranks[0]
+        print(
+            f"\nR sweep (M={args.rank_samples}, antithetic; peak base: the same loss at "
+            f"R={r_base})"
+        )
+        print(_common.markdown_table(rows_r, columns))
     report = {
         "title": title,
         "config": vars(args),
@@ -156,14 +184,14 @@ def main(argv=None) -> dict:
     return report
 
 
-def _add_ratios(rows, key, base):
-    """Time against the fused form of the same M / R; peak against the same loss at the
-    base M / R (a chunked loss with K >= M runs the fused form there)."""
-    fused = {(r[key]): r["ms"] for r in rows if r["variant"] == "fused"}
+def _add_ratios(rows, key, base, reference_variant="fused"):
+    """Time against the reference (fused / direct) form of the same M / R; peak against the
+    same loss at the base M / R (a chunked loss with K >= M runs the reference form there)."""
+    fused = {(r[key]): r["ms"] for r in rows if r["variant"] == reference_variant}
     base_peak = {r["variant"]: r["peak_mib"] for r in rows if r[key] == base}
     for r in rows:
         r["ms_vs_fused"] = r["ms"] / fused[r[key]] if r[key] in fused else None
-        reference = base_peak.get(r["variant"], base_peak.get("fused"))
+        reference = base_peak.get(r["variant"], base_peak.get(reference_variant))
         if reference:
             r["peak_vs_base"] = r["peak_mib"] / reference
 

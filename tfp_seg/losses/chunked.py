@@ -272,6 +272,10 @@ def _chunked_reductions(theta: List[tf.Tensor], scorer, num_chunks: int, weights
             total = total * tf.exp(high - new_high) + tf.reduce_sum(
                 tf.exp(lp - new_high[:, tf.newaxis]), axis=1
             )
+            # Shape inference can lose a static batch of 1 through the scorer's broadcasting
+            # matmuls; the loop variables keep their entry shapes (they are the same).
+            new_high.set_shape(high.shape)
+            total.set_shape(high.shape)
             return k + 1, logliks.write(k, loglik), new_high, total
 
         lowest = tf.fill(tf.shape(weights), weights.dtype.min)
@@ -308,7 +312,10 @@ def _chunked_reductions(theta: List[tf.Tensor], scorer, num_chunks: int, weights
                     output_gradients=g_lp,
                     unconnected_gradients=tf.UnconnectedGradients.ZERO,
                 )
-                return (k + 1,) + tuple(a + g for a, g in zip(acc, grads, strict=True))
+                sums = tuple(a + g for a, g in zip(acc, grads, strict=True))
+                for a, total in zip(acc, sums, strict=True):
+                    total.set_shape(a.shape)
+                return (k + 1,) + sums
 
             out = tf.while_loop(
                 lambda k, *_: k < num_chunks,

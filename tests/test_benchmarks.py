@@ -1,0 +1,63 @@
+"""The on-demand benchmarks still run: each script's `main` on a tiny configuration.
+
+Timings are not checked (performance is measured by running the scripts, not in tests); the
+reports must be complete, with positive times and ratios against the script's reference row.
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture(scope="module")
+def bench_path():
+    sys.path.insert(0, BENCH)
+    yield
+    sys.path.remove(BENCH)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_bench_inference_runs(bench_path, tmp_path):
+    import bench_inference
+
+    out = str(tmp_path / "inference.json")
+    bench_inference.main(
+        [out, "--size", "16", "--batch", "1", "--base-filters", "4", "--depth", "1",
+         "--rank", "2", "--samples", "1", "4", "--repeats", "1", "--warmup", "0"]
+    )
+    rows = _load(out)["results"]
+    outputs = {(r["model"], r["output"], r["N"]) for r in rows}
+    for model in ("ssn", "heteroscedastic"):
+        for output in ("label maps", "argmax of logits", "proba"):
+            assert (model, output, 4) in outputs
+    assert ("deterministic", "forward", None) in outputs
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("head", ["low_rank", "heteroscedastic"])
+def test_bench_loss_memory_runs(bench_path, tmp_path, head):
+    import bench_loss_memory
+
+    out = str(tmp_path / "loss.json")
+    bench_loss_memory.main(
+        [out, "--head", head, "--size", "8", "--batch", "1", "--rank", "2", "--samples", "2",
+         "10", "--ranks", "1", "2", "--rank-samples", "4", "--chunk-sizes", "2", "--repeats",
+         "1", "--warmup", "0"]
+    )
+    report = _load(out)
+    variants = {r["variant"] for r in report["m_sweep"]}
+    reference = "direct" if head == "heteroscedastic" else "fused"
+    assert {reference, "chunked K=2"} <= variants
+    assert (report["r_sweep"] == []) == (head == "heteroscedastic")
+    for r in report["m_sweep"]:
+        assert r["ms"] > 0 and r["peak_mib"] >= 0
+        if r["M"] == 10:
+            assert r["ms_vs_fused"] > 0

@@ -116,9 +116,8 @@ def main(argv=None) -> dict:
                     "jit": jit,
                     "step_ms": ms,
                     "peak_mib": memory[(name, jit)],
-                    "time_ratio": ms / times.get(("deterministic", jit), float("nan")),
-                    "memory_ratio": memory[(name, jit)]
-                    / memory.get(("deterministic", jit), float("nan")),
+                    "time_ratio": _ratio(ms, times.get(("deterministic", jit))),
+                    "memory_ratio": _ratio(memory[(name, jit)], memory.get(("deterministic", jit))),
                     "vs_no_jit": ms / times[(name, False)] if jit else None,
                 }
             )
@@ -150,6 +149,12 @@ def main(argv=None) -> dict:
     }
     _common.write_report(args.out, report)
     return report
+
+
+def _ratio(value, reference):
+    """`value / reference`, or None without a positive reference (the deterministic head not
+    measured, or a peak below the allocator's 256 KiB reporting threshold at tiny sizes)."""
+    return value / reference if reference else None
 
 
 if __name__ == "__main__":

@@ -61,3 +61,21 @@ def test_bench_loss_memory_runs(bench_path, tmp_path, head):
         assert r["ms"] > 0 and r["peak_mib"] >= 0
         if r["M"] == 10:
             assert r["ms_vs_fused"] > 0
+
+
+def test_bench_heads_runs(bench_path, tmp_path):
+    import bench_heads
+
+    out = str(tmp_path / "heads.json")
+    bench_heads.main(
+        [out, "--sizes", "16", "--batch", "1", "--base-filters", "4", "--depth", "1",
+         "--rank", "2", "--num-samples", "2", "--chunk-size", "2", "--repeats", "1",
+         "--warmup", "0"]
+    )
+    rows = _load(out)["results"]
+    assert {r["head"] for r in rows} == {
+        "deterministic", "ssn", "ssn_chunked", "heteroscedastic", "prob_unet"
+    }
+    assert all(r["step_ms"] > 0 and r["time_ratio"] > 0 for r in rows)
+    # At 16x16 the peaks fall below the allocator's reporting threshold: no ratio, no error.
+    assert all(r["memory_ratio"] is None or r["memory_ratio"] > 0 for r in rows)

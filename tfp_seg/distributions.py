@@ -422,6 +422,36 @@ def _planar(t: tf.Tensor) -> tf.Tensor:
     return tf.reshape(moved, tf.concat([shape[:2], [shape[2] * shape[3]], shape[4:]], 0))
 
 
+def _check_low_rank_args(loc, cov_factor, cov_diag, num_samples, antithetic: bool):
+    """Validated `(num_samples, loc, cov_factor, cov_diag)` of the planar low-rank samplers."""
+    num_samples = check_num_samples(num_samples, antithetic)
+    loc = tf.convert_to_tensor(loc)
+    cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
+    _static_rank_check(loc, 4, "loc", "[B, H, W, C]")
+    _static_rank_check(cov_diag, 4, "cov_diag", "[B, H, W, C]")
+    if cov_factor is not None:
+        cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
+        _static_rank_check(cov_factor, 5, "cov_factor", "[B, H, W, C, R]")
+    if loc.shape[-1] is None:
+        raise ValueError("`loc` must have a known number of classes (last axis).")
+    return num_samples, loc, cov_factor, cov_diag
+
+
+def _planar_normals(noise_shape, planes: int, seed, dtype) -> list:
+    """`planes` standard normal planes `[B, n, X]` from one draw of `noise_shape [B, n, P, X]`."""
+    return tf.unstack(standard_normal(noise_shape, seed, dtype), planes, axis=2)
+
+
+def _planar_low_rank(factor_p, noise_shape, planes: int, seed, dtype) -> list:
+    """The planes `[B, n, X]` of `P z` for planar factors `factor_p [B, P, X, R]` and one
+    `z ~ N(0, I_R)` per image and sample, as one batched matmul."""
+    batch, rank = tf.shape(factor_p)[0], tf.shape(factor_p)[-1]
+    flat = tf.reshape(factor_p, tf.stack([batch, -1, rank]))  # [B, P*X, R]
+    z = standard_normal(tf.stack([batch, noise_shape[1], rank]), seed, dtype)
+    low_rank = tf.matmul(z, flat, transpose_b=True)  # [B, n, P*X]
+    return tf.unstack(tf.reshape(low_rank, noise_shape), planes, axis=2)
+
+
 def sample_low_rank_labels(
     loc: tf.Tensor,
     cov_factor: Optional[tf.Tensor],
@@ -458,35 +488,24 @@ def sample_low_rank_labels(
       seed: None (stateful RNG) or an int / shape-[2] seed for stateless sampling.
       antithetic: draw N/2 maps and N/2 from the mirrored differences.
     """
-    num_samples = check_num_samples(num_samples, antithetic)
+    num_samples, loc, cov_factor, cov_diag = _check_low_rank_args(
+        loc, cov_factor, cov_diag, num_samples, antithetic
+    )
     n = num_samples // 2 if antithetic else num_samples
-    loc = tf.convert_to_tensor(loc)
-    cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
-    _static_rank_check(loc, 4, "loc", "[B, H, W, C]")
-    _static_rank_check(cov_diag, 4, "cov_diag", "[B, H, W, C]")
-    if cov_factor is not None:
-        cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
-        _static_rank_check(cov_factor, 5, "cov_factor", "[B, H, W, C, R]")
     num_classes = loc.shape[-1]
-    if num_classes is None:
-        raise ValueError("`loc` must have a known number of classes (last axis).")
     shape = tf.shape(loc)
     maps_shape = tf.concat([[num_samples], shape[:3]], 0)
     if num_classes == 1:
         return tf.zeros(maps_shape, tf.int32)
     k = num_classes - 1
-    batch = shape[0]
-    pixels = shape[1] * shape[2]
     loc_p, var_p = _planar(loc), _planar(cov_diag)  # [B, C, X]
-    noise_shape = tf.stack([batch, n, k, pixels])
-    xi = tf.unstack(standard_normal(noise_shape, _split_seed(seed, 22), loc.dtype), k, axis=2)
+    noise_shape = tf.stack([shape[0], n, k, shape[1] * shape[2]])
+    xi = _planar_normals(noise_shape, k, _split_seed(seed, 22), loc.dtype)
     if cov_factor is not None:
-        rank = tf.shape(cov_factor)[-1]
         factor_p = _planar(cov_factor)  # [B, C, X, R]
-        factor_d = tf.reshape(factor_p[:, 1:] - factor_p[:, :1], tf.stack([batch, -1, rank]))
-        z = standard_normal(tf.stack([batch, n, rank]), _split_seed(seed, 21), loc.dtype)
-        low_rank = tf.matmul(z, factor_d, transpose_b=True)  # [B, n, K*X]
-        low_rank = tf.unstack(tf.reshape(low_rank, noise_shape), k, axis=2)
+        low_rank = _planar_low_rank(
+            factor_p[:, 1:] - factor_p[:, :1], noise_shape, k, _split_seed(seed, 21), loc.dtype
+        )
     # Plane by plane (`tf.math.cumsum` over the short class axis is ~25x slower on CPU).
     var0 = var_p[:, :1]
     t = tf.ones_like(var0)
@@ -536,32 +555,20 @@ def low_rank_mean_probabilities(
 
     Args: as `sample_low_rank_labels` (`cov_factor` may be None for independent logits).
     """
-    num_samples = check_num_samples(num_samples, antithetic)
+    num_samples, loc, cov_factor, cov_diag = _check_low_rank_args(
+        loc, cov_factor, cov_diag, num_samples, antithetic
+    )
     n = num_samples // 2 if antithetic else num_samples
-    loc = tf.convert_to_tensor(loc)
-    cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
-    _static_rank_check(loc, 4, "loc", "[B, H, W, C]")
-    _static_rank_check(cov_diag, 4, "cov_diag", "[B, H, W, C]")
     num_classes = loc.shape[-1]
-    if num_classes is None:
-        raise ValueError("`loc` must have a known number of classes (last axis).")
     shape = tf.shape(loc)
     if num_classes == 1:
         return tf.ones_like(loc)
-    batch, pixels = shape[0], shape[1] * shape[2]
     loc_p, scale_p = _planar(loc), tf.sqrt(_planar(cov_diag))  # [B, C, X]
-    noise_shape = tf.stack([batch, n, num_classes, pixels])
-    eps = tf.unstack(
-        standard_normal(noise_shape, _split_seed(seed, 23), loc.dtype), num_classes, axis=2
-    )
+    noise_shape = tf.stack([shape[0], n, num_classes, shape[1] * shape[2]])
+    eps = _planar_normals(noise_shape, num_classes, _split_seed(seed, 23), loc.dtype)
     if cov_factor is not None:
-        cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
-        _static_rank_check(cov_factor, 5, "cov_factor", "[B, H, W, C, R]")
-        rank = tf.shape(cov_factor)[-1]
-        factor = tf.reshape(_planar(cov_factor), tf.stack([batch, -1, rank]))  # [B, C*X, R]
-        z = standard_normal(tf.stack([batch, n, rank]), _split_seed(seed, 24), loc.dtype)
-        low_rank = tf.unstack(
-            tf.reshape(tf.matmul(z, factor, transpose_b=True), noise_shape), num_classes, axis=2
+        low_rank = _planar_low_rank(
+            _planar(cov_factor), noise_shape, num_classes, _split_seed(seed, 24), loc.dtype
         )
     deviations = [
         scale_p[:, c : c + 1] * eps[c] + (low_rank[c] if cov_factor is not None else 0.0)

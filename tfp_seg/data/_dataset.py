@@ -63,3 +63,79 @@ def annotated_dataset(
         ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)), deterministic=True)
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def check_fractions(fractions) -> np.ndarray:
+    """`fractions` as float64 `[P]`, non-negative and summing to 1, or a ValueError."""
+    f = np.asarray(fractions, np.float64)
+    if f.ndim != 1 or f.size < 1 or np.any(f < 0) or abs(f.sum() - 1.0) > 1e-6:
+        raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+    return f
+
+
+class AnnotatedSet:
+    """What every multi-annotation data set in `tfp_seg.data` shares.
+
+    A subclass (a dataclass) has `images [N, H, W, channels]`, `annotations [N, K, H, W]`, a
+    `marginals()` method (`[N, H, W, C]` soft labels) and `_take(idx)` (a subset).
+    `_INDEX_HINT` is appended to the error for integer indexing.
+    """
+
+    _INDEX_HINT = ""
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_annotations(self) -> int:
+        """K, the number of annotations per image."""
+        return int(self.annotations.shape[1])
+
+    def __getitem__(self, key):
+        """`data[i:j]`, `data[[3, 1]]`, `data[mask]` -> a new data set of the same type."""
+        if isinstance(key, (int, np.integer)):
+            raise TypeError(
+                f"{type(self).__name__} is indexed by slices or index arrays (data[i:i+1])"
+                f"{self._INDEX_HINT}"
+            )
+        return self._take(np.atleast_1d(np.arange(len(self))[key]))
+
+    def to_dataset(
+        self,
+        batch_size: int = 8,
+        shuffle: bool = True,
+        annotation: str = "random",
+        seed: int = 0,
+        repeat: bool = False,
+        drop_remainder: bool = False,
+    ):
+        """A batched `tf.data.Dataset` of `(image, label)` pairs.
+
+        Args:
+          batch_size: examples per batch.
+          shuffle: reshuffle the examples every epoch (deterministic given `seed`).
+          annotation: which label to pair with each image:
+            `"random"`: one of the K annotations, drawn anew for every example in every epoch
+              (every iteration over the dataset, or every repetition) -> int32 `[B, H, W]`;
+            `"first"`: annotation 0 -> int32 `[B, H, W]`;
+            `"all"`: all annotations -> int32 `[B, K, H, W]`;
+            `"marginal"`: the soft label of `marginals()` (exact for `AmbiguousShapes`, the
+              raters' empirical distribution for `AnnotatedImages`) -> float32
+              `[B, H, W, num_classes]`.
+          seed: seed of the shuffling and of the `"random"` annotation choice.
+          repeat: repeat indefinitely (each repetition is a new epoch).
+          drop_remainder: drop the last incomplete batch.
+
+        Images are float32 `[B, H, W, channels]`.
+        """
+        return annotated_dataset(
+            self.images,
+            self.annotations,
+            self.marginals,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            annotation=annotation,
+            seed=seed,
+            repeat=repeat,
+            drop_remainder=drop_remainder,
+        )

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 from scipy import special
 
-from tfp_seg.data._dataset import annotated_dataset
+from tfp_seg.data._dataset import AnnotatedSet, check_fractions
 
 __all__ = ["AmbiguousShapes", "ShapeObject", "ambiguous_shapes", "sample_annotations"]
 
@@ -74,7 +74,7 @@ class ShapeObject:
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class AmbiguousShapes:
+class AmbiguousShapes(AnnotatedSet):
     """Images, K sampled annotations each, and the exact distribution over label maps.
 
     The joint label distribution of image `i` factorises over its objects. It is stored compactly
@@ -111,6 +111,8 @@ class AmbiguousShapes:
     seed: int
     num_classes: int = NUM_CLASSES
 
+    _INDEX_HINT = "; use modes_of(i) or the array fields for a single image"
+
     # --- Sizes ------------------------------------------------------------------------------
 
     def __repr__(self) -> str:
@@ -119,14 +121,6 @@ class AmbiguousShapes:
             f"channels={self.images.shape[-1]}, num_annotations={self.num_annotations}, "
             f"max_modes={self.max_modes}, num_classes={self.num_classes}, seed={self.seed})"
         )
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_annotations(self) -> int:
-        """K, the number of sampled annotations per image."""
-        return int(self.annotations.shape[1])
 
     @property
     def max_modes(self) -> int:
@@ -178,17 +172,6 @@ class AmbiguousShapes:
 
     # --- Subsets ----------------------------------------------------------------------------
 
-    def __getitem__(self, key) -> AmbiguousShapes:
-        """`data[i:j]`, `data[[3, 1]]`, `data[mask]` -> a new `AmbiguousShapes`."""
-        if isinstance(key, (int, np.integer)):
-            raise TypeError(
-                "AmbiguousShapes is indexed by slices or index arrays (data[i:i+1]); "
-                "use modes_of(i) or the array fields for a single image"
-            )
-        idx = np.arange(len(self))[key]
-        idx = np.atleast_1d(idx)
-        return self._take(idx)
-
     def _take(self, idx: np.ndarray) -> AmbiguousShapes:
         return dataclasses.replace(
             self,
@@ -214,11 +197,7 @@ class AmbiguousShapes:
         Raises:
           ValueError: if `fractions` are negative or do not sum to 1.
         """
-        f = np.asarray(fractions, np.float64)
-        if f.ndim != 1 or f.size < 1 or np.any(f < 0) or abs(f.sum() - 1.0) > 1e-6:
-            raise ValueError(
-                f"fractions must be non-negative and sum to 1, got {tuple(fractions)}"
-            )
+        f = check_fractions(fractions)
         n = len(self)
         sizes = [int(round(x * n)) for x in f[:-1]]
         sizes.append(n - sum(sizes))
@@ -234,46 +213,6 @@ class AmbiguousShapes:
     def train_val_test(self, seed: int | None = None) -> tuple[AmbiguousShapes, ...]:
         """`split((0.8, 0.1, 0.1), seed)`."""
         return self.split((0.8, 0.1, 0.1), seed=seed)
-
-    # --- tf.data ----------------------------------------------------------------------------
-
-    def to_dataset(
-        self,
-        batch_size: int = 8,
-        shuffle: bool = True,
-        annotation: str = "random",
-        seed: int = 0,
-        repeat: bool = False,
-        drop_remainder: bool = False,
-    ):
-        """A batched `tf.data.Dataset` of `(image, label)` pairs.
-
-        Args:
-          batch_size: examples per batch.
-          shuffle: reshuffle the examples every epoch (deterministic given `seed`).
-          annotation: which label to pair with each image:
-            `"random"`: one of the K annotations, drawn anew for every example in every epoch
-              (every iteration over the dataset, or every repetition) -> int32 `[B, H, W]`;
-            `"first"`: annotation 0 -> int32 `[B, H, W]`;
-            `"all"`: all annotations -> int32 `[B, K, H, W]`;
-            `"marginal"`: the exact soft label -> float32 `[B, H, W, num_classes]`.
-          seed: seed of the shuffling and of the `"random"` annotation choice.
-          repeat: repeat indefinitely (each repetition is a new epoch).
-          drop_remainder: drop the last incomplete batch.
-
-        Images are float32 `[B, H, W, channels]`.
-        """
-        return annotated_dataset(
-            self.images,
-            self.annotations,
-            self.marginals,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            annotation=annotation,
-            seed=seed,
-            repeat=repeat,
-            drop_remainder=drop_remainder,
-        )
 
 
 # --- Sampling ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from tfp_seg.data._dataset import annotated_dataset
+from tfp_seg.data._dataset import AnnotatedSet, check_fractions
 
 __all__ = ["AnnotatedImages", "load_image_folder", "load_lidc_crops"]
 
@@ -40,7 +40,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".
 
 
 @dataclasses.dataclass(frozen=True, eq=False, repr=False)
-class AnnotatedImages:
+class AnnotatedImages(AnnotatedSet):
     """Images with K annotations each (several raters), from a real data set.
 
     Attributes:
@@ -94,27 +94,12 @@ class AnnotatedImages:
             f"num_annotations={self.num_annotations}, num_classes={self.num_classes})"
         )
 
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_annotations(self) -> int:
-        """K, the number of annotations per image."""
-        return int(self.annotations.shape[1])
-
     def marginals(self) -> np.ndarray:
         """Empirical per-pixel label distribution over the K raters, float32 `[N, H, W, C]`."""
         onehot = np.eye(self.num_classes, dtype=np.float32)[self.annotations]  # [N,K,H,W,C]
         return onehot.mean(axis=1)
 
     # --- subsets ----------------------------------------------------------------------------
-
-    def __getitem__(self, key) -> AnnotatedImages:
-        """`data[i:j]`, `data[[3, 1]]`, `data[mask]` -> a new `AnnotatedImages`."""
-        if isinstance(key, (int, np.integer)):
-            raise TypeError("AnnotatedImages is indexed by slices or index arrays (data[i:i+1])")
-        idx = np.atleast_1d(np.arange(len(self))[key])
-        return self._take(idx)
 
     def _take(self, idx: np.ndarray) -> AnnotatedImages:
         return dataclasses.replace(
@@ -134,9 +119,7 @@ class AnnotatedImages:
         turn to the part that is furthest below its target size, so no group is split and the
         parts are as close to `fractions` as whole groups allow. Images keep their order.
         """
-        f = np.asarray(fractions, np.float64)
-        if f.ndim != 1 or f.size < 1 or np.any(f < 0) or abs(f.sum() - 1.0) > 1e-6:
-            raise ValueError(f"fractions must be non-negative and sum to 1, got {tuple(fractions)}")
+        f = check_fractions(fractions)
         names, inverse = np.unique(np.asarray(self.groups, dtype=object).astype(str),
                                    return_inverse=True)
         sizes = np.bincount(inverse, minlength=len(names))
@@ -153,43 +136,6 @@ class AnnotatedImages:
     def train_val_test(self, seed: int = 0) -> tuple[AnnotatedImages, ...]:
         """`split((0.8, 0.1, 0.1), seed)`."""
         return self.split((0.8, 0.1, 0.1), seed=seed)
-
-    # --- tf.data ----------------------------------------------------------------------------
-
-    def to_dataset(
-        self,
-        batch_size: int = 8,
-        shuffle: bool = True,
-        annotation: str = "random",
-        seed: int = 0,
-        repeat: bool = False,
-        drop_remainder: bool = False,
-    ):
-        """A batched `tf.data.Dataset` of `(image, label)` pairs (as `AmbiguousShapes`).
-
-        Args:
-          batch_size: examples per batch.
-          shuffle: reshuffle the examples every epoch (deterministic given `seed`).
-          annotation: `"random"` (one of the K annotations, drawn anew every epoch) or
-            `"first"` -> int32 `[B, H, W]`; `"all"` -> int32 `[B, K, H, W]`; `"marginal"`
-            (the raters' empirical distribution) -> float32 `[B, H, W, num_classes]`.
-          seed: seed of the shuffling and of the `"random"` annotation choice.
-          repeat: repeat indefinitely.
-          drop_remainder: drop the last incomplete batch.
-
-        Images are float32 `[B, H, W, channels]`.
-        """
-        return annotated_dataset(
-            self.images,
-            self.annotations,
-            self.marginals,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            annotation=annotation,
-            seed=seed,
-            repeat=repeat,
-            drop_remainder=drop_remainder,
-        )
 
 
 # ================================================================================================

@@ -84,8 +84,11 @@ def environment() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "tfp_seg": tfp_seg.__version__,
-        "memory_source": "tf.config.experimental.get_memory_info('CPU:0') peak above start",
     }
+
+
+# How `peak_mib` measures, recorded in the reports of benchmarks that measure memory.
+MEMORY_SOURCE = "tf.config.experimental.get_memory_info('CPU:0') peak above start"
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
@@ -103,7 +106,26 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 
 def write_report(path: str, report: dict) -> None:
+    """Write `report` as JSON (NumPy scalars as floats), creating the folder."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        json.dump(report, f, indent=2, default=float)
     print(f"wrote {path}")
+
+
+def publish(
+    args, title: str, rows: Sequence[dict], columns: Sequence[tuple], **extra
+) -> dict:
+    """Print `title` and the markdown table of `rows`, write the standard JSON report
+    (`title`, `config`, `environment`, `results`, and `extra`) to `args.out`, and return it."""
+    print(f"\n{title}")
+    print(markdown_table(rows, columns))
+    report = {
+        "title": title,
+        "config": vars(args),
+        "environment": environment(),
+        "results": list(rows),
+        **extra,
+    }
+    write_report(args.out, report)
+    return report

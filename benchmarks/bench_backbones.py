@@ -27,15 +27,18 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
 import numpy as np  # noqa: E402
 
 DEFAULT_BACKBONES = (
@@ -186,10 +189,7 @@ def tables(entries):
 
 def main(argv=None):
     args = parse_args(argv)
-    import keras
-    import tensorflow as tf
 
-    import tfp_seg
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.size, args.size, 1)).astype("float32")
@@ -203,22 +203,16 @@ def main(argv=None):
         "benchmark": "backbones",
         "config": vars(args),
         "machine": {
+            **_common.environment(),
             "platform": platform.platform(),
             "processor": platform.processor(),
-            "cpu_count": os.cpu_count(),
-            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "tfp_seg": tfp_seg.__version__,
         },
         "total_s": time.perf_counter() - start,
         "results": [{k: v for k, v in e.items() if k != "model"} for e in entries],
         "markdown": table,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2, default=float)
-    print(f"\nwrote {args.out} ({result['total_s']:.0f} s)")
+    print(f"\ntotal {result['total_s']:.0f} s")
+    _common.write_report(args.out, result)
     return result
 
 

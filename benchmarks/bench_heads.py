@@ -139,16 +139,7 @@ def main(argv=None) -> dict:
         f"(chunked K={args.chunk_size}); heteroscedastic M={args.num_samples}; Prob U-Net "
         f"latent 6; median of {args.repeats} interleaved steps"
     )
-    print(f"\n{title}")
-    print(_common.markdown_table(rows, columns))
-    report = {
-        "title": title,
-        "config": vars(args),
-        "environment": _common.environment(),
-        "results": rows,
-    }
-    _common.write_report(args.out, report)
-    return report
+    return _common.publish(args, title, rows, columns, memory_source=_common.MEMORY_SOURCE)
 
 
 def _ratio(value, reference):

@@ -140,16 +140,7 @@ def main(argv=None) -> dict:
         f"{args.base_filters}, depth={args.depth}), C={args.num_classes}, SSN R={args.rank}; "
         f"median of {args.repeats} interleaved calls"
     )
-    print(f"\n{title}")
-    print(_common.markdown_table(rows, columns))
-    report = {
-        "title": title,
-        "config": vars(args),
-        "environment": _common.environment(),
-        "results": rows,
-    }
-    _common.write_report(args.out, report)
-    return report
+    return _common.publish(args, title, rows, columns)
 
 
 if __name__ == "__main__":

@@ -176,6 +176,7 @@ def main(argv=None) -> dict:
         "title": title,
         "config": vars(args),
         "environment": _common.environment(),
+        "memory_source": _common.MEMORY_SOURCE,
         "tensorflow_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "m_sweep": rows_m,
         "r_sweep": rows_r,

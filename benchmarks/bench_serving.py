@@ -23,13 +23,15 @@ Run:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
 import numpy as np
 
 
@@ -159,21 +161,11 @@ def main(argv=None) -> dict:
 
     report = {
         "config": vars(args),
-        "environment": {
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "tensorflow": tf.__version__,
-            "onnxruntime": onnxruntime.__version__,
-            "tfp_seg": tfp_seg.__version__,
-        },
+        "environment": {**_common.environment(), "onnxruntime": onnxruntime.__version__},
         "export_seconds": {"saved_model": export_s, "onnx_two_graphs": onnx_s},
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    _common.write_report(args.out, report)
     return report
 
 

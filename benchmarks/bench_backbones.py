@@ -142,7 +142,6 @@ def time_models(entries, x, y, args):
         for _ in range(args.warmup):
             entry["model"].train_on_batch(x, y)
         entry["warmup_s"] = time.perf_counter() - start
-        entry["params"] = int(entry["model"].count_params())
         entry["round_ms"] = []
     for _ in range(args.rounds):
         for entry in entries:
@@ -152,6 +151,7 @@ def time_models(entries, x, y, args):
             entry["round_ms"].append(1000.0 * (time.perf_counter() - start) / args.steps)
     for entry in entries:
         entry["step_ms"] = statistics.median(entry["round_ms"])
+        entry["params"] = int(entry["model"].count_params())  # built by now
 
 
 def tables(entries):

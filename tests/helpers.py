@@ -71,3 +71,37 @@ def run_layer_test(
         reloaded = tf.saved_model.load(export_dir)
         np.testing.assert_allclose(np.asarray(reloaded.serve(x)), expected, atol=atol)
     return model
+
+
+class OrderRecorder(keras.Model):
+    """Trains nothing; logs a fingerprint of each batch (images and labels, in order) as the
+    metric `code` (tests of the order of batches across interruptions and replicas)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = self.add_weight(shape=(), initializer="zeros")
+
+    def call(self, x):
+        return x * self.w
+
+    def train_step(self, data):
+        x, y = data
+        code = tf.reduce_sum(x * tf.random.stateless_uniform(tf.shape(x), [1, 2]))
+        labels = tf.cast(y, "float32")
+        code += tf.reduce_sum(labels * tf.random.stateless_uniform(tf.shape(y), [3, 4]))
+        return {"code": code}
+
+
+class RecordBatches(keras.callbacks.Callback):
+    """Collects `OrderRecorder`'s `code` of every batch: `epochs[epoch] = [code, ...]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.epochs = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+        self.epochs[epoch] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.epochs[self.epoch].append(float(logs["code"]))

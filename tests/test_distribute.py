@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 import tfp_seg
+from tests.helpers import OrderRecorder, RecordBatches
 from tfp_seg import distribute
 from tfp_seg.experiment import TrainConfig
 
@@ -137,29 +138,7 @@ for seed in (None, 5):
     out[f"ssn_loss_differs_seed_{seed}"] = differ(nll)
 
 # A resumed fit under the strategy sees the uninterrupted run's batches (skip_epochs).
-class OrderRecorder(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.w = self.add_weight(shape=(), initializer="zeros")
-
-    def call(self, x):
-        return x * self.w
-
-    def train_step(self, data):
-        x, y = data
-        code = tf.reduce_sum(x * tf.random.stateless_uniform(tf.shape(x), [1, 2]))
-        code += tf.reduce_sum(
-            tf.cast(y, "float32") * tf.random.stateless_uniform(tf.shape(y), [3, 4]))
-        return {"code": code}
-
-class RecordBatches(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        self.epochs = getattr(self, "epochs", {})
-        self.epochs[epoch] = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.epochs[self.epoch].append(float(logs["code"]))
+from tests.helpers import OrderRecorder, RecordBatches
 
 order_data = tfp_seg.data.ambiguous_shapes(num_images=20, image_size=16, seed=0)
 
@@ -495,41 +474,10 @@ def test_chief_and_worker_dirs(tmp_path):
     assert backup.backup_dir == str(tmp_path / "backup") + "-worker-1"
 
 
-class _OrderRecorder(keras.Model):
-    """Trains nothing; logs a fingerprint of each batch (images and labels, in order)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = self.add_weight(shape=(), initializer="zeros")
-
-    def call(self, x):
-        return x * self.w
-
-    def train_step(self, data):
-        x, y = data
-        code = tf.reduce_sum(x * tf.random.stateless_uniform(tf.shape(x), [1, 2]))
-        labels = tf.cast(y, "float32")
-        code += tf.reduce_sum(labels * tf.random.stateless_uniform(tf.shape(y), [3, 4]))
-        return {"code": code}
-
-
-class _RecordBatches(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = {}
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-        self.epochs[epoch] = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.epochs[self.epoch].append(float(logs["code"]))
-
-
 def _record(ds, initial_epoch, steps):
-    model = _OrderRecorder()
+    model = OrderRecorder()
     model.compile()
-    recorder = _RecordBatches()
+    recorder = RecordBatches()
     model.fit(
         ds, epochs=4, initial_epoch=initial_epoch, steps_per_epoch=steps, verbose=0,
         callbacks=[recorder],

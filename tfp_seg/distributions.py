@@ -365,7 +365,7 @@ def sample_diagonal(
 
 
 # --- label maps ----------------------------------------------------------------------------------
-_PLANAR_ARGMAX_MAX_CLASSES = 32
+_PLANAR_MAX_CLASSES = 32
 
 
 def _argmax_planes(planes):
@@ -390,7 +390,7 @@ def argmax_classes(logits: tf.Tensor) -> tf.Tensor:
     logits = tf.convert_to_tensor(logits)
     num_classes = logits.shape[-1]
     rank = logits.shape.rank
-    if num_classes is None or rank is None or num_classes > _PLANAR_ARGMAX_MAX_CLASSES:
+    if num_classes is None or rank is None or num_classes > _PLANAR_MAX_CLASSES:
         return tf.argmax(logits, axis=-1, output_type=tf.int32)
     if num_classes == 1:
         return tf.zeros(tf.shape(logits)[:-1], tf.int32)
@@ -406,7 +406,7 @@ def mean_softmax(logit_samples: tf.Tensor) -> tf.Tensor:
     """
     samples = tf.convert_to_tensor(logit_samples)
     rank = samples.shape.rank
-    if rank is None or samples.shape[-1] is None or samples.shape[-1] > _PLANAR_ARGMAX_MAX_CLASSES:
+    if rank is None or samples.shape[-1] is None or samples.shape[-1] > _PLANAR_MAX_CLASSES:
         return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
     planar = tf.transpose(samples, [rank - 1] + list(range(rank - 1)))
     exps = tf.exp(planar - tf.reduce_max(planar, axis=0, keepdims=True))

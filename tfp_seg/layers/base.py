@@ -153,6 +153,14 @@ class DistributionHead(keras.layers.Layer):
         params = self.check_params(params)
         return params[..., : self.num_classes]
 
+    def _mean_sampling(self, num_samples) -> tuple:
+        """`(N, antithetic)` for a Monte Carlo mean: the head's antithetic pairs when it has
+        them and N is even, independent samples otherwise (so any N >= 1 is accepted)."""
+        from tfp_seg.distributions import check_num_samples
+
+        num_samples = check_num_samples(num_samples, antithetic=False)
+        return num_samples, bool(getattr(self, "antithetic", False)) and num_samples % 2 == 0
+
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
         """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`."""
         from tfp_seg.distributions import mean_softmax

@@ -272,12 +272,11 @@ class HeteroscedasticLogits(DistributionHead):
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
         """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
         pairs when the head's default is antithetic and `num_samples` is even."""
-        num_samples = dists.check_num_samples(num_samples, antithetic=False)
-        antithetic = self.antithetic and num_samples % 2 == 0
+        num_samples, antithetic = self._mean_sampling(num_samples)
         if self.low_rank_classes:
             samples = self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
             return dists.mean_softmax(samples)
-        loc, _, variance = self.covariance_parts(self.check_params(params))
+        loc, _, variance = self.covariance_parts(params)
         return dists.low_rank_mean_probabilities(
             loc, None, variance, num_samples, seed=seed, antithetic=antithetic
         )

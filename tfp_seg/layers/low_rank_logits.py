@@ -202,9 +202,8 @@ class LowRankLogits(DistributionHead):
         """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
         pairs when the head's default is antithetic and `num_samples` is even, independent
         samples otherwise (`tfp_seg.distributions.low_rank_mean_probabilities`)."""
-        num_samples = dists.check_num_samples(num_samples, antithetic=False)
-        antithetic = self.antithetic and num_samples % 2 == 0
-        loc, factor, diag = self.covariance_parts(self.check_params(params))
+        num_samples, antithetic = self._mean_sampling(num_samples)
+        loc, factor, diag = self.covariance_parts(params)
         return dists.low_rank_mean_probabilities(
             loc, factor, diag, num_samples, seed=seed, antithetic=antithetic
         )

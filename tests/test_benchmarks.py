@@ -79,3 +79,16 @@ def test_bench_heads_runs(bench_path, tmp_path):
     assert all(r["step_ms"] > 0 and r["time_ratio"] > 0 for r in rows)
     # At 16x16 the peaks fall below the allocator's reporting threshold: no ratio, no error.
     assert all(r["memory_ratio"] is None or r["memory_ratio"] > 0 for r in rows)
+
+
+def test_bench_sampling_ops_runs(bench_path, tmp_path):
+    import bench_sampling_ops
+
+    out = str(tmp_path / "ops.json")
+    bench_sampling_ops.main(
+        [out, "--samples", "4", "--batch", "1", "--size", "8", "--rank", "2", "--repeats", "1",
+         "--warmup", "0"]
+    )
+    rows = _load(out)["results"]
+    assert len({r["group"] for r in rows}) == 6
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)

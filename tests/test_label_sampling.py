@@ -319,3 +319,19 @@ def test_mean_softmax_matches_numpy(rng, shape):
     got = dists.mean_softmax(logits).numpy()
     assert got.shape == shape[1:]
     np.testing.assert_allclose(got, special.softmax(logits, axis=-1).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("head", [LowRankLogits(12, rank=2), HeteroscedasticLogits(12)])
+def test_many_classes_sample_through_the_logits(rng, head):
+    # From 12 classes the per-plane samplers are slower (benchmarks/bench_sampling_ops.py), so
+    # the heads use their logit samples: the same draws as sample_logits for the same seed.
+    assert not dists.prefers_planar_sampling(12) and dists.prefers_planar_sampling(8)
+    params = tf.constant(0.5 * rng.normal(size=(2, 3, 4, head.params_size)).astype("float32"))
+    maps = head.sample_labels(params, 6, seed=[4, 2], antithetic=False).numpy()
+    logits = head.sample_logits(params, 6, seed=[4, 2], antithetic=False).numpy()
+    np.testing.assert_array_equal(maps, logits.argmax(-1))
+    probs = head.mean_probabilities(params, 6, seed=[4, 2]).numpy()
+    pairs = head.sample_logits(params, 6, seed=[4, 2], antithetic=head.antithetic).numpy()
+    np.testing.assert_allclose(probs, special.softmax(pairs, -1).mean(0), atol=1e-6)
+    odd = head.mean_probabilities(params, 3, seed=1).numpy()  # any N, as on the planar path
+    np.testing.assert_allclose(odd.sum(-1), 1.0, rtol=1e-5)

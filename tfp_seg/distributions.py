@@ -51,6 +51,7 @@ __all__ = [
     "argmax_classes",
     "low_rank_mean_probabilities",
     "mean_softmax",
+    "prefers_planar_sampling",
     "check_num_samples",
 ]
 
@@ -257,7 +258,7 @@ def standard_normal(shape, seed: SeedLike = None, dtype=tf.float32) -> tf.Tensor
 
     Exact in distribution, with the same float32 resolution as TensorFlow's own normal kernel
     (which is Box-Muller too: tails reach ~5.6 sigma), but built from vectorised elementwise
-    ops on uniforms: ~1.5x faster on CPU than `tf.random.stateless_normal`, and the noise is
+    ops on uniforms: ~1.6x faster on CPU than `tf.random.stateless_normal`, and the noise is
     the bulk of the cost of drawing many samples. Half precision and bfloat16 are drawn in
     float32 and cast; float64 is drawn from float64 uniforms.
 
@@ -365,14 +366,24 @@ def sample_diagonal(
 
 
 # --- label maps ----------------------------------------------------------------------------------
-_PLANAR_MAX_CLASSES = 32
+_PLANAR_MAX_CLASSES = 32  # argmax_classes: plane by plane up to here
+# The planar softmax and the planar samplers (label maps from differences, mean probabilities)
+# pay one op per class plane: faster up to 8 classes, slower from 12 on
+# (`python benchmarks/bench_sampling_ops.py --num-classes C --no-jit`).
+_PLANAR_SAMPLING_MAX_CLASSES = 8
+
+
+def prefers_planar_sampling(num_classes: int) -> bool:
+    """Whether the class-planar samplers (`sample_low_rank_labels`,
+    `low_rank_mean_probabilities`) beat sampling logits for `num_classes` (measured)."""
+    return num_classes <= _PLANAR_SAMPLING_MAX_CLASSES
 
 
 def _argmax_planes(planes):
     """Index of the largest of a list of equally shaped planes (the first on ties), int32.
 
-    Elementwise ops over whole planes: with few classes this is ~3x faster on CPU than
-    `tf.argmax` over a short trailing axis, which the kernel does not vectorise.
+    Elementwise ops over whole planes: faster on CPU than `tf.argmax` over a short trailing
+    axis, which the kernel does not vectorise (see `argmax_classes`).
     """
     best, index = planes[0], tf.zeros(tf.shape(planes[0]), tf.int32)
     for c, plane in enumerate(planes[1:], start=1):
@@ -385,7 +396,8 @@ def argmax_classes(logits: tf.Tensor) -> tf.Tensor:
     """`argmax` over the trailing class axis of `logits [..., C]` as int32 (first on ties).
 
     The classes are moved first and compared plane by plane (up to 32 classes), which on CPU
-    is ~3x faster than `tf.argmax(logits, -1)` for a handful of classes and no slower for 19.
+    is ~4x faster than `tf.argmax(logits, -1)` for 3 classes and 1.4x for 19
+    (`benchmarks/bench_sampling_ops.py`).
     """
     logits = tf.convert_to_tensor(logits)
     num_classes = logits.shape[-1]
@@ -401,12 +413,14 @@ def argmax_classes(logits: tf.Tensor) -> tf.Tensor:
 def mean_softmax(logit_samples: tf.Tensor) -> tf.Tensor:
     """`mean_n softmax(logit_samples[n])`: `[N, ..., C]` -> `[..., C]`.
 
-    Computed with the classes moved first (elementwise ops on whole planes), which with few
-    classes is ~2.5x faster on CPU than `tf.nn.softmax` over a short trailing axis.
+    Up to 8 classes computed with the classes moved first (elementwise ops on whole planes):
+    ~2x faster on CPU than `tf.nn.softmax` over a trailing axis of 3 classes; from 12 classes
+    on `tf.nn.softmax` is faster and is used (`benchmarks/bench_sampling_ops.py`).
     """
     samples = tf.convert_to_tensor(logit_samples)
     rank = samples.shape.rank
-    if rank is None or samples.shape[-1] is None or samples.shape[-1] > _PLANAR_MAX_CLASSES:
+    num_classes = samples.shape[-1]
+    if rank is None or num_classes is None or not prefers_planar_sampling(num_classes):
         return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
     planar = tf.transpose(samples, [rank - 1] + list(range(rank - 1)))
     exps = tf.exp(planar - tf.reduce_max(planar, axis=0, keepdims=True))
@@ -506,7 +520,7 @@ def sample_low_rank_labels(
         low_rank = _planar_low_rank(
             factor_p[:, 1:] - factor_p[:, :1], noise_shape, k, _split_seed(seed, 21), loc.dtype
         )
-    # Plane by plane (`tf.math.cumsum` over the short class axis is ~25x slower on CPU).
+    # Plane by plane (`tf.math.cumsum` over the short class axis is ~11x slower on CPU).
     var0 = var_p[:, :1]
     t = tf.ones_like(var0)
     running = None  # sum_(i<j) L_ji xi_i, the same coefficient for every row below i
@@ -550,8 +564,8 @@ def low_rank_mean_probabilities(
 
     The same estimator as the mean of `softmax(sample_low_rank(...))`, computed on class planes
     `[B, N, H*W]` (the samples are drawn class-first, so no transpose of the samples and no
-    softmax over a short trailing axis): ~1.5x faster on CPU for a few classes. Not the same
-    draws as `sample_low_rank` for the same seed.
+    softmax over a short trailing axis); faster on CPU up to 8 classes (see
+    `prefers_planar_sampling`). Not the same draws as `sample_low_rank` for the same seed.
 
     Args: as `sample_low_rank_labels` (`cov_factor` may be None for independent logits).
     """

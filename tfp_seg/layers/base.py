@@ -162,10 +162,14 @@ class DistributionHead(keras.layers.Layer):
         return num_samples, bool(getattr(self, "antithetic", False)) and num_samples % 2 == 0
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
-        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`."""
+        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: the mean
+        softmax of `sample_logits` (antithetic pairs when the head has them and N is even)."""
         from tfp_seg.distributions import mean_softmax
 
-        return mean_softmax(self.sample_logits(params, num_samples, seed=seed))
+        num_samples, antithetic = self._mean_sampling(num_samples)
+        return mean_softmax(
+            self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
+        )
 
     def get_config(self):
         config = super().get_config()

@@ -258,10 +258,10 @@ class HeteroscedasticLogits(DistributionHead):
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
         """Label maps `[N, B, H, W]` distributed as `argmax` of logit samples. Without class
-        factors they are drawn from the C - 1 logit differences
+        factors and up to 8 classes they are drawn from the C - 1 logit differences
         (`tfp_seg.distributions.sample_low_rank_labels`), which is cheaper than the arg max of
         `sample_logits` but not the same draws for the same seed."""
-        if self.low_rank_classes:
+        if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):
             return super().sample_labels(params, num_samples, seed=seed, antithetic=antithetic)
         antithetic = self.antithetic if antithetic is None else bool(antithetic)
         loc, _, variance = self.covariance_parts(params)
@@ -271,11 +271,11 @@ class HeteroscedasticLogits(DistributionHead):
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
         """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
-        pairs when the head's default is antithetic and `num_samples` is even."""
+        pairs when the head's default is antithetic and `num_samples` is even; on class planes
+        without class factors and up to 8 classes."""
+        if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):
+            return super().mean_probabilities(params, num_samples, seed=seed)
         num_samples, antithetic = self._mean_sampling(num_samples)
-        if self.low_rank_classes:
-            samples = self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
-            return dists.mean_softmax(samples)
         loc, _, variance = self.covariance_parts(params)
         return dists.low_rank_mean_probabilities(
             loc, None, variance, num_samples, seed=seed, antithetic=antithetic

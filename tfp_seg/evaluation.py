@@ -8,6 +8,16 @@ distribution (for sampled metrics) or for the true marginals (for per-pixel metr
 Any model with `sample_logits(x, num_samples, seed=None, batch_size=None) -> [N,B,H,W,C]`
 (numpy) can be evaluated: `ProbabilisticSegmenter`, `ProbabilisticUNet`, `MCDropout`,
 `DeepEnsemble`.
+
+Sampled set metrics are unbiased: with the reference side exact, the only term of
+`D_GED^2 = 2 E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')]` that needs two model samples, `E[d(S,S')]`
+for *independent* S, S', is estimated by the U-statistic over the `N (N - 1)` ordered pairs of
+distinct samples. (The V-statistic of `tfp_seg.metrics.diversity` /
+`generalized_energy_distance`, which also averages the `N` zero self-pairs `d(s_n, s_n) = 0`, has
+expectation `(N - 1) / N E[d(S,S')]`, so a perfect sampler would read `(N - 1) / N` of the oracle
+diversity and a GED `E[d(S,S')] / N` too high.) So model, oracle sampler and exact oracle values
+are computed alike and comparable: a sampler of the true distribution has, in expectation,
+`diversity == oracle_diversity` and `ged == oracle_ged == 0`.
 """
 
 from __future__ import annotations
@@ -41,6 +51,35 @@ def _joint_nll_per_pixel(logit_samples: np.ndarray, annotations: np.ndarray) -> 
     return total / (b * annotations.shape[1] * h * w)
 
 
+def _ged_terms(
+    samples: np.ndarray, modes: np.ndarray, weights: np.ndarray, num_classes: int
+) -> dict:
+    """Unbiased `D_GED^2` terms of one image: `N >= 2` samples `[N,H,W]` vs the exact modes.
+
+    ```none
+    cross               = (1/N) sum_n sum_k w_k d(s_n, m_k)              unbiased for E[d(S,Y)]
+    sample_diversity    = 1/(N(N-1)) sum_{n != n'} d(s_n, s_n')          U-statistic, E[d(S,S')]
+    reference_diversity = w^T D w,  D_kl = d(m_k, m_l)                    exact E[d(Y,Y')]
+    ged                 = 2 cross - sample_diversity - reference_diversity
+    ```
+    """
+    n = samples.shape[0]
+    w = np.asarray(weights, np.float64)
+    w = w / w.sum()
+    d_ss = metrics.pairwise_iou_distance(samples, samples, num_classes)
+    d_sy = metrics.pairwise_iou_distance(samples, modes, num_classes)
+    d_yy = metrics.pairwise_iou_distance(modes, modes, num_classes)
+    cross = float(np.mean(d_sy @ w))
+    sample_div = float((d_ss.sum() - np.trace(d_ss)) / (n * (n - 1)))
+    reference_div = float(w @ d_yy @ w)
+    return {
+        "ged": 2.0 * cross - sample_div - reference_div,
+        "cross": cross,
+        "sample_diversity": sample_div,
+        "reference_diversity": reference_div,
+    }
+
+
 def evaluate_ambiguous(
     model,
     data: AmbiguousShapes,
@@ -55,7 +94,12 @@ def evaluate_ambiguous(
     Args:
       model: exposes `sample_logits(x, num_samples, seed=..., batch_size=...)`.
       data: an `AmbiguousShapes` split (held out from training).
-      num_samples: N samples per image for sampled metrics (GED, HM-IoU, diversity, MC NLL).
+      num_samples: N >= 2 samples per image for sampled metrics (GED, HM-IoU, diversity,
+        MC NLL). They are taken to be independent draws (as `sample_logits` gives by
+        default). `DeepEnsemble` draws sample n from member n mod M, a stratified design, so
+        for it the pair statistics below are not exactly unbiased for the members' uniform
+        mixture (e.g. with deterministic members and N = M, `diversity` is M / (M - 1) times
+        the mixture's E[d(S, S')]).
       seed: sampling seed (model and oracle).
       progress: show a progress bar over images.
 
@@ -63,9 +107,16 @@ def evaluate_ambiguous(
       A flat dict of floats. Model metrics and (`oracle_*`) the same metric for the true
       distribution:
       - `ged` (D_GED^2 vs the exact modes, references weighted by their probabilities) with
-        `ged_cross`, `ged_sample_diversity`, `ged_reference_diversity`; `oracle_ged`;
+        `ged_cross`, `ged_sample_diversity`, `ged_reference_diversity`; `oracle_ged`, the same
+        estimator for N samples of the true distribution. All are unbiased (see the module
+        docstring): `ged_sample_diversity` is the U-statistic over pairs of distinct samples,
+        so E[ged] is the exact D_GED^2 of the model's distribution, and E[oracle_ged] = 0; a
+        finite-N value can therefore be slightly negative;
       - `hm_iou` vs the K annotations; `oracle_hm_iou`;
-      - `diversity` = E[d(S, S')] of the model's samples; `oracle_diversity`;
+      - `diversity` = E[d(S, S')] for independent model samples S, S' (the U-statistic
+        `ged_sample_diversity`, averaged over images); `oracle_diversity` = the exact
+        E[d(Y, Y')] = w^T D w of the true distribution (`ged_reference_diversity`); a sampler
+        of the true distribution gives `diversity == oracle_diversity` in expectation;
       - `nll` expected pixel NLL of the predictive probabilities under the true marginals
         (nats/pixel); `oracle_nll` = entropy of the true marginals (its floor);
       - `nll_joint` MC estimate of `-log p(annotation | x)` per pixel over the K annotations
@@ -73,6 +124,13 @@ def evaluate_ambiguous(
       - `ece` vs the K annotations, `ece_exact` vs the exact marginals; `brier` (soft, vs the
         exact marginals); `miou`, `pixel_accuracy` of the predictive argmax vs the annotations.
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
+        raise ValueError(f"`num_samples` must be an int >= 2; got {num_samples!r}.")
+    if num_samples < 2:
+        raise ValueError(
+            f"`num_samples` must be >= 2: the sample diversity E[d(S,S')] (and so GED) needs a "
+            f"pair of distinct samples; got {num_samples}."
+        )
     num_classes = data.num_classes
     logit_samples = model.sample_logits(
         data.images, num_samples, seed=seed, batch_size=batch_size
@@ -99,17 +157,11 @@ def evaluate_ambiguous(
     for i in iterator:
         modes, weights = data.modes_of(i)
         s = label_samples[:, i]
-        terms = metrics.generalized_energy_distance(
-            s, modes, num_classes, reference_weights=weights, return_terms=True
-        )
+        terms = _ged_terms(s, modes, weights, num_classes)
         for key in ged_terms:
             ged_terms[key].append(terms[key])
         oracle_samples = sample_annotations(modes, weights, num_samples, rng)
-        oracle_ged.append(
-            metrics.generalized_energy_distance(
-                oracle_samples, modes, num_classes, reference_weights=weights
-            )
-        )
+        oracle_ged.append(_ged_terms(oracle_samples, modes, weights, num_classes)["ged"])
         hm.append(metrics.hungarian_matched_iou(s, annotations[i], num_classes))
         oracle_hm.append(metrics.hungarian_matched_iou(oracle_samples, annotations[i], num_classes))
 
@@ -126,7 +178,7 @@ def evaluate_ambiguous(
         "oracle_ged": float(np.mean(oracle_ged)),
         "hm_iou": float(np.mean(hm)),
         "oracle_hm_iou": float(np.mean(oracle_hm)),
-        "diversity": metrics.diversity(np.swapaxes(label_samples, 0, 1), num_classes),
+        "diversity": float(np.mean(ged_terms["sample_diversity"])),
         "oracle_diversity": float(np.mean(ged_terms["reference_diversity"])),
         "nll": metrics.negative_log_likelihood(probs, marginals),
         "oracle_nll": metrics.negative_log_likelihood(marginals, marginals),

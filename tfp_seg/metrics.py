@@ -10,7 +10,11 @@ Two families live here:
 * Streaming Keras 3 metrics (`StreamingMeanIoU`, `StreamingECE`, `StreamingNLL`,
   `StreamingBrier`) for `model.compile(metrics=[...])`. They accumulate sufficient statistics in
   float64 variables, so after any number of batches `result()` equals the NumPy function applied to
-  the concatenated data.
+  the concatenated data. On a distribution head's packed parameters they score the head's Monte
+  Carlo predictive probabilities `head.mean_probabilities(...)` (what `predict_proba` returns):
+  `tfp_seg.models.ProbabilisticSegmenter.compile` gives them the model's head (`bind_head`).
+  Without a head (plain Keras models, or `predictive=False`) they score the first `C` channels of
+  `y_pred` as probabilities or logits.
 
 Conventions (shared with the rest of `tfp_seg`):
 
@@ -34,11 +38,14 @@ import scipy.optimize
 import scipy.stats
 import tensorflow as tf
 
+from tfp_seg.layers.base import DistributionHead
+
 __all__ = [
     "StreamingBrier",
     "StreamingECE",
     "StreamingMeanIoU",
     "StreamingNLL",
+    "bind_head",
     "brier_score",
     "confusion_matrix",
     "diversity",
@@ -380,6 +387,12 @@ def generalized_energy_distance(
     reference sets give exactly 0. The result is not clipped; because `d` is not guaranteed to be
     of negative type, it can in principle be slightly negative.
 
+    As an estimator of the `D_GED^2` between the *distributions* the sets are drawn from, the
+    V-statistic is biased: for `N` i.i.d. samples `E[u^T D_SS u] = (N - 1) / N E[d(S, S')]`
+    (the `N` self-pairs have `d = 0`), so even a perfect sampler scores `E[d(S, S')] / N` on
+    average. `tfp_seg.evaluation.evaluate_ambiguous`, whose reference side is exact, uses the
+    unbiased U-statistic over pairs of distinct samples instead.
+
     #### Examples
 
     ```python
@@ -438,6 +451,11 @@ def diversity(samples: ArrayLike, num_classes: int) -> float:
     ```none
     diversity = (1 / N^2) sum_{n, n'} d(s_n, s_n')     (all pairs, including n = n')
     ```
+
+    This V-statistic describes the set itself. For `N` i.i.d. samples of a distribution its
+    expectation is `(N - 1) / N E[d(S, S')]`; `N / (N - 1)` times it is the unbiased
+    U-statistic (mean over pairs `n != n'`), which `tfp_seg.evaluation.evaluate_ambiguous`
+    reports as `diversity`.
     """
     num_classes = _check_positive_int(num_classes, "num_classes")
     s = _check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
@@ -1017,8 +1035,34 @@ def ood_scores(uncertainty: ArrayLike, is_ood: ArrayLike) -> dict[str, float]:
 # ================================================================================================
 
 
+def _metric_head(head: Any) -> Any:
+    """A weightless copy of a distribution head (a metric must not own the model's layer)."""
+    if head is None:
+        return None
+    if isinstance(head, dict):
+        head = keras.saving.deserialize_keras_object(head)
+    elif isinstance(head, DistributionHead):
+        head = type(head).from_config(head.get_config())
+    if not isinstance(head, DistributionHead):
+        raise ValueError(
+            "`head` must be a tfp_seg.layers.DistributionHead (or its serialized config) or "
+            f"None; got {type(head).__name__}."
+        )
+    return head
+
+
+def _check_seed(seed: Any) -> Optional[int]:
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"`seed` must be an integer or None; got {seed!r}.")
+    return int(seed)
+
+
 class _StreamingSegmentationMetric(keras.metrics.Metric):
-    """Shared input handling: labels `[B,H,W]`, first `num_classes` channels of `y_pred`."""
+    """Shared input handling: labels `[B,H,W]`; the predictive probabilities of a distribution
+    `head` from `y_pred`'s packed parameters, or without a head the first `num_classes`
+    channels of `y_pred`."""
 
     def __init__(
         self,
@@ -1027,11 +1071,51 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
         ignore_label: Optional[int] = None,
         name: Optional[str] = None,
         dtype: Any = None,
+        head: Any = None,
+        num_samples: int = 16,
+        seed: Optional[int] = None,
+        predictive: bool = True,
     ) -> None:
         super().__init__(name=name, dtype=dtype)
         self.num_classes = _check_positive_int(num_classes, "num_classes")
         self.from_logits = bool(from_logits)
         self.ignore_label = _check_ignore_label(ignore_label)
+        self.num_samples = _check_positive_int(num_samples, "num_samples")
+        self.seed = _check_seed(seed)
+        self.predictive = bool(predictive)
+        self.head = None
+        if head is not None:
+            if not self.predictive:
+                raise ValueError(
+                    "`head` was given with predictive=False; predictive=False scores the first "
+                    "num_classes channels of y_pred and takes no head."
+                )
+            self.bind_head(head)
+
+    def bind_head(self, head: Any) -> bool:
+        """Score the predictive distribution of `head` from now on (a weightless copy of it is
+        kept). Does nothing, and returns False, if the metric already has a head or was built
+        with `predictive=False`; returns True when bound."""
+        if self.head is not None or not self.predictive:
+            return False
+        head = _metric_head(head)
+        if head.num_classes != self.num_classes:
+            raise ValueError(
+                f"`head` has num_classes={head.num_classes} but the metric was built with "
+                f"num_classes={self.num_classes}."
+            )
+        self.head = head
+        return True
+
+    @property
+    def _scores_are_logits(self) -> bool:
+        return self.from_logits and self.head is None
+
+    def _class_scores(self, y_pred: tf.Tensor) -> tf.Tensor:
+        """`[..., C]`: predictive probabilities of the head, or the first C channels."""
+        if self.head is None:
+            return y_pred[..., : self.num_classes]
+        return self.head.mean_probabilities(y_pred, num_samples=self.num_samples, seed=self.seed)
 
     def _prepare(
         self, y_true: Any, y_pred: Any, sample_weight: Any
@@ -1041,6 +1125,15 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
         y_pred = tf.convert_to_tensor(y_pred)
         y_true = tf.convert_to_tensor(y_true)
         if y_pred.shape.rank is not None:
+            if self.head is not None and (
+                y_pred.shape.rank != 4
+                or (y_pred.shape[-1] is not None and y_pred.shape[-1] != self.head.params_size)
+            ):
+                raise ValueError(
+                    f"`y_pred` must hold the packed parameters of the metric's "
+                    f"{type(self.head).__name__} head, [B,H,W,{self.head.params_size}]; got "
+                    f"shape {tuple(y_pred.shape)}."
+                )
             if y_pred.shape.rank < 1 or (
                 y_pred.shape[-1] is not None and y_pred.shape[-1] < c
             ):
@@ -1061,7 +1154,7 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
         if y_true.dtype.is_floating:
             y_true = tf.round(y_true)
         labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
-        scores = tf.reshape(tf.cast(y_pred[..., :c], tf.float32), [-1, c])
+        scores = tf.reshape(tf.cast(self._class_scores(y_pred), tf.float32), [-1, c])
         weights = tf.ones_like(labels, dtype=tf.float64)
         if sample_weight is not None:
             sw = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
@@ -1087,7 +1180,7 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
         return labels, scores, weights
 
     def _probs(self, scores: tf.Tensor) -> tf.Tensor:
-        return tf.nn.softmax(scores, axis=-1) if self.from_logits else scores
+        return tf.nn.softmax(scores, axis=-1) if self._scores_are_logits else scores
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -1096,6 +1189,12 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
                 "num_classes": self.num_classes,
                 "from_logits": self.from_logits,
                 "ignore_label": self.ignore_label,
+                "head": (
+                    None if self.head is None else keras.saving.serialize_keras_object(self.head)
+                ),
+                "num_samples": self.num_samples,
+                "seed": self.seed,
+                "predictive": self.predictive,
             }
         )
         return config
@@ -1105,14 +1204,38 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
 class StreamingMeanIoU(_StreamingSegmentationMetric):
     """Streaming mean IoU of `argmax` predictions (accumulates a confusion matrix).
 
-    `y_true`: integer labels `[B, H, W]` (or `[B, H, W, 1]`); `y_pred`: `[B, H, W, P]` with
-    `P >= num_classes`, of which the first `num_classes` channels are taken as logits or
-    probabilities (the library's heads pack the mean logits first). Only the argmax matters, so
-    `from_logits` does not change the result. `sample_weight` (broadcastable to `[B, H, W]`)
-    weights the pixel counts; pixels labelled `ignore_label` get weight 0.
+    `y_true`: integer labels `[B, H, W]` (or `[B, H, W, 1]`). `y_pred`: with a `head`, its
+    packed parameters `[B, H, W, head.params_size]`; without one, `[B, H, W, P]` with
+    `P >= num_classes`. `sample_weight` (broadcastable to `[B, H, W]`) weights the pixel counts;
+    pixels labelled `ignore_label` get weight 0.
 
-    `result()` equals `mean_iou(argmax(y_pred[..., :C]), y_true, C, ignore_label)` on the
-    concatenation of all batches seen since the last `reset_state()`.
+    What is scored: with a distribution `head` (given here, or bound by
+    `tfp_seg.models.ProbabilisticSegmenter.compile`, which passes the model's head to every
+    streaming metric that has none), the metric scores the Monte Carlo predictive
+    probabilities `probs = head.mean_probabilities(y_pred, num_samples, seed)` =
+    `E[softmax(eta)]`: the distribution that `predict_proba` returns and `report.json`
+    (`tfp_seg.evaluation.evaluate_ambiguous`) scores; `from_logits` is then not used. Without
+    a head (a plain Keras model, or `predictive=False`) it scores the first `num_classes`
+    channels, `probs = y_pred[..., :C]`, as probabilities, or as logits with
+    `from_logits=True`; on a distribution head's parameters that is the softmax of the *mean
+    logits*, a different (for large logit variances, very different) distribution. Here only
+    the argmax of `probs` matters (so `from_logits` does not change the result), and the
+    predictive argmax can differ from the argmax of the mean logits.
+
+    `result()` equals `mean_iou(argmax(probs), y_true, C, ignore_label)` on the concatenation of
+    all batches seen since the last `reset_state()` (with the same draws: a fixed `seed`).
+
+    Args:
+      num_classes: C.
+      ignore_label: label whose pixels are not counted.
+      from_logits: whether the first C channels are logits (no head; no effect on the argmax).
+      head: a `tfp_seg.layers.DistributionHead` (a weightless copy is kept; also its
+        serialized config), or None.
+      num_samples: Monte Carlo samples of `head.mean_probabilities` per batch.
+      seed: None (fresh noise every batch) or an int (stateless: the same noise for equally
+        shaped batches, reproducible).
+      predictive: False never takes a head (`ProbabilisticSegmenter.compile` binds none) and
+        scores the first C channels of `y_pred`.
     """
 
     def __init__(
@@ -1122,8 +1245,15 @@ class StreamingMeanIoU(_StreamingSegmentationMetric):
         from_logits: bool = False,
         name: str = "mean_iou",
         dtype: Any = None,
+        head: Any = None,
+        num_samples: int = 16,
+        seed: Optional[int] = None,
+        predictive: bool = True,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype)
+        super().__init__(
+            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
+            num_samples=num_samples, seed=seed, predictive=predictive,
+        )
         c = self.num_classes
         self.total_cm = self.add_variable(
             shape=(c, c), initializer="zeros", dtype="float64", name="total_confusion_matrix"
@@ -1157,8 +1287,11 @@ class StreamingECE(_StreamingSegmentationMetric):
 
     Accumulates per-bin pixel counts, confidence sums and accuracy sums (float64), so `result()`
     equals `expected_calibration_error(probs, labels, num_bins, "uniform", ignore_label)` on the
-    concatenation of all batches, with `probs = softmax(y_pred[..., :C])` if `from_logits` else
-    `y_pred[..., :C]`. Input conventions as in `StreamingMeanIoU`.
+    concatenation of all batches, with `probs = head.mean_probabilities(y_pred, num_samples,
+    seed)` given a head, else `softmax(y_pred[..., :C])` if `from_logits` else
+    `y_pred[..., :C]`. Input conventions and the other arguments as in `StreamingMeanIoU`.
+    Scores the predictive distribution of a distribution head when it has one (given, or bound
+    by `ProbabilisticSegmenter.compile`); see "What is scored" in `StreamingMeanIoU`.
     """
 
     def __init__(
@@ -1169,8 +1302,15 @@ class StreamingECE(_StreamingSegmentationMetric):
         ignore_label: Optional[int] = None,
         name: str = "ece",
         dtype: Any = None,
+        head: Any = None,
+        num_samples: int = 16,
+        seed: Optional[int] = None,
+        predictive: bool = True,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype)
+        super().__init__(
+            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
+            num_samples=num_samples, seed=seed, predictive=predictive,
+        )
         self.num_bins = _check_positive_int(num_bins, "num_bins")
         shape = (self.num_bins,)
         self.bin_counts = self.add_variable(
@@ -1218,8 +1358,9 @@ class _StreamingMean(_StreamingSegmentationMetric):
         ignore_label: Optional[int],
         name: Optional[str],
         dtype: Any,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype)
+        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype, **kwargs)
         self.total = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="total")
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="count")
 
@@ -1241,9 +1382,12 @@ class StreamingNLL(_StreamingMean):
     """Streaming mean per-pixel negative log-likelihood.
 
     `result()` equals `negative_log_likelihood(probs, labels, ignore_label, eps)` on the
-    concatenation of all batches (`probs` as in `StreamingECE`; with `from_logits=True` the
-    log-probabilities come from `log_softmax`, clipped below at `log(eps)`). Input conventions as
-    in `StreamingMeanIoU`.
+    concatenation of all batches (`probs` as in `StreamingECE`: the head's predictive
+    probabilities given a head; without one and with `from_logits=True` the log-probabilities
+    come from `log_softmax`, clipped below at `log(eps)`). Input conventions and the other
+    arguments as in `StreamingMeanIoU`.
+    Scores the predictive distribution of a distribution head when it has one (given, or bound
+    by `ProbabilisticSegmenter.compile`); see "What is scored" in `StreamingMeanIoU`.
     """
 
     def __init__(
@@ -1254,12 +1398,19 @@ class StreamingNLL(_StreamingMean):
         eps: float = 1e-12,
         name: str = "nll",
         dtype: Any = None,
+        head: Any = None,
+        num_samples: int = 16,
+        seed: Optional[int] = None,
+        predictive: bool = True,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype)
+        super().__init__(
+            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
+            num_samples=num_samples, seed=seed, predictive=predictive,
+        )
         self.eps = _check_eps(eps)
 
     def _per_pixel(self, labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
-        if self.from_logits:
+        if self._scores_are_logits:
             logp = tf.nn.log_softmax(scores, axis=-1)
         else:
             logp = tf.math.log(tf.maximum(tf.cast(scores, tf.float64), self.eps))
@@ -1277,7 +1428,10 @@ class StreamingBrier(_StreamingMean):
     """Streaming mean per-pixel multi-class Brier score.
 
     `result()` equals `brier_score(probs, labels, ignore_label)` on the concatenation of all
-    batches (`probs` as in `StreamingECE`). Input conventions as in `StreamingMeanIoU`.
+    batches (`probs` as in `StreamingECE`). Input conventions and the other arguments as in
+    `StreamingMeanIoU`.
+    Scores the predictive distribution of a distribution head when it has one (given, or bound
+    by `ProbabilisticSegmenter.compile`); see "What is scored" in `StreamingMeanIoU`.
     """
 
     def __init__(
@@ -1287,10 +1441,38 @@ class StreamingBrier(_StreamingMean):
         ignore_label: Optional[int] = None,
         name: str = "brier",
         dtype: Any = None,
+        head: Any = None,
+        num_samples: int = 16,
+        seed: Optional[int] = None,
+        predictive: bool = True,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype)
+        super().__init__(
+            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
+            num_samples=num_samples, seed=seed, predictive=predictive,
+        )
 
     def _per_pixel(self, labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
         probs = tf.cast(self._probs(scores), tf.float64)
         onehot = tf.one_hot(labels, self.num_classes, dtype=tf.float64)
         return tf.reduce_sum(tf.square(probs - onehot), axis=-1)
+
+
+def bind_head(metrics: Any, head: Any) -> list:
+    """Give every streaming metric in `metrics` (a metric, or nested lists / tuples / dicts of
+    them, as `compile(metrics=...)` takes) that has no head, and was not built with
+    `predictive=False`, the distribution `head`, so that it scores the head's predictive
+    probabilities. Other entries (names, other metrics) are left alone. Returns the metrics
+    that were bound. `tfp_seg.models.ProbabilisticSegmenter.compile` calls it with the model's
+    head."""
+    bound = []
+    stack = [metrics]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _StreamingSegmentationMetric):
+            if item.bind_head(head):
+                bound.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return bound

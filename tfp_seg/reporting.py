@@ -35,7 +35,10 @@ METRICS: dict = {
         "lower",
         "Squared generalised energy distance between the model's sampled label maps and the "
         "true label distribution (exact modes, weighted): 2E[d(S,Y)] - E[d(S,S')] - E[d(Y,Y')] "
-        "with d = 1 - IoU. 0 means the samples are distributed like the true labels.",
+        "with d = 1 - IoU, E[d(S,S')] over pairs of distinct samples (unbiased, so a finite-N "
+        "value can be slightly negative). 0 means the samples are distributed like the true "
+        "labels; the oracle (N samples of the true distribution, same estimator) is 0 up to "
+        "Monte Carlo error.",
     ),
     "ged_cross": (
         "E[d(S,Y)]",
@@ -45,8 +48,8 @@ METRICS: dict = {
     "ged_sample_diversity": (
         "E[d(S,S')]",
         "-",
-        "Mean IoU distance between two model samples (diversity term of GED); compare with "
-        "E[d(Y,Y')].",
+        "Mean IoU distance between two independent model samples (diversity term of GED; "
+        "unbiased: averaged over pairs of distinct samples); compare with E[d(Y,Y')].",
     ),
     "ged_reference_diversity": (
         "E[d(Y,Y')]",
@@ -62,8 +65,10 @@ METRICS: dict = {
     "diversity": (
         "sample diversity",
         "match",
-        "Mean IoU distance between pairs of model samples; should equal the oracle (the true "
-        "ambiguity). 0 = the model always predicts the same map.",
+        "Mean IoU distance E[d(S,S')] between two independent model samples (averaged over "
+        "pairs of distinct samples, so it is unbiased); should equal the oracle, the exact "
+        "E[d(Y,Y')] of the true labels (the true ambiguity), which a sampler of the true "
+        "distribution matches in expectation. 0 = the model always predicts the same map.",
     ),
     "nll": (
         "NLL (pixel)",

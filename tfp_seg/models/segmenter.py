@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_seg import _checks
+from tfp_seg import _checks, metrics
 from tfp_seg.layers.base import DistributionHead
 from tfp_seg.models.readout import SampleReadout
 
@@ -88,9 +88,18 @@ class ProbabilisticSegmenter(SampleReadout, keras.Model):
         return params
 
     def compile(self, optimizer="adam", loss="auto", **kwargs):
-        """`loss="auto"` uses the head's negative log-likelihood (`head.default_loss()`)."""
+        """`loss="auto"` uses the head's negative log-likelihood (`head.default_loss()`).
+
+        Streaming metrics of `tfp_seg.metrics` in `metrics` / `weighted_metrics` that have no
+        head (and not `predictive=False`) get the model's head (`tfp_seg.metrics.bind_head`):
+        they score the Monte Carlo predictive distribution, as `predict_proba` does, not the
+        softmax of the mean logits in the first C channels of the output.
+        """
         if isinstance(loss, str) and loss == "auto":
             loss = self.head.default_loss()
+        for key in ("metrics", "weighted_metrics"):
+            if kwargs.get(key) is not None:
+                metrics.bind_head(kwargs[key], self.head)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
     def compile_from_config(self, config):

@@ -102,8 +102,12 @@ def main(argv=None) -> dict:
             )
         )
     )
+    # A last batch that does not split evenly over the replicas fails in Keras: trim it.
     val_ds = distribute.shard_by_data(
-        val.to_dataset(batch_size=args.batch_size, shuffle=False, annotation="first")
+        distribute.divisible_batches(
+            val.to_dataset(batch_size=args.batch_size, shuffle=False, annotation="first"),
+            strategy.num_replicas_in_sync,
+        )
     )
 
     with distribute.dtype_policy_scope(args.mixed_precision), strategy.scope():

@@ -158,6 +158,36 @@ resumed = record(2)
 out["order_distinct_epochs"] = len({tuple(full[e]) for e in range(4)})
 out["resumed_order_matches"] = bool(resumed[2] == full[2] and resumed[3] == full[3])
 
+# A first batch that does not split over the replicas: Keras fails, divisible_batches trims it.
+uneven = tfp_seg.data.ambiguous_shapes(num_images=3, image_size=16, seed=2)  # one batch of 3
+uneven_ds = uneven.to_dataset(batch_size=4, shuffle=False, annotation="first")
+with strategy.scope():
+    keras.utils.set_random_seed(0)
+    small = tfp_seg.models.ProbabilisticSegmenter(
+        tfp_seg.models.UNet(base_filters=4, depth=1), tfp_seg.layers.CategoricalLogits(3))
+    small.build((None, 16, 16, 1))
+    small.compile(optimizer="sgd", loss="auto")
+try:
+    small.evaluate(uneven_ds, verbose=0)
+    out["uneven_error"] = None
+except tf.errors.InvalidArgumentError as exc:
+    out["uneven_error"] = str(exc)[:300]
+trimmed = tfp_seg.distribute.divisible_batches(uneven_ds, 2)
+out["trimmed_batch_sizes"] = [int(x.shape[0]) for x, _ in trimmed]
+small.fit(trimmed, epochs=1, verbose=0)
+out["trimmed_loss"] = float(small.evaluate(trimmed, verbose=0))
+one = tfp_seg.distribute.divisible_batches(uneven_ds, 1)
+out["one_replica_unchanged"] = one is uneven_ds
+import tempfile
+from tfp_seg.experiment import TrainConfig, train
+try:
+    train(TrainConfig(strategy="mirrored", batch_size=3, epochs=1, num_images=20, image_size=16,
+                      base_filters=4, depth=1, export=False, progress=False,
+                      output_dir=tempfile.mkdtemp(), name="odd_batch"))
+    out["odd_batch_error"] = None
+except ValueError as exc:
+    out["odd_batch_error"] = str(exc)
+
 # One SGD step on one device vs two replicas, same batch, same weights, fixed noise.
 data = tfp_seg.data.ambiguous_shapes(num_images=4, image_size=16, seed=1)
 x = data.images.astype("float32")
@@ -230,6 +260,26 @@ print(json.dumps(out))
 def mirrored(jobs):
     procs, _, deadline = jobs
     return _result(procs["mirrored"][0], deadline)
+
+
+def test_uneven_first_batch_fails_in_keras_and_divisible_batches_trims_it(mirrored):
+    # If Keras learns to split uneven batches, the first assertion tells us to drop the trim.
+    assert "AddN" in mirrored["uneven_error"], mirrored["uneven_error"]
+    assert mirrored["trimmed_batch_sizes"] == [2]  # 3 images: one left out
+    assert np.isfinite(mirrored["trimmed_loss"])
+    assert mirrored["one_replica_unchanged"] is True
+    assert "--batch-size 3 is the global batch and must split evenly over the 2 replicas" in (
+        mirrored["odd_batch_error"] or ""), mirrored["odd_batch_error"]
+
+
+def test_divisible_batches_errors_and_structures():
+    ds = tf.data.Dataset.from_tensor_slices(
+        {"x": np.arange(7.0), "y": np.arange(7)}).batch(3)
+    sizes = [int(b["x"].shape[0]) for b in tfp_seg.distribute.divisible_batches(ds, 2)]
+    assert sizes == [2, 2]  # 3 -> 2, 3 -> 2, 1 -> dropped
+    for bad in (0, -1, 2.0, True, None):
+        with pytest.raises(ValueError, match="num_replicas must be a positive int"):
+            tfp_seg.distribute.divisible_batches(ds, bad)
 
 
 def test_logical_cpus_give_two_replicas(mirrored):

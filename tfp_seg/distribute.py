@@ -12,6 +12,7 @@ average_loss(per_example, B_global)  sum / global batch: the `tf.nn.compute_aver
 replica_seed(seed)                   a stateless seed made distinct for every replica
 is_chief(), worker_dir(path)         who writes shared files in a multi-worker job
 shard_by_data(ds)                    AutoShardPolicy.DATA for in-memory datasets
+divisible_batches(ds, R)             trim a partial last batch to a multiple of R replicas
 BackupAndRestore(dir)                keras' BackupAndRestore, atomic and multi-worker aware
 seeded_stream(make), skip_epochs     an input stream fixed by its seeds; resume it after k epochs
 dtype_policy_scope("mixed_float16")  build a model under a mixed-precision policy
@@ -94,6 +95,7 @@ __all__ = [
     "is_chief",
     "worker_dir",
     "shard_by_data",
+    "divisible_batches",
     "seeded_stream",
     "skip_epochs",
     "dtype_policy_scope",
@@ -454,6 +456,39 @@ def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options)
+
+
+def divisible_batches(dataset: tf.data.Dataset, num_replicas: int) -> tf.data.Dataset:
+    """Trim each batch of `dataset` to a multiple of `num_replicas` examples.
+
+    Keras 3 (3.15, TensorFlow backend) fails under `MirroredStrategy` when the FIRST batch of a
+    dataset does not split evenly over the replicas, in `fit` and in `evaluate` alike
+    (`InvalidArgumentError: Inputs to operation AddN ... must have the same size and shape`):
+    that is a dataset smaller than one global batch, such as a small validation set, with a
+    size not divisible by the replica count. (An uneven partial batch after full ones passes.)
+    Only a partial last batch can be uneven, so at most `num_replicas - 1` examples of an epoch
+    are left out: the last ones of the batch order (with a shuffled training set, different
+    ones each epoch). With one replica the dataset is returned unchanged.
+
+    Args:
+      dataset: batched; every element's components share the leading batch axis (`(x, y)`,
+        `(x, y, sample_weight)`, a dict).
+      num_replicas: replicas in sync (`strategy.num_replicas_in_sync`), a positive int.
+    """
+    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+        raise ValueError(f"num_replicas must be a positive int; got {num_replicas!r}")
+    if num_replicas == 1:
+        return dataset
+
+    def batch_size(*element):
+        return tf.shape(tf.nest.flatten(element)[0])[0]
+
+    def trim(*element):
+        keep = batch_size(*element) // num_replicas * num_replicas
+        trimmed = tf.nest.map_structure(lambda t: t[:keep], element)
+        return trimmed[0] if len(element) == 1 else trimmed
+
+    return dataset.map(trim).filter(lambda *element: batch_size(*element) > 0)
 
 
 def seeded_stream(make_dataset: Callable[[], tf.data.Dataset]) -> tf.data.Dataset:

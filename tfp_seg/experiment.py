@@ -401,6 +401,21 @@ def train(config: TrainConfig, log=print) -> dict:
     val_ds = val_data.to_dataset(batch_size=config.batch_size, shuffle=False, annotation="first")
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
+    # Keras fails on a first batch that does not split over the replicas: a split smaller than
+    # one global batch is trimmed to a multiple of them (see distribute.divisible_batches).
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch and must split evenly over "
+            f"the {replicas} replicas of the {type(strategy).__name__}"
+        )
+    for name, part in (("train", train_data), ("validation", val_data)):
+        if len(part) < config.batch_size and len(part) % replicas:
+            log(f"{len(part) % replicas} {name} image(s) left out: {replicas} replicas")
+    if len(train_data) < config.batch_size:
+        train_ds = distribute.divisible_batches(train_ds, replicas)
+    if len(val_data) < config.batch_size:
+        val_ds = distribute.divisible_batches(val_ds, replicas)
     start = time.time()
     histories = []
     for i, member in enumerate(members):

@@ -111,7 +111,7 @@ def plot(results, test, index: int, path: str, true_area1: float) -> None:
     from matplotlib.colors import ListedColormap
 
     cmap = ListedColormap(["#1b1b1b", "#f4a261", "#2a9d8f"])  # background, class A, class B
-    shown = 5
+    shown = min(5, results[0]["maps"].shape[0])  # at most the samples drawn
     rows = len(results)
     fig = plt.figure(figsize=(2.0 * (shown + 2) + 4.5, 2.0 * rows + 0.6), constrained_layout=True)
     grid = fig.add_gridspec(rows, shown + 3, width_ratios=[1] * (shown + 1) + [0.15, 2.6])

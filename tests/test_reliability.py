@@ -253,3 +253,41 @@ def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
     assert "interrupted" in err
     assert json.loads((run / "config.json").read_text())["epochs"] == 50  # intact
     assert not [p for p in os.listdir(run) if ".tmp" in p]
+
+
+def test_interrupt_that_library_code_reraises_as_another_error_exits_130(monkeypatch, capsys):
+    # Keras' loss bookkeeping (keras/src/trainers/compile_utils.py) has bare `except:` clauses
+    # that run while fit traces its first step: a Ctrl-C landing there comes out as a ValueError.
+    import os
+    import signal
+    import time
+
+    def train_interrupted_during_tracing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler raises here, long before the end
+        except:  # noqa: E722 - what the Keras code does
+            raise ValueError("y_true and y_pred have different structures.") from None
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "train", train_interrupted_during_tracing)
+    before = signal.getsignal(signal.SIGINT)
+    assert cli.main(["train"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "different structures" not in err
+    assert signal.getsignal(signal.SIGINT) is before  # the handler is removed again
+
+
+def test_errors_without_an_interrupt_keep_their_exit_status(monkeypatch, capsys):
+    def bad_value(args):
+        raise ValueError("--epochs must be >= 1")
+
+    def bug(args):
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setitem(cli._COMMANDS, "train", bad_value)
+    assert cli.main(["train"]) == 1
+    assert capsys.readouterr().err.strip() == "tfp-seg: error: --epochs must be >= 1"
+    monkeypatch.setitem(cli._COMMANDS, "train", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["train"])

@@ -19,7 +19,9 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from tfp_seg.experiment import BACKBONES, HEADS, MODELS, TrainConfig
@@ -336,18 +338,63 @@ _COMMANDS = {
 }
 
 
+class _InterruptFlag:
+    """Records a Ctrl-C (SIGINT) while a command runs, whatever the exception it turns into.
+
+    Python raises `KeyboardInterrupt` where the signal lands, but library code may catch it and
+    raise something else: Keras' loss bookkeeping has bare `except:` clauses that run while
+    `fit` traces its first step, and turn an interrupt landing there into a `ValueError` about
+    `y_true` / `y_pred` structures. The flag lets `main` report an interrupt as one, with exit
+    status 130, instead of a misleading error. A SIGINT that is ignored when the command starts
+    (a background job of a non-interactive shell) stays ignored, as for any Python program.
+    """
+
+    def __init__(self) -> None:
+        self.interrupted = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_InterruptFlag":
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous is not signal.SIG_IGN:
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        return _COMMANDS[args.command](args)
-    except KeyboardInterrupt:
-        print("tfp-seg: interrupted; files already written are complete", file=sys.stderr)
-        return 130
-    except (CLIError, ValueError, OSError, FloatingPointError, ImportError, ExportError) as exc:
-        print(f"tfp-seg: error: {exc}", file=sys.stderr)
-        return 1
+    with _InterruptFlag() as flag:
+        try:
+            return _COMMANDS[args.command](args)
+        except KeyboardInterrupt:
+            return _interrupted()
+        except Exception as exc:
+            if flag.interrupted:  # an interrupt that library code re-raised as another error
+                return _interrupted()
+            if isinstance(exc, _USER_ERRORS):
+                print(f"tfp-seg: error: {exc}", file=sys.stderr)
+                return 1
+            raise
+
+
+_USER_ERRORS = (CLIError, ValueError, OSError, FloatingPointError, ImportError, ExportError)
+
+
+def _interrupted() -> int:
+    print("tfp-seg: interrupted; files already written are complete", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -130,3 +130,69 @@ def test_train_with_a_keras_hub_backbone(tmp_path):
     assert report["backbone"] == "resnet_fpn" and np.isfinite(report["nll"])
     model = keras.models.load_model(tmp_path / "fpn" / "model.keras", safe_mode=True)
     assert model(np.zeros((1, 64, 64, 1), "float32")).shape == (1, 64, 64, 3 * (2 + 2))
+
+
+def test_sample_command_hands_out_independent_draws(run_dir, tmp_path):
+    """`tfp-seg sample` gives the SSN's independent draws, not antithetic (mirrored) pairs."""
+    model = keras.models.load_model(run_dir / "model.keras", safe_mode=True)
+    npz = tmp_path / "s.npz"
+    assert cli.main(["sample", str(run_dir), "-n", "4", "--images", "2", "--output", str(npz)]) == 0
+    with np.load(npz) as f:
+        samples, images = f["samples"], f["images"]
+    np.testing.assert_array_equal(samples, model.sample(images, 4, seed=0, antithetic=False))
+
+
+EXPORT_TINY = [
+    "--epochs", "1", "--num-images", "16", "--image-size", "16", "--base-filters", "4",
+    "--depth", "1", "--eval-samples", "2", "--ensemble-size", "2", "--quiet",
+]
+
+
+@pytest.mark.parametrize("head", ["mc_dropout", "ensemble"])
+def test_export_of_mc_dropout_and_ensemble_runs_samples_like_the_run(tmp_path, capsys, head):
+    """`tfp-seg train` and `tfp-seg export` export the run's sampler (dropout masks on in
+    the samples / every member), not a plain deterministic network."""
+    import onnxruntime
+    import tensorflow as tf
+
+    from tfp_seg.experiment import TrainConfig, load_run
+
+    saved = tmp_path / "savedmodels"
+    assert cli.main(["train", *EXPORT_TINY, "--head", head, "--output-dir", str(tmp_path),
+                     "--name", head, "--savedmodels-dir", str(saved)]) == 0
+    out = capsys.readouterr().out
+    assert "export skipped" not in out
+    assert f"exported SavedModel to {saved / head / '1'}" in out
+    run = tmp_path / head
+    assert cli.main(["export", str(run), "--num-samples", "4"]) == 0  # the next version, 2
+    assert cli.main(["export", str(run), "--format", "onnx", "--num-samples", "4"]) == 0
+    assert f"exported ONNX to {run / 'model.onnx'}" in capsys.readouterr().out
+
+    sampler = load_run(str(run), TrainConfig(head=head))
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype("float32")
+    kind = "MCDropout" if head == "mc_dropout" else "DeepEnsemble"
+    n = 64
+    for version in ("1", "2"):
+        loaded = tf.saved_model.load(str(saved / head / version))
+        params = loaded.params(tf.constant(x))
+        assert f'"{kind}"' in tf.compat.as_str(params["head_config"].numpy())
+        samples = loaded.sample(tf.constant(x), num_samples=tf.constant(n))["logits"].numpy()
+        assert np.abs(samples - samples[:1]).max() > 1e-6  # masks / members differ
+        if head == "ensemble":  # deterministic members: sample k is member k mod 2's logits
+            np.testing.assert_allclose(samples, sampler.sample_logits(x, n), atol=1e-4)
+        else:
+            network = sampler.model.head.mean_logits(sampler.model(x, training=False))
+            np.testing.assert_allclose(params["mean_logits"], network, atol=1e-4)  # dropout off
+            probs = np.asarray(tf.nn.softmax(samples, -1))
+            reference = sampler.probability_samples(x, n, seed=0)
+            tolerance = 5 * np.sqrt((probs.var(0) + reference.var(0)) / n) + 1e-5
+            assert np.all(np.abs(probs.mean(0) - reference.mean(0)) <= tolerance)
+    session = onnxruntime.InferenceSession(
+        str(run / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    first = session.run(["logit_samples"], {"images": x})[0]
+    if head == "ensemble":
+        np.testing.assert_allclose(first, sampler.sample_logits(x, 4), atol=1e-4)
+    else:
+        assert np.abs(first - first[:1]).max() > 1e-6
+        assert np.abs(first - session.run(["logit_samples"], {"images": x})[0]).max() > 1e-6

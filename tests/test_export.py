@@ -12,13 +12,17 @@ import sys
 
 import keras
 import numpy as np
+import onnxruntime
 import pytest
 import tensorflow as tf
+import tf2onnx  # noqa: F401  (a test dependency: the [test] extra installs it)
+from tensorflow_serving.apis import predict_pb2
 
 import tfp_seg
 from tfp_seg import export
-from tfp_seg.layers import CategoricalLogits, LowRankLogits
-from tfp_seg.models import ProbabilisticSegmenter, UNet
+from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
+from tfp_seg.models import ProbabilisticSegmenter, ProbabilisticUNet, UNet
+from tfp_seg.uncertainty import DeepEnsemble, MCDropout
 
 ATOL = 1e-4
 K_SIGMA = 5.0
@@ -52,12 +56,9 @@ def _categorical_model():
 
 
 def _heteroscedastic_model():
-    head_cls = getattr(tfp_seg.layers, "HeteroscedasticLogits", None)
-    if head_cls is None:
-        pytest.skip("tfp_seg.layers.HeteroscedasticLogits is not in this tree")
     keras.utils.set_random_seed(3)
     model = ProbabilisticSegmenter(
-        UNet(base_filters=4, depth=1), head_cls(NUM_CLASSES, low_rank_classes=2)
+        UNet(base_filters=4, depth=1), HeteroscedasticLogits(NUM_CLASSES, low_rank_classes=2)
     )
     model.build((None, H, W, 1))
     # Its bias starts at a tiny variance; lift it so that the moment test has signal.
@@ -75,13 +76,6 @@ MODELS = {
 
 
 _EXPORTS = {}
-try:
-    import onnxruntime  # noqa: F401
-    import tf2onnx  # noqa: F401
-
-    HAS_ONNX = True
-except ImportError:  # the [onnx] extra is optional
-    HAS_ONNX = False
 
 
 def _export(name, tmp_path_factory):
@@ -90,9 +84,7 @@ def _export(name, tmp_path_factory):
         model = MODELS[name]()
         base = tmp_path_factory.mktemp("export") / "savedmodels" / name
         version_dir = export.saved_model(model, str(base), num_samples=EXPORT_N)
-        onnx_path = None
-        if HAS_ONNX:
-            onnx_path = export.onnx(model, str(base.parent / f"{name}.onnx"), EXPORT_N)
+        onnx_path = export.onnx(model, str(base.parent / f"{name}.onnx"), EXPORT_N)
         _EXPORTS[name] = (name, model, version_dir, tf.saved_model.load(version_dir), onnx_path)
     return _EXPORTS[name]
 
@@ -208,11 +200,14 @@ def test_saved_model_seeded_outputs_match_keras(exported):
     x = tf.constant(_images(2, seed=6))
     seed = tf.constant(SEED, tf.int64)
     params = model(x, training=False)
-    expected = model.head.sample_logits(params, EXPORT_N, seed=seed)
+    # `sample` and `uncertainty`: independent draws (what `model.sample` gives a user) ...
+    expected = model.head.sample_logits(params, EXPORT_N, seed=seed, antithetic=False)
     got = loaded.sample(x, num_samples=tf.constant(EXPORT_N), seed=seed)
     np.testing.assert_allclose(got["logits"], expected, atol=ATOL)
     np.testing.assert_array_equal(got["labels"], tf.argmax(expected, -1, output_type=tf.int32))
-    probs = tf.reduce_mean(tf.nn.softmax(expected, -1), 0)
+    # ... `serving_default`'s mean probabilities: the head's default (antithetic for the SSN).
+    averaged = model.head.sample_logits(params, EXPORT_N, seed=seed)
+    probs = tf.reduce_mean(tf.nn.softmax(averaged, -1), 0)
     default = loaded.serving_default(x, seed=seed)  # num_samples from its default
     np.testing.assert_allclose(default["probabilities"], probs, atol=ATOL)
     np.testing.assert_array_equal(default["labels"], tf.argmax(probs, -1, output_type=tf.int32))
@@ -261,8 +256,56 @@ def test_saved_model_samples_match_analytic_moments(exported):
     samples = loaded.sample(
         tf.constant(x), num_samples=tf.constant(n), seed=tf.constant(SEED, tf.int64)
     )["logits"]
-    antithetic = bool(getattr(model.head, "antithetic", False))
-    _assert_moments(samples, model, x, antithetic)
+    _assert_moments(samples, model, x, antithetic=False)  # independent draws, every head
+
+
+def _assert_no_mirrored_pairs(samples, mean):
+    """No two draws are an antithetic pair: for one, `s_i + s_j = 2 mu` up to float error."""
+    deviations = np.asarray(samples, np.float64) - np.asarray(mean, np.float64)[np.newaxis]
+    flat = deviations.reshape(deviations.shape[0], deviations.shape[1], -1)  # [N, B, HWC]
+    norms = np.linalg.norm(flat, axis=-1)
+    assert norms.min() > 1e-2  # the draws deviate from the mean
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            # ||d_i + d_j|| / sqrt(||d_i||^2 + ||d_j||^2): ~1e-7 for a mirrored pair, and
+            # about 1 for independent draws.
+            mirror = np.linalg.norm(flat[i] + flat[j], axis=-1)
+            mirror /= np.sqrt(norms[i] ** 2 + norms[j] ** 2)
+            assert mirror.min() > 0.1, (i, j, mirror.min())
+
+
+def _assert_uncorrelated_draws(groups, mean):
+    """Draws `k` and `k + N/2` of each group `[R, N, B, H, W, C]` (one request or run each)
+    are uncorrelated across the R groups: correlation ~0 per logit, where antithetic pairs
+    (the SSN head's default) give exactly -1."""
+    deviations = np.asarray(groups, np.float64) - np.asarray(mean, np.float64)
+    half = deviations.shape[1] // 2
+    a = deviations[:, :half].reshape(len(deviations), -1)
+    b = deviations[:, half : 2 * half].reshape(len(deviations), -1)
+    a, b = a - a.mean(0), b - b.mean(0)
+    correlation = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
+    # R = 64 groups: each correlation is ~N(0, 1/64); logits are correlated with each other
+    # (the low-rank factor), so their mean is bounded by that spread, not by its 1/sqrt(HWC).
+    assert abs(correlation.mean()) < 0.25, correlation.mean()
+    assert np.quantile(correlation, 0.05) > -0.6
+
+
+@pytest.mark.parametrize("name", ["low_rank", "heteroscedastic"])
+def test_saved_model_samples_are_independent_draws(name, tmp_path_factory):
+    """`sample` gives N independent draws (not N/2 draws and their mirror images) - across
+    its chunks too - as `model.sample` does; a client asking for 16 samples gets 16."""
+    _, model, _, loaded, _ = _export(name, tmp_path_factory)
+    x = _images(2, seed=13)
+    mean = model.head.mean_logits(model(x, training=False))
+    groups = 64
+    samples = loaded.sample(
+        tf.constant(x), num_samples=tf.constant(groups * EXPORT_N), seed=tf.constant(SEED, tf.int64)
+    )["logits"].numpy()
+    _assert_no_mirrored_pairs(samples[: 2 * EXPORT_N], mean)  # within and across two chunks
+    _assert_uncorrelated_draws(samples.reshape(groups, EXPORT_N, *samples.shape[1:]), mean)
+    fresh = loaded.sample(tf.constant(x))["logits"].numpy()  # unseeded, default num_samples
+    assert fresh.shape[0] == EXPORT_N
+    _assert_no_mirrored_pairs(fresh, mean)
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,8 +330,6 @@ class _PredictServer:
             )
 
     def predict(self, request):
-        from tensorflow_serving.apis import predict_pb2
-
         name = request.model_spec.signature_name or "serving_default"
         if name not in self.meta_graph.signature_def:
             raise KeyError(f'Serving signature key "{name}" not found.')
@@ -320,7 +361,6 @@ class _PredictServer:
 
 
 def test_predict_request_is_answered_by_the_signature(low_rank_export):
-    predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
     _, model, version_dir, _, _ = low_rank_export
     x = _images(2, seed=9)
     server = _PredictServer(version_dir)
@@ -339,7 +379,7 @@ def test_predict_request_is_answered_by_the_signature(low_rank_export):
     assert list(response.outputs) == ["labels"]
     assert labels.shape == (5, 2, H, W) and labels.dtype == np.int32
     expected = model.head.sample_logits(
-        model(x, training=False), EXPORT_N, seed=tf.constant(SEED, tf.int64)
+        model(x, training=False), EXPORT_N, seed=tf.constant(SEED, tf.int64), antithetic=False
     )[:5]
     np.testing.assert_array_equal(labels, tf.argmax(expected, -1, output_type=tf.int32))
 
@@ -372,10 +412,6 @@ def test_predict_request_is_answered_by_the_signature(low_rank_export):
 # ONNX
 # --------------------------------------------------------------------------------------------
 def _onnx_session(path):
-    if path is None:
-        pytest.skip("onnxruntime / tf2onnx not installed (pip install tfp_seg[onnx])")
-    import onnxruntime
-
     return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
@@ -409,8 +445,24 @@ def test_onnx_samples_match_analytic_moments(exported):
     session = _onnx_session(onnx_path)
     x = _images(2, seed=11)
     runs = [session.run(["logit_samples"], {"images": x})[0] for _ in range(64)]
-    antithetic = bool(getattr(model.head, "antithetic", False))
-    _assert_moments(np.concatenate(runs), model, x, antithetic)
+    _assert_moments(np.concatenate(runs), model, x, antithetic=False)  # independent draws
+
+
+@pytest.mark.parametrize("name", ["low_rank", "heteroscedastic"])
+def test_onnx_samples_are_independent_draws(name, tmp_path_factory):
+    _, model, _, _, onnx_path = _export(name, tmp_path_factory)
+    session = _onnx_session(onnx_path)
+    x = _images(2, seed=13)
+    mean = model.head.mean_logits(model(x, training=False))
+    runs = [session.run(["logit_samples", "probabilities"], {"images": x}) for _ in range(64)]
+    samples = np.stack([logits for logits, _ in runs])  # [64 runs, N, B, H, W, C]
+    _assert_no_mirrored_pairs(samples[0], mean)
+    _assert_uncorrelated_draws(samples, mean)
+    # The averages of a run are those of its own (independent) logit samples.
+    logits, probabilities = runs[0]
+    np.testing.assert_allclose(
+        probabilities, tf.reduce_mean(tf.nn.softmax(logits, -1), 0), atol=1e-5
+    )
 
 
 def test_onnx_metadata_holds_head_config(exported):
@@ -458,17 +510,13 @@ def test_export_of_a_self_sampling_model(tmp_path):
     np.testing.assert_allclose(out["mean_logits"], model(x), atol=ATOL)
     samples = loaded.sample(tf.constant(x), num_samples=tf.constant(6))["logits"]
     assert samples.shape == (6, 2, 8, 8, 2)
-    if HAS_ONNX:
-        path = export.onnx(model, str(tmp_path / "m.onnx"), num_samples=4)
-        assert os.path.isfile(path)
+    path = export.onnx(model, str(tmp_path / "m.onnx"), num_samples=4)
+    assert os.path.isfile(path)
 
 
 def _prob_unet():
-    prob_unet_cls = getattr(tfp_seg.models, "ProbabilisticUNet", None)
-    if prob_unet_cls is None:
-        pytest.skip("tfp_seg.models.ProbabilisticUNet is not in this tree")
     keras.utils.set_random_seed(4)
-    model = prob_unet_cls(
+    model = ProbabilisticUNet(
         num_classes=NUM_CLASSES,
         latent_dim=2,
         backbone=UNet(base_filters=4, depth=1),
@@ -498,7 +546,6 @@ def test_saved_model_of_a_probabilistic_unet(tmp_path):
     assert a.shape == (n, 2, H, W, NUM_CLASSES) and np.abs(a - a[:1]).max() > 1e-4
 
 
-@pytest.mark.skipif(not HAS_ONNX, reason="needs the [onnx] extra")
 def test_onnx_of_a_probabilistic_unet(tmp_path):
     model = _prob_unet()
     x = _images(2, seed=12)
@@ -513,6 +560,174 @@ def test_onnx_of_a_probabilistic_unet(tmp_path):
         K_SIGMA * np.sqrt((onnx_samples.var(0) + keras_samples.var(0)) / len(onnx_samples)) + 1e-5
     )
     assert np.all(np.abs(onnx_samples.mean(0) - keras_samples.mean(0)) <= tolerance)
+
+
+def _softmax(logits):
+    return np.asarray(tf.nn.softmax(np.asarray(logits, np.float32), axis=-1), np.float64)
+
+
+def _assert_same_mean(samples, reference):
+    """Per-entry means of two sample sets `[n, ...]` agree within k * sqrt(s1^2/n1 + s2^2/n2)."""
+    tolerance = K_SIGMA * np.sqrt(samples.var(0) / len(samples) + reference.var(0) / len(reference))
+    assert np.all(np.abs(samples.mean(0) - reference.mean(0)) <= tolerance + 1e-5)
+
+
+def test_mc_dropout_exports_dropout_on_in_its_samples(tmp_path):
+    """An `MCDropout` sampler exports faithfully: fresh dropout masks per sample, the network
+    with dropout off in the deterministic outputs; its samples are distributed as Keras'."""
+    keras.utils.set_random_seed(5)
+    model = ProbabilisticSegmenter(
+        UNet(base_filters=4, depth=1, dropout=0.3), CategoricalLogits(NUM_CLASSES)
+    )
+    model.build((None, H, W, 1))
+    mc = MCDropout(model, num_samples=EXPORT_N)
+    x = _images(2, seed=14)
+    version_dir = export.saved_model(mc, str(tmp_path / "mc"), num_samples=EXPORT_N)
+    loaded = tf.saved_model.load(version_dir)
+    out = loaded.params(tf.constant(x))
+    np.testing.assert_allclose(out["mean_logits"], model(x, training=False), atol=ATOL)
+    assert '"MCDropout"' in tf.compat.as_str(out["head_config"].numpy())
+    n = 16 * EXPORT_N
+    seed = tf.constant(SEED, tf.int64)
+    samples = loaded.sample(tf.constant(x), num_samples=tf.constant(n), seed=seed)["logits"]
+    samples = samples.numpy()
+    again = loaded.sample(tf.constant(x), num_samples=tf.constant(n), seed=seed)["logits"]
+    np.testing.assert_array_equal(samples, again)  # seeded: reproducible
+    assert np.abs(samples - samples[:1]).max() > 1e-2  # ... and fresh masks in every sample
+    probs, reference = _softmax(samples), mc.probability_samples(x, n, seed=0)
+    _assert_same_mean(probs, reference)
+    spread = probs.var(0).sum() / reference.var(0).sum()
+    assert 0.7 < spread < 1.4, spread  # a plain (dropout-off) export has no spread at all
+    path = export.onnx(mc, str(tmp_path / "mc.onnx"), num_samples=EXPORT_N)
+    session = _onnx_session(path)
+    runs = [session.run(["logit_samples"], {"images": x})[0] for _ in range(n // EXPORT_N)]
+    onnx_probs = _softmax(np.concatenate(runs))
+    _assert_same_mean(onnx_probs, reference)
+    assert 0.7 < onnx_probs.var(0).sum() / reference.var(0).sum() < 1.4
+
+
+def test_mc_dropout_with_an_unexportable_dropout_layer_is_an_export_error(tmp_path):
+    keras.utils.set_random_seed(5)
+    backbone = keras.Sequential(
+        [keras.layers.Conv2D(4, 3, padding="same"), keras.layers.AlphaDropout(0.2)]
+    )
+    model = ProbabilisticSegmenter(backbone, CategoricalLogits(NUM_CLASSES))
+    model.build((None, H, W, 1))
+    with pytest.raises(export.ExportError, match="AlphaDropout"):
+        export.saved_model(MCDropout(model), str(tmp_path / "alpha" / "1"))
+    with pytest.raises(export.ExportError, match="AlphaDropout"):
+        export.onnx(MCDropout(model), str(tmp_path / "alpha.onnx"))
+    assert not (tmp_path / "alpha").exists() and not (tmp_path / "alpha.onnx").exists()
+
+
+def _ensemble_member(seed, head):
+    keras.utils.set_random_seed(seed)
+    backbone = keras.Sequential([keras.layers.Conv2D(4, 3, padding="same", activation="relu")])
+    member = ProbabilisticSegmenter(backbone, head)
+    member.build((None, H, W, 1))
+    return member
+
+
+def test_deep_ensemble_exports_every_member(tmp_path):
+    """Sample n from member n mod M, across the SavedModel's chunks (4 = chunk, M = 3)."""
+    ensemble = DeepEnsemble(
+        [_ensemble_member(10 + i, CategoricalLogits(NUM_CLASSES)) for i in range(3)]
+    )
+    x = _images(2, seed=15)
+    version_dir = export.saved_model(ensemble, str(tmp_path / "ens"), num_samples=4)
+    loaded = tf.saved_model.load(version_dir)
+    out = loaded.params(tf.constant(x))
+    member_logits = [m.head.mean_logits(m(x, training=False)) for m in ensemble.members]
+    np.testing.assert_allclose(out["mean_logits"], np.mean(member_logits, axis=0), atol=ATOL)
+    assert '"DeepEnsemble"' in tf.compat.as_str(out["head_config"].numpy())
+    n = 11
+    got = loaded.sample(tf.constant(x), num_samples=tf.constant(n))
+    np.testing.assert_allclose(got["logits"], ensemble.sample_logits(x, n), atol=ATOL)
+    np.testing.assert_array_equal(got["labels"], ensemble.sample(x, n))
+    default = loaded.serving_default(tf.constant(x), num_samples=tf.constant(6))
+    np.testing.assert_allclose(default["probabilities"], ensemble.predict_proba(x, 6), atol=ATOL)
+    path = export.onnx(ensemble, str(tmp_path / "ens.onnx"), num_samples=4)
+    names = [o.name for o in _onnx_session(path).get_outputs()]
+    onnx_out = dict(zip(names, _onnx_session(path).run(None, {"images": x}), strict=True))
+    np.testing.assert_allclose(onnx_out["logit_samples"], ensemble.sample_logits(x, 4), atol=ATOL)
+    np.testing.assert_allclose(onnx_out["probabilities"], ensemble.predict_proba(x, 4), atol=ATOL)
+
+
+def test_deep_ensemble_of_ssn_members_samples_each_members_head(tmp_path):
+    ensemble = DeepEnsemble(
+        [_ensemble_member(20 + i, LowRankLogits(NUM_CLASSES, rank=2)) for i in (0, 1)]
+    )
+    x = _images(2, seed=16)
+    version_dir = export.saved_model(ensemble, str(tmp_path / "ssn_ens"), num_samples=4)
+    loaded = tf.saved_model.load(version_dir)
+    n = 64
+    samples = loaded.sample(
+        tf.constant(x), num_samples=tf.constant(n), seed=tf.constant(SEED, tf.int64)
+    )["logits"].numpy()
+    for j, member in enumerate(ensemble.members):  # samples j, j + 2, ...: member j's draws
+        own = samples[j::2]
+        _assert_moments(own, member, x, antithetic=False)
+        _assert_no_mirrored_pairs(own[:8], member.head.mean_logits(member(x, training=False)))
+
+
+class _DynamicSizeBug(keras.layers.Layer):
+    """Traces with an unknown H, W into a bug of its own (not a need for a static size)."""
+
+    def call(self, x):
+        if x.shape[1] is None:
+            raise _ModelBug("bug in the dynamic-size branch")
+        return x
+
+
+class _ModelBug(Exception):
+    pass
+
+
+def test_trace_errors_with_dynamic_sizes_are_not_swallowed(tmp_path):
+    keras.utils.set_random_seed(7)
+    backbone = keras.Sequential([keras.layers.Conv2D(4, 3, padding="same"), _DynamicSizeBug()])
+    model = ProbabilisticSegmenter(backbone, CategoricalLogits(NUM_CLASSES))
+    model.build((None, H, W, 1))
+    with pytest.raises(_ModelBug, match="dynamic-size branch"):
+        export.saved_model(model, str(tmp_path / "bug" / "1"), num_samples=2)
+    with pytest.raises(_ModelBug, match="dynamic-size branch"):
+        export.onnx(model, str(tmp_path / "bug.onnx"), num_samples=2)
+    # A fixed size is still exported when asked for.
+    version_dir = export.saved_model(
+        model, str(tmp_path / "bug" / "1"), num_samples=2, dynamic_spatial=False
+    )
+    signature = tf.saved_model.load(version_dir).signatures["sample"]
+    assert signature.structured_input_signature[1]["images"].shape[1:] == [H, W, 1]
+
+
+def test_a_backbone_that_needs_a_static_size_exports_with_it():
+    """SegFormer's MiT cannot trace with unknown H, W (a TypeError): the fixed size is used."""
+    backbone = tfp_seg.models.build_backbone("segformer_mit_b0", input_shape=(64, 64, 1))
+    model = ProbabilisticSegmenter(backbone, LowRankLogits(NUM_CLASSES, rank=2))
+    model.build((None, 64, 64, 1))
+    spec = export._image_spec(export.as_adapter(model), None, num_samples=2)
+    assert spec.shape.as_list() == [None, 64, 64, 1]
+
+
+@pytest.mark.parametrize("error", [ValueError, TypeError])
+def test_genuine_trace_errors_surface_as_themselves(tmp_path, error):
+    """A model error while tracing is the model's, whatever the H/W: not swallowed by the
+    dynamic-size probe, and not reported as a tf2onnx conversion failure."""
+    model = keras.Sequential([keras.layers.Conv2D(2, 1)])
+    model.build((None, 8, 8, 1))
+
+    def sample_logits(x, n, seed):
+        raise error("genuine bug in sample_logits")
+
+    adapter = export.ExportAdapter.from_functions(
+        model, num_classes=2, sample_logits=sample_logits, mean_logits=model
+    )
+    with pytest.raises(error, match="genuine bug"):
+        export.saved_model(adapter, str(tmp_path / "m" / "1"), num_samples=2)
+    with pytest.raises(error, match="genuine bug") as info:
+        export.onnx(adapter, str(tmp_path / "m.onnx"), num_samples=2)
+    assert not isinstance(info.value, export.ExportError)
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m" / "1").exists()
 
 
 def test_as_adapter_rejects_unknown_models():
@@ -539,7 +754,6 @@ def test_parity_failures_raise(tmp_path):
     assert os.listdir(tmp_path / "noisy") == []  # no servable version left behind
 
 
-@pytest.mark.skipif(not HAS_ONNX, reason="needs the [onnx] extra")
 def test_onnx_detects_frozen_sampling_noise(tmp_path):
     model = keras.Sequential([keras.layers.Conv2D(2, 1)])
     model.build((None, 8, 8, 1))
@@ -556,7 +770,6 @@ def test_onnx_detects_frozen_sampling_noise(tmp_path):
         export.onnx(adapter, str(tmp_path / "frozen.onnx"), num_samples=2)
 
 
-@pytest.mark.skipif(not HAS_ONNX, reason="needs the [onnx] extra")
 def test_parity_failures_raise_onnx(tmp_path):
     with pytest.raises(export.ExportParityError, match="params"):
         export.onnx(_noisy_adapter(), str(tmp_path / "noisy.onnx"), num_samples=2)

@@ -221,13 +221,12 @@ def cmd_train(args) -> int:
 
     result = train(config)
     if config.export:
-        if config.head in ("ensemble", "mc_dropout"):
-            print(
-                f"export skipped: a {config.head} run samples over models or dropout masks; "
-                "export its members (tfp_seg.export.saved_model(member, ...)) individually"
-            )
-        else:
-            _export_saved_model(result["model"], config, os.path.basename(result["run_dir"]))
+        from tfp_seg.experiment import sampler_for
+
+        # The run's sampler, as evaluated: MC dropout keeps dropout on in the sampled
+        # signatures, an ensemble exports every member (tfp_seg.export.as_adapter).
+        sampler = sampler_for(result["model"], config)
+        _export_saved_model(sampler, config, os.path.basename(result["run_dir"]))
     return 0
 
 
@@ -294,7 +293,9 @@ def cmd_export(args) -> int:
     from tfp_seg.experiment import load_run
 
     run_dir, config = _run_dir_and_config(args.run)
-    model = _load(args.run, load_run)
+    # With the run's config: an MC-dropout run loads as its MCDropout sampler (an ensemble
+    # as its DeepEnsemble), which the exporters export faithfully, not as a plain network.
+    model = _load(args.run, load_run, config)
     name = os.path.basename(os.path.normpath(run_dir))
     if args.format == "saved_model":
         from tfp_seg import export

@@ -7,15 +7,23 @@ Both exporters take a Keras model and a path. They read the model through an
 state   = adapter.prepare(images)                 # the network, run once per request
 params  = adapter.params(state)                   # {name: tensor}: packed params, loc, ...
 mean    = adapter.mean_logits(state)              # [B, H, W, C], deterministic
-samples = adapter.sample_logits(state, N, seed)   # [N, B, H, W, C], export-safe ops
+samples = adapter.sample_logits(state, N, seed)   # [N, B, H, W, C], independent draws
+averaged = adapter.sample_logits_for_mean(state, N, seed)   # for Monte Carlo means only
 ```
 
 `as_adapter(model)` builds it for a model with a distribution head (`params = model(x)`,
-`model.head.sample_logits(params, N, seed=)`: `ProbabilisticSegmenter` with any head) or for
-a model that samples itself in graph-safe ops (`model.sample_logits_tensor(x, N, seed=)`, or
+`model.head.sample_logits(params, N, seed=)`: `ProbabilisticSegmenter` with any head), for
+the sampling baselines `tfp_seg.uncertainty.MCDropout` (dropout kept on in the sampled
+signatures) and `tfp_seg.uncertainty.DeepEnsemble` (every member in one graph), or for a
+model that samples itself in graph-safe ops (`model.sample_logits_tensor(x, N, seed=)`, or
 `_sample_logits_tensor` as `ProbabilisticUNet` has, or a `sample_logits` annotated
 `-> tf.Tensor`). Anything else can be exported by passing `ExportAdapter.from_functions(...)`
 in place of the model.
+
+Samples handed to a client (`sample`, `uncertainty`, ONNX `logit_samples`) are independent
+draws, as `model.sample` gives. Antithetic pairs (`mu +/- deviation`, the SSN head's default)
+are used only where they reduce the variance of an average: the `probabilities` of
+`serving_default`.
 
 #### SavedModel signatures (`saved_model`)
 
@@ -34,14 +42,19 @@ Sampling uses the head's export-safe `sample_logits` with a stateless seed: the 
 one drawn with `tf.random.uniform` per request when none is given. Samples are drawn in chunks
 of the export-time `num_samples` (chunk `i > 0` uses `stateless_fold_in(seed, i)`), so a seeded
 request with `num_samples` equal to the export value reproduces
-`head.sample_logits(params, num_samples, seed=seed)` exactly.
+`head.sample_logits(params, num_samples, seed=seed, antithetic=False)` exactly (`sample`,
+`uncertainty`: independent draws), and `serving_default`'s probabilities are the mean softmax
+of `head.sample_logits(params, num_samples, seed=seed)` with the head's own antithetic default
+(SSN: mirrored pairs, a lower-variance mean; for an even `num_samples`).
 
 #### ONNX graph (`onnx`)
 
 One graph, input `images`, dynamic batch, `num_samples` fixed at export; sampling with
 `tf.random.uniform` (ONNX `RandomUniformLike`): outputs the `params` signature's tensors (no
 string), `probabilities`, `labels`, `logit_samples [N,B,H,W,C]`, `label_samples [N,B,H,W]` and
-the uncertainty maps. The head config is in the model's `metadata_props["tfp_seg"]`.
+the uncertainty maps. All sampled outputs of one run come from the same N independent draws
+(`probabilities` is the mean softmax of that run's `logit_samples`). The head config is in the
+model's `metadata_props["tfp_seg"]`.
 
 Both exporters reload what they wrote and raise `ExportParityError` when the deterministic
 outputs differ from the Keras model's by more than `atol`, before anything reaches `path`:
@@ -108,8 +121,11 @@ class ExportAdapter:
     Subclasses (or `ExportAdapter.from_functions`) provide `prepare`, `params`, `mean_logits`
     and `sample_logits` in graph-safe TensorFlow ops; `sample_logits` must accept a Python int
     `num_samples` and a `seed` that is None (stateful `tf.random` ops) or an int64 `[2]`
-    tensor (stateless, reproducible). `trackable` is the object that owns the variables (the
-    Keras model); it is stored on the exported module.
+    tensor (stateless, reproducible), and return independent draws: they are what a client of
+    the `sample` signature (or ONNX `logit_samples`) gets. `sample_logits_for_mean` may return
+    correlated draws with the same marginals (antithetic pairs) for Monte Carlo means; by
+    default it is `sample_logits`. `trackable` is the object that owns the variables (the
+    Keras model); its variables (`variables()`) are stored on the exported module.
 
     Args:
       trackable: the Keras model (or any `tf.Module`) holding the weights.
@@ -143,12 +159,33 @@ class ExportAdapter:
         raise NotImplementedError
 
     def sample_logits(self, state, num_samples: int, seed=None) -> tf.Tensor:
-        """Logit samples `[num_samples, B, H, W, C]` in export-safe ops."""
+        """Independent logit samples `[num_samples, B, H, W, C]` in export-safe ops."""
         raise NotImplementedError
+
+    def sample_logits_for_mean(self, state, num_samples: int, seed=None) -> tf.Tensor:
+        """Logit samples `[num_samples, B, H, W, C]` whose softmax is averaged (the
+        `probabilities` of `serving_default`): any draws with the right marginals, e.g.
+        antithetic pairs. Default: `sample_logits`."""
+        return self.sample_logits(state, num_samples, seed=seed)
+
+    def sample_chunk(self, state, num_samples: int, seed, start, for_mean: bool = False):
+        """Samples `start, ..., start + num_samples - 1` of one request (`start`: an int32
+        scalar tensor), as the SavedModel signatures draw them chunk by chunk. The default
+        ignores `start`; samplers whose draw depends on the sample's index (a deep ensemble
+        draws sample `n` from member `n mod M`) override it, with `start = 0` equal to
+        `sample_logits` / `sample_logits_for_mean`."""
+        del start
+        if for_mean:
+            return self.sample_logits_for_mean(state, num_samples, seed=seed)
+        return self.sample_logits(state, num_samples, seed=seed)
 
     def logit_variance(self, state) -> Optional[tf.Tensor]:
         """Analytic per-logit variance `[B, H, W, C]`, or None when unknown (used by checks)."""
         return None
+
+    def variables(self) -> list:
+        """The variables the exported graphs read (default: `trackable.variables`)."""
+        return _variables_of(self.trackable)
 
     @classmethod
     def from_functions(
@@ -167,8 +204,8 @@ class ExportAdapter:
         Args:
           trackable: the Keras model (or `tf.Module`) that owns the functions' variables.
           num_classes: C.
-          sample_logits: `(images, num_samples: int, seed) -> [N, B, H, W, C]`; `seed` is None
-            or an int64 `[2]` tensor.
+          sample_logits: `(images, num_samples: int, seed) -> [N, B, H, W, C]`, independent
+            draws; `seed` is None or an int64 `[2]` tensor.
           mean_logits: `images -> [B, H, W, C]`.
           params: `images -> {name: tensor}` (default: `{"mean_logits": mean_logits}`).
           config: JSON-serialisable description (the `head_config` output).
@@ -221,7 +258,18 @@ class _HeadAdapter(ExportAdapter):
         return self.head.mean_logits(state)
 
     def sample_logits(self, state, num_samples, seed=None):
-        return self.head.sample_logits(state, num_samples, seed=seed)
+        # Independent draws whatever the head's default (the SSN head's is antithetic pairs,
+        # whose second half mirrors the first: N requested samples would be N/2 draws).
+        return self.head.sample_logits(state, num_samples, seed=seed, antithetic=False)
+
+    def sample_logits_for_mean(self, state, num_samples, seed=None):
+        # The head's rule for Monte Carlo means (`head.mean_probabilities`): its antithetic
+        # default when `num_samples` is even, independent draws otherwise.
+        mean_sampling = getattr(self.head, "_mean_sampling", None)
+        antithetic = False
+        if callable(mean_sampling):
+            num_samples, antithetic = mean_sampling(num_samples)
+        return self.head.sample_logits(state, num_samples, seed=seed, antithetic=antithetic)
 
     def logit_variance(self, state):
         if hasattr(self.head, "covariance_parts"):
@@ -267,13 +315,336 @@ class _FunctionAdapter(ExportAdapter):
         return None if self._variance_fn is None else self._variance_fn(state)
 
 
+def _fold_seed(seed, salt: int):
+    """A distinct stateless seed per salt (None stays None: stateful sampling)."""
+    if seed is None:
+        return None
+    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), salt)
+
+
+def _distribution_head(model):
+    from tfp_seg.layers.base import DistributionHead
+
+    head = getattr(model, "head", None)
+    return head if isinstance(head, DistributionHead) else None
+
+
+def _head_config(head) -> dict:
+    import keras
+
+    return {
+        "head": json.loads(json.dumps(keras.saving.serialize_keras_object(head), default=str)),
+        "num_classes": int(head.num_classes),
+        "params_size": int(head.params_size),
+    }
+
+
+def _num_classes_of(model, what: str) -> int:
+    """C of a model with a distribution head, or of one whose output is the logits."""
+    head = _distribution_head(model)
+    if head is not None:
+        return int(head.num_classes)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is None:
+        try:
+            num_classes = model.outputs[0].shape[-1]
+        except (AttributeError, IndexError, TypeError, ValueError):
+            num_classes = None
+    if num_classes is None:
+        raise ExportError(
+            f"Cannot export {what}: its model {type(model).__name__} has no tfp_seg "
+            "DistributionHead `.head` and no known number of output logits (`num_classes`)."
+        )
+    return int(num_classes)
+
+
+def _logit_samples_of(model, output, num_samples: int, seed, head_sampling: bool):
+    """`num_samples` logit maps `[N, B, H, W, C]` from one forward pass's output, as
+    `tfp_seg.uncertainty` samples a member / pass: the head's independent draws, or its mean
+    logits (the output itself for a model without a head) repeated."""
+    head = _distribution_head(model)
+    if head is not None:
+        if head_sampling:
+            return head.sample_logits(output, num_samples, seed=seed, antithetic=False)
+        logits = head.mean_logits(output)
+    else:
+        logits = output
+    logits = tf.cast(logits, tf.float32)
+    return tf.repeat(logits[tf.newaxis], num_samples, axis=0)
+
+
+def _mean_logits_of(model, output):
+    head = _distribution_head(model)
+    return head.mean_logits(output) if head is not None else output
+
+
+def _dropout_sampler(layer, seed):
+    """A graph-safe replacement of a dropout layer's `call`, always active (MC dropout).
+
+    `seed` None draws the masks with the stateful `tf.random.uniform` (fresh per run; ONNX
+    `RandomUniformLike`), an int64 `[2]` seed with `tf.random.stateless_uniform`
+    (reproducible): unlike Keras' own dropout, no seed-generator variable is updated, so the
+    exported graph is stateless and converts to ONNX.
+    """
+    import keras
+
+    rate = float(layer.rate)
+    gaussian = getattr(keras.layers, "GaussianDropout", None)
+    is_gaussian = gaussian is not None and isinstance(layer, gaussian)
+
+    def call(inputs, *args, training=None, **kwargs):
+        del args, training, kwargs
+        inputs = tf.convert_to_tensor(inputs)
+        if rate <= 0.0:
+            return inputs
+        if is_gaussian:
+            stddev = float(np.sqrt(rate / (1.0 - rate)))
+            noise = dists.standard_normal(tf.shape(inputs), seed, tf.float32)
+            return inputs * tf.cast(1.0 + stddev * noise, inputs.dtype)
+        if rate >= 1.0:
+            return tf.zeros_like(inputs)
+        get_noise_shape = getattr(layer, "_get_noise_shape", None)  # SpatialDropout*
+        noise_shape = get_noise_shape(inputs) if callable(get_noise_shape) else layer.noise_shape
+        dynamic = tf.shape(inputs)
+        if noise_shape is None:
+            shape = dynamic
+        else:
+            shape = tf.stack(
+                [
+                    dynamic[i] if d is None else tf.cast(d, tf.int32)
+                    for i, d in enumerate(noise_shape)
+                ]
+            )
+        if seed is None:
+            u = tf.random.uniform(shape, dtype=tf.float32)
+        else:
+            u = tf.random.stateless_uniform(shape, seed=seed, dtype=tf.float32)
+        keep = tf.cast(u >= rate, inputs.dtype)  # Keras' rule: keep with probability 1 - rate
+        return inputs * keep / tf.cast(1.0 - rate, inputs.dtype)
+
+    return call
+
+
+class _SampledDropout:
+    """Context manager: every layer of `layers` runs `_dropout_sampler`, whatever `training`.
+
+    Active while a graph is traced (and for the eager reference of the parity checks); each
+    layer's bound `call` is shadowed by an instance attribute and restored on exit.
+    """
+
+    def __init__(self, layers, seed):
+        self.layers = list(layers)
+        self.seed = seed
+
+    def __enter__(self):
+        for layer in self.layers:
+            if "call" in layer.__dict__:
+                raise ExportError(
+                    f"Cannot export MC dropout: layer {layer.name!r} is already patched "
+                    "(is a tfp_seg.uncertainty.MCDropout sampling it right now?)."
+                )
+        for j, layer in enumerate(self.layers):
+            object.__setattr__(layer, "call", _dropout_sampler(layer, _fold_seed(self.seed, j + 1)))
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            if "call" in layer.__dict__:
+                object.__delattr__(layer, "call")
+        return False
+
+
+class _MCDropoutAdapter(ExportAdapter):
+    """`tfp_seg.uncertainty.MCDropout`: dropout on in the sampled outputs, off elsewhere.
+
+    Sample `n` is one forward pass with its own dropout masks (all N passes of a chunk run
+    as one batch of `N * B` images: the masks are per example) and, with `head_sampling`,
+    one independent draw of the head's distribution, as `MCDropout.sample_logits` does. The
+    deterministic outputs (`params`, `mean_logits`) are the network with dropout off.
+    Seeded requests are reproducible, but draw other masks than `MCDropout(seed=...)`.
+    """
+
+    def __init__(self, sampler, image_shape=None):
+        import keras
+
+        model = sampler.model
+        self.model = model
+        self.head = _distribution_head(model)
+        self.head_sampling = bool(sampler.head_sampling)
+        self.dropout_layers = list(sampler.dropout_layers)
+        supported = tuple(
+            t
+            for t in (keras.layers.Dropout, getattr(keras.layers, "GaussianDropout", None))
+            if t is not None
+        )
+        unsupported = [layer for layer in self.dropout_layers if not isinstance(layer, supported)]
+        if unsupported:
+            names = ", ".join(f"{layer.name} ({type(layer).__name__})" for layer in unsupported)
+            raise ExportError(
+                f"Cannot export MC dropout over {type(model).__name__}: dropout layers {names} "
+                "have no graph-safe export (supported: Dropout, SpatialDropout1D/2D/3D, "
+                "GaussianDropout). Export the deterministic network instead: "
+                "tfp_seg.export.saved_model(mc_dropout.model, ...)."
+            )
+        num_classes = _num_classes_of(model, "MC dropout")
+        config = {
+            "format": "tfp_seg.export/1",
+            "model": "MCDropout",
+            "network": type(model).__name__,
+            "num_classes": num_classes,
+            "head_sampling": self.head_sampling,
+            "dropout_layers": [
+                {"name": layer.name, "class": type(layer).__name__, "rate": float(layer.rate)}
+                for layer in self.dropout_layers
+            ],
+            "sampling": "sample n: one forward pass with dropout on (fresh masks)"
+            + (" and one draw of the head" if self.head is not None and self.head_sampling else ""),
+            "params_note": "params and mean_logits: the network with dropout off",
+        }
+        if self.head is not None:
+            config.update(_head_config(self.head))
+        super().__init__(model, num_classes, config, image_shape or _model_image_shape(model))
+
+    def prepare(self, images):
+        return images, self.model(images, training=False)
+
+    def params(self, state):
+        output = state[1]
+        out = {"params": tf.identity(output), "mean_logits": _mean_logits_of(self.model, output)}
+        if self.head is not None and hasattr(self.head, "covariance_parts"):
+            loc, factor, diag = self.head.covariance_parts(output)
+            out.update(loc=loc, cov_factor=factor, cov_diag=diag)
+        return out
+
+    def mean_logits(self, state):
+        return _mean_logits_of(self.model, state[1])
+
+    def sample_logits(self, state, num_samples, seed=None):
+        images = state[0]
+        tiled = tf.tile(images, [num_samples, 1, 1, 1])  # pass n, image b at n * B + b
+        with _SampledDropout(self.dropout_layers, seed):
+            output = self.model(tiled, training=False)
+        logits = _logit_samples_of(self.model, output, 1, _fold_seed(seed, 0), self.head_sampling)
+        logits = tf.cast(logits[0], tf.float32)
+        shape = tf.concat([[num_samples, tf.shape(images)[0]], tf.shape(logits)[1:]], 0)
+        return tf.reshape(logits, shape)
+
+
+class _EnsembleAdapter(ExportAdapter):
+    """`tfp_seg.uncertainty.DeepEnsemble`: all members in one graph.
+
+    Sample `n` of a request is a draw of member `n mod M` (its head's independent draw with
+    `head_sampling`, else its mean logits), as `DeepEnsemble.sample_logits` assigns them, across
+    the SavedModel's sampling chunks too. `params` concatenates the members' packed outputs
+    on the last axis; `mean_logits` is the mean of the members' mean logits, i.e. the mean of
+    the ensemble's logit distribution.
+    """
+
+    def __init__(self, ensemble, image_shape=None):
+        members = list(ensemble.members)
+        self.members = members
+        self.head_sampling = bool(ensemble.head_sampling)
+        sizes = [_num_classes_of(member, "the DeepEnsemble") for member in members]
+        if len(set(sizes)) != 1:
+            raise ExportError(
+                f"Cannot export a DeepEnsemble whose members predict different numbers of "
+                f"classes ({sizes})."
+            )
+        members_config = []
+        for i, member in enumerate(members):
+            head = _distribution_head(member)
+            entry = {"member": i, "model": type(member).__name__}
+            if head is not None:
+                entry.update(_head_config(head))
+            members_config.append(entry)
+        config = {
+            "format": "tfp_seg.export/1",
+            "model": "DeepEnsemble",
+            "num_members": len(members),
+            "num_classes": sizes[0],
+            "head_sampling": self.head_sampling,
+            "members": members_config,
+            "sampling": "sample n: a draw of member n mod num_members",
+            "params_note": "params: the members' packed outputs concatenated on the last axis; "
+            "mean_logits: the mean of the members' mean logits",
+        }
+        shape = image_shape or _model_image_shape(members[0])
+        super().__init__(ensemble, sizes[0], config, shape)
+
+    def variables(self):
+        seen, out = set(), []
+        for member in self.members:
+            for variable in _variables_of(member):
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    out.append(variable)
+        return out
+
+    def prepare(self, images):
+        return tuple(member(images, training=False) for member in self.members)
+
+    def params(self, state):
+        return {
+            "params": tf.concat([tf.cast(o, tf.float32) for o in state], axis=-1),
+            "mean_logits": self.mean_logits(state),
+        }
+
+    def mean_logits(self, state):
+        logits = [
+            tf.cast(_mean_logits_of(member, output), tf.float32)
+            for member, output in zip(self.members, state, strict=True)
+        ]
+        return tf.add_n(logits) / float(len(logits))
+
+    def sample_logits(self, state, num_samples, seed=None):
+        return self._draw(state, num_samples, seed, 0)
+
+    def sample_chunk(self, state, num_samples, seed, start, for_mean=False):
+        return self._draw(state, num_samples, seed, start)
+
+    def _draw(self, state, num_samples, seed, start):
+        m = len(self.members)
+        per_member = -(-num_samples // m)  # any N consecutive samples hold <= ceil(N/M) per member
+        draws = tf.concat(
+            [
+                tf.cast(
+                    _logit_samples_of(
+                        member, output, per_member, _fold_seed(seed, j), self.head_sampling
+                    ),
+                    tf.float32,
+                )
+                for j, (member, output) in enumerate(zip(self.members, state, strict=True))
+            ],
+            axis=0,
+        )  # member j's draws at j * per_member + k
+        # Global sample g = start + i comes from member g mod M, as that member's
+        # (g // M - first)-th draw of this chunk.
+        if isinstance(start, (int, np.integer)):
+            g = np.arange(num_samples) + int(start)
+            q, r = divmod(int(start), m)
+            j = g % m
+            index = j * per_member + g // m - q - (j < r)
+            return tf.gather(draws, tf.constant(index, tf.int32))
+        start = tf.cast(start, tf.int32)
+        g = start + tf.range(num_samples, dtype=tf.int32)
+        j = tf.math.floormod(g, m)
+        local = tf.math.floordiv(g, m) - tf.math.floordiv(start, m)
+        local -= tf.cast(j < tf.math.floormod(start, m), tf.int32)
+        return tf.gather(draws, j * per_member + local)
+
+
 def as_adapter(model, image_shape: Optional[Sequence[Optional[int]]] = None) -> ExportAdapter:
     """The `ExportAdapter` of `model` (returned unchanged if it already is one).
 
     Recognised, in order:
       1. a model with a `head` that is a `tfp_seg.layers.DistributionHead` and
          `model(x) -> params` (`ProbabilisticSegmenter`, any head);
-      2. a model with `num_classes` that samples itself in graph-safe ops:
+      2. `tfp_seg.uncertainty.MCDropout`: the sampled outputs are forward passes with the
+         dropout layers on (Dropout, SpatialDropout*, GaussianDropout; others raise
+         `ExportError`), the deterministic ones the network with dropout off;
+      3. `tfp_seg.uncertainty.DeepEnsemble`: every member in the graph, sample `n` from member
+         `n mod M`;
+      4. a model with `num_classes` that samples itself in graph-safe ops:
          `sample_logits_tensor(x, N, seed=None)` (or `_sample_logits_tensor`, as
          `ProbabilisticUNet`), or a `sample_logits` annotated `-> tf.Tensor`; its deterministic
          output is `mean_logits(x)` / `mean_logits_tensor(x)` if defined, else `model(x)`
@@ -285,9 +656,14 @@ def as_adapter(model, image_shape: Optional[Sequence[Optional[int]]] = None) -> 
             model.image_shape = tuple(image_shape)
         return model
     from tfp_seg.layers.base import DistributionHead
+    from tfp_seg.uncertainty import DeepEnsemble, MCDropout
 
     if isinstance(getattr(model, "head", None), DistributionHead):
         return _HeadAdapter(model, image_shape)
+    if isinstance(model, MCDropout):
+        return _MCDropoutAdapter(model, image_shape)
+    if isinstance(model, DeepEnsemble):
+        return _EnsembleAdapter(model, image_shape)
     num_classes = getattr(model, "num_classes", None)
     sample_fn = getattr(model, "sample_logits_tensor", None) or getattr(
         model, "_sample_logits_tensor", None
@@ -311,7 +687,9 @@ def as_adapter(model, image_shape: Optional[Sequence[Optional[int]]] = None) -> 
             config["model_config"] = json.loads(
                 json.dumps(keras.saving.serialize_keras_object(model), default=str)
             )
-        except Exception:  # the config is informative only
+        except (NotImplementedError, TypeError, ValueError):
+            # The config is informative only; models without a serialisable `get_config`
+            # (Keras raises NotImplementedError or TypeError) export without it.
             pass
         return _FunctionAdapter(
             model,
@@ -410,8 +788,14 @@ def _resolve_seed(seed: tf.Tensor) -> tf.Tensor:
     return tf.reshape(seed, [2])
 
 
-def _chunked_samples(adapter, state, num_samples, seed, chunk: int, max_num_samples: int):
-    """`[num_samples, B, H, W, C]` for a tensor `num_samples`, in chunks of `chunk` samples."""
+def _chunked_samples(
+    adapter, state, num_samples, seed, chunk: int, max_num_samples: int, for_mean: bool = False
+):
+    """`[num_samples, B, H, W, C]` for a tensor `num_samples`, in chunks of `chunk` samples.
+
+    Independent draws (`adapter.sample_logits`), or with `for_mean` the draws for a Monte
+    Carlo mean (`adapter.sample_logits_for_mean`: antithetic pairs for the SSN head).
+    """
     num_samples = tf.cast(num_samples, tf.int32)
     checks = [
         tf.debugging.assert_positive(num_samples, message="`num_samples` must be >= 1"),
@@ -431,7 +815,7 @@ def _chunked_samples(adapter, state, num_samples, seed, chunk: int, max_num_samp
             lambda: seed,
             lambda: tf.random.experimental.stateless_fold_in(seed, tf.cast(i, tf.int64)),
         )
-        samples = adapter.sample_logits(state, chunk, seed=chunk_seed)
+        samples = adapter.sample_chunk(state, chunk, chunk_seed, i * chunk, for_mean=for_mean)
         return i + 1, array.write(i, tf.cast(samples, tf.float32))
 
     array = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False)
@@ -472,7 +856,8 @@ class ServingModule(tf.Module):
         default_seed = tf.constant([], tf.int64)
 
         def serving_default(images, num_samples=default_n, seed=default_seed):
-            samples = self._samples(images, num_samples, seed)
+            # A Monte Carlo mean: antithetic pairs where the head uses them for its means.
+            samples = self._samples(images, num_samples, seed, for_mean=True)
             probabilities = dists.mean_softmax(samples)
             return {
                 "probabilities": probabilities,
@@ -480,13 +865,14 @@ class ServingModule(tf.Module):
             }
 
         def sample(images, num_samples=default_n, seed=default_seed):
-            samples = self._samples(images, num_samples, seed)
+            samples = self._samples(images, num_samples, seed)  # independent draws
             return {
                 "labels": dists.argmax_classes(samples),
                 "logits": samples,
             }
 
         def uncertainty(images, num_samples=default_n, seed=default_seed):
+            # Independent draws: `variance` is the unbiased sample variance only for those.
             return uncertainty_maps(self._samples(images, num_samples, seed))
 
         def params(images):
@@ -507,11 +893,13 @@ class ServingModule(tf.Module):
         # Track the weights as plain tf.Variables, as keras' ExportArchive does. Tracking the
         # Keras model (or its Keras variables) instead writes a SavedModel that loads in TF2
         # but whose variables a TF1 session loader - TF Serving's - cannot find.
-        self.model_variables = [_tf_variable(v) for v in _variables_of(adapter.trackable)]
+        self.model_variables = [_tf_variable(v) for v in adapter.variables()]
 
-    def _samples(self, images, num_samples, seed):
+    def _samples(self, images, num_samples, seed, for_mean=False):
         state = self._adapter.prepare(images)
-        samples = _chunked_samples(self._adapter, state, num_samples, seed, self._chunk, self._max)
+        samples = _chunked_samples(
+            self._adapter, state, num_samples, seed, self._chunk, self._max, for_mean
+        )
         h, w = self._spatial
         return tf.ensure_shape(samples, [None, None, h, w, self._adapter.num_classes])
 
@@ -535,16 +923,20 @@ def saved_model(
     """Export `model` as a SavedModel for TF Serving, `<base>/<version>/`, and check it.
 
     Args:
-      model: a `ProbabilisticSegmenter` (any head), a model that samples itself, or an
-        `ExportAdapter` (see `as_adapter`).
+      model: a `ProbabilisticSegmenter` (any head), a `tfp_seg.uncertainty.MCDropout` or
+        `DeepEnsemble`, a model that samples itself, or an `ExportAdapter` (see `as_adapter`).
       export_dir: `"savedmodels/<name>/<version>"` (integer version, TF Serving's layout), or
         `"savedmodels/<name>"` to write the next free version (1 if none).
       num_samples: default N of the sampled signatures, and the sampling chunk: a seeded
-        request for exactly N samples reproduces `head.sample_logits(params, N, seed=seed)`.
-        Must be even for antithetic heads.
+        `sample` request for exactly N samples reproduces
+        `head.sample_logits(params, N, seed=seed, antithetic=False)` (independent draws);
+        `serving_default` averages `head.sample_logits(params, N, seed=seed)` (the head's
+        antithetic default, for even N).
       image_shape: `(H, W, channels)`; default: the shape the model was built for.
       dynamic_spatial: export with dynamic H/W (True), the fixed `image_shape` (False), or try
-        dynamic and fall back to fixed when the model cannot trace it (None).
+        dynamic and fall back to fixed when the model needs a static size (None): when its
+        trace with unknown H, W fails with a TypeError or ValueError and the fixed-size trace
+        does not. Any other error of the model's trace is raised.
       max_num_samples: requests for more samples fail with INVALID_ARGUMENT.
       overwrite: replace an existing version directory.
       check: reload the SavedModel and compare its `params` outputs and a seeded `sample`
@@ -642,6 +1034,18 @@ def _check_saved_model(adapter, export_dir, images, num_samples, atol):
     _assert_close(
         "SavedModel sample/logits (seeded)", np.asarray(sampled["logits"]), reference, atol
     )
+    reference = np.asarray(
+        dists.mean_softmax(adapter.sample_logits_for_mean(state, num_samples, seed=seed))
+    )
+    averaged = loaded.signatures["serving_default"](
+        images=tf.constant(images), num_samples=tf.constant(num_samples), seed=seed
+    )
+    _assert_close(
+        "SavedModel serving_default/probabilities (seeded)",
+        np.asarray(averaged["probabilities"]),
+        reference,
+        atol,
+    )
 
 
 # ============================================================================================
@@ -662,10 +1066,12 @@ def onnx(
 
     The graph takes `images` float32 `[B, H, W, channels]` (dynamic B) and returns the
     deterministic parameters (`params`, `mean_logits`, and `loc`, `cov_factor`, `cov_diag` for
-    heads with a covariance), `num_samples` logit samples (Box-Muller on ONNX
+    heads with a covariance), `num_samples` independent logit samples (Box-Muller on ONNX
     `RandomUniformLike`; `logit_samples [N, B, H, W, C]`, `label_samples [N, B, H, W]` int32),
     their mean `probabilities [B, H, W, C]`, `labels [B, H, W]` int32 and the uncertainty maps
     (`predictive_entropy`, `expected_entropy`, `mutual_information`, `variance`, `[B, H, W]`).
+    Every sampled output of a run is computed from that run's `logit_samples` (no antithetic
+    pairs: they are what a client sees).
 
     The converted graph is loaded and run in onnxruntime before it is written: its
     deterministic outputs must match the Keras model within `atol`, and its samples must vary
@@ -701,6 +1107,7 @@ def onnx(
         state = adapter.prepare(images)
         out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
         out["mean_logits"] = tf.cast(adapter.mean_logits(state), tf.float32)
+        # Independent draws: the same samples feed `logit_samples` and the averages.
         samples = tf.cast(adapter.sample_logits(state, num_samples, seed=None), tf.float32)
         probabilities = dists.mean_softmax(samples)
         out.update(
@@ -713,11 +1120,14 @@ def onnx(
         return out
 
     path = os.fspath(path)
+    # Trace here, outside the conversion's error handling: an error of the model itself
+    # surfaces as what it is, not as a conversion failure.
+    graph.get_concrete_function()
     try:
         model_proto, _ = tf2onnx.convert.from_function(
             graph, input_signature=[images_spec], opset=opset
         )
-    except Exception as err:  # tf2onnx raises many types
+    except Exception as err:  # tf2onnx raises many types; the cause is chained
         raise ExportError(
             f"tf2onnx could not convert {type(adapter.trackable).__name__}: {err}"
         ) from err
@@ -731,7 +1141,7 @@ def onnx(
     try:
         onnx_lib.checker.check_model(model_proto)
         session = onnxruntime.InferenceSession(serialized, providers=["CPUExecutionProvider"])
-    except Exception as err:
+    except (onnx_lib.checker.ValidationError, ValueError, *_onnxruntime_errors()) as err:
         raise ExportError(
             f"tf2onnx produced a graph that does not load in onnxruntime (not written to "
             f"{path}): {err}"
@@ -749,7 +1159,7 @@ def _check_onnx(adapter, session, images, atol, path, num_samples):
     try:
         first = dict(zip(names, session.run(None, {"images": images}), strict=True))
         (second,) = session.run(["logit_samples"], {"images": images})
-    except Exception as err:
+    except _onnxruntime_errors() as err:
         raise ExportError(f"The ONNX graph for {path} fails to run in onnxruntime: {err}") from err
     state = adapter.prepare(tf.constant(images))
     expected = {k: np.asarray(v) for k, v in adapter.params(state).items()}
@@ -763,6 +1173,19 @@ def _check_onnx(adapter, session, images, atol, path, num_samples):
                 "are not: the sampling noise was frozen into a constant (sample with "
                 "tf.random ops, not keras.random.normal)."
             )
+
+
+def _onnxruntime_errors() -> tuple:
+    """The exception types onnxruntime raises (its own `Fail`, `InvalidGraph`, ... derive
+    from `Exception` directly; pybind11 turns other C++ errors into `RuntimeError`)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    own = tuple(
+        value
+        for value in vars(state).values()
+        if isinstance(value, type) and issubclass(value, Exception)
+    )
+    return (RuntimeError, *own)
 
 
 def _is_stochastic(adapter, state, num_samples) -> bool:
@@ -823,6 +1246,11 @@ def _version_dir(export_dir: str) -> str:
     return os.path.join(export_dir, str(max(versions, default=0) + 1))
 
 
+# The exception types by which a trace with unknown H, W fails when the graph needs a static
+# size (OperatorNotAllowedInGraphError is a TypeError).
+_STATIC_SHAPE_ERRORS = (TypeError, ValueError)
+
+
 def _image_spec(adapter: ExportAdapter, dynamic_spatial, num_samples) -> tf.TensorSpec:
     shape = adapter.image_shape
     if shape is None or len(shape) != 3 or shape[-1] is None:
@@ -839,15 +1267,25 @@ def _image_spec(adapter: ExportAdapter, dynamic_spatial, num_samples) -> tf.Tens
     if dynamic_spatial is True or None in shape[:2]:
         return dynamic
 
-    def trace(images):
-        state = adapter.prepare(images)
-        return adapter.mean_logits(state), adapter.sample_logits(state, num_samples, seed=None)
+    def trace(spec):
+        def run(images):
+            state = adapter.prepare(images)
+            return adapter.mean_logits(state), adapter.sample_logits(state, num_samples)
+
+        tf.function(run, autograph=False).get_concrete_function(spec)
 
     try:
-        tf.function(trace, autograph=False).get_concrete_function(dynamic)
+        trace(dynamic)
         return dynamic
-    except Exception:  # any trace failure means "not with dynamic H/W"
-        return fixed
+    except _STATIC_SHAPE_ERRORS:
+        # Layers that need a static H, W fail to trace with unknown ones with a TypeError
+        # (Keras' bilinear UpSampling2D tests a symbolic shape in Python:
+        # OperatorNotAllowedInGraphError; keras-hub's MiT multiplies `None` sizes) or a
+        # ValueError (shape inference). Such an error is the dynamic size's only if the
+        # fixed-size trace succeeds; if that fails too, its error is the model's own and
+        # propagates (with the dynamic one as context). Other types always propagate.
+        trace(fixed)
+    return fixed
 
 
 def _check_images(images, spec: tf.TensorSpec, known_shape=None) -> np.ndarray:

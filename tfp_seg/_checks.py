@@ -8,9 +8,66 @@ skipped when the caller passes `validate_args=False`.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import tensorflow as tf
+
+
+def positive_int(
+    value: Any,
+    name: str,
+    minimum: int = 1,
+    optional: bool = False,
+    *,
+    message: Optional[str] = None,
+):
+    """`value` as an int >= `minimum` (Python or NumPy integer, not bool), else `ValueError`.
+
+    The one integer-count check of the package: `minimum=1` says "a positive int",
+    another minimum "an int >= minimum"; `optional=True` also accepts (and returns) None.
+
+    The error reads "`name` must be <what>; got <value>.". `message` replaces it where a public
+    message predates this check: a format string with the fields `name`, `value` (its repr),
+    `minimum` and `what` ("a positive int", "an int >= 2", "None or a positive int").
+    """
+    if optional and value is None:
+        return None
+    if (
+        isinstance(value, (bool, np.bool_))
+        or not isinstance(value, (int, np.integer))
+        or value < minimum
+    ):
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        if optional:
+            what = f"None or {what}"
+        if message is None:
+            message = "`{name}` must be {what}; got {value}."
+        raise ValueError(
+            message.format(name=name, value=repr(value), minimum=minimum, what=what)
+        )
+    return int(value)
+
+
+def check_num_samples(num_samples: Any, antithetic: bool) -> int:
+    """Validate a Python sample count N >= 1 (even with antithetic sampling: mirrored pairs).
+
+    Values that convert with `int()` (NumPy and eager scalar tensors) are accepted.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int):
+        try:
+            num_samples = int(num_samples)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`num_samples` must be a positive int; got {num_samples!r}."
+            ) from None
+    num_samples = positive_int(num_samples, "num_samples")
+    if antithetic and num_samples % 2:
+        raise ValueError(
+            f"`num_samples` must be even with antithetic=True (samples come in mirrored "
+            f"pairs); got {num_samples}."
+        )
+    return num_samples
 
 
 def shape_str(x) -> str:

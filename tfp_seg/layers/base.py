@@ -3,20 +3,25 @@
 A head is a Keras layer `features [B, H, W, F] -> params [B, H, W, params_size]` plus pure
 functions of those parameters: `distribution(params)` (a TFP distribution over logits with
 batch `[B]` and event `[H, W, C]`), `sample_logits(params, N)` (`[N, B, H, W, C]` in
-export-safe ops), `mean_logits(params)` and `default_loss()`. The parameter functions use only
-the head's configuration, never its weights, so losses and exporters can rebuild them from a
-config. This is TFP's `params_size` / `new` convention (`tfp.layers.DistributionLambda`)
-adapted to Keras 3, whose models must output tensors.
+export-safe ops), `mean_logits(params)`, and the declared name of its likelihood
+(`likelihood`). The parameter functions use only the head's configuration, never its weights,
+so losses and exporters can rebuild them from a config. This is TFP's `params_size` / `new`
+convention (`tfp.layers.DistributionLambda`) adapted to Keras 3, whose models must output
+tensors. The contract is `tfp_seg.protocols.Head`.
+
+A head never imports a loss: `default_loss()` looks up the loss that `tfp_seg.losses`
+registered for the head's `likelihood` (`tfp_seg._registry`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import keras
 import tensorflow as tf
 
-from tfp_seg import _checks
+from tfp_seg import _checks, _registry
+from tfp_seg import distributions as dists
 
 __all__ = ["DistributionHead"]
 
@@ -32,7 +37,16 @@ class DistributionHead(keras.layers.Layer):
       num_classes: number of classes C (>= 2).
       kernel_size: spatial size of the convolution that maps features to parameters.
       validate_args: check parameters/labels for NaN/Inf and range at run time.
+
+    Subclasses declare `likelihood` (the name under which `tfp_seg.losses` registers their
+    default loss) and, if they sample in mirrored pairs by default, `antithetic`.
     """
+
+    likelihood: Optional[str] = None
+    """Name of the head's likelihood: the key of its default loss (None: no default loss)."""
+
+    antithetic: bool = False
+    """Default of `sample_logits(antithetic=None)` and of the head's losses."""
 
     def __init__(
         self,
@@ -43,12 +57,8 @@ class DistributionHead(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an int >= 2; got {num_classes!r}.")
-        if not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"`kernel_size` must be a positive int; got {kernel_size!r}.")
-        self.num_classes = num_classes
-        self.kernel_size = kernel_size
+        self.num_classes = _checks.positive_int(num_classes, "num_classes", minimum=2)
+        self.kernel_size = _checks.positive_int(kernel_size, "kernel_size")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.validate_args = bool(validate_args)
 
@@ -70,8 +80,10 @@ class DistributionHead(keras.layers.Layer):
         raise NotImplementedError
 
     def default_loss(self, **kwargs) -> keras.losses.Loss:
-        """The head's negative log-likelihood as a Keras loss."""
-        raise NotImplementedError
+        """The head's negative log-likelihood as a Keras loss: the loss `tfp_seg.losses`
+        registered for `self.likelihood`, built with `**kwargs`
+        (`tfp_seg.losses.default_loss(head, **kwargs)`)."""
+        return _registry.default_loss(self, **kwargs)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None) -> tf.Tensor:
         """Sampled label maps `[N, B, H, W]` (int32): the arg max of each logit sample.
@@ -80,9 +92,7 @@ class DistributionHead(keras.layers.Layer):
         `HeteroscedasticLogits`); their maps have the distribution of
         `argmax(sample_logits(...))` but are not the same draws for the same seed.
         """
-        from tfp_seg.distributions import argmax_classes
-
-        return argmax_classes(
+        return dists.argmax_classes(
             self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
         )
 
@@ -153,21 +163,17 @@ class DistributionHead(keras.layers.Layer):
         params = self.check_params(params)
         return params[..., : self.num_classes]
 
-    def _mean_sampling(self, num_samples) -> tuple:
+    def mean_sampling(self, num_samples) -> Tuple[int, bool]:
         """`(N, antithetic)` for a Monte Carlo mean: the head's antithetic pairs when it has
         them and N is even, independent samples otherwise (so any N >= 1 is accepted)."""
-        from tfp_seg.distributions import check_num_samples
-
-        num_samples = check_num_samples(num_samples, antithetic=False)
-        return num_samples, bool(getattr(self, "antithetic", False)) and num_samples % 2 == 0
+        num_samples = _checks.check_num_samples(num_samples, antithetic=False)
+        return num_samples, bool(self.antithetic) and num_samples % 2 == 0
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
         """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: the mean
         softmax of `sample_logits` (antithetic pairs when the head has them and N is even)."""
-        from tfp_seg.distributions import mean_softmax
-
-        num_samples, antithetic = self._mean_sampling(num_samples)
-        return mean_softmax(
+        num_samples, antithetic = self.mean_sampling(num_samples)
+        return dists.mean_softmax(
             self.sample_logits(params, num_samples, seed=seed, antithetic=antithetic)
         )
 
@@ -183,10 +189,3 @@ class DistributionHead(keras.layers.Layer):
         )
         return config
 
-
-def optional_int(value: Optional[int], name: str) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an int or None; got {value!r}.")
-    return value

@@ -6,6 +6,8 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_seg import _checks
+from tfp_seg import distributions as dists
 from tfp_seg.layers.base import DistributionHead
 
 tfd = tfp.distributions
@@ -24,7 +26,7 @@ class CategoricalLogits(DistributionHead):
 
     `distribution(params)` is `Independent(Deterministic(logits), 3)` so that every head
     shares one interface; `sample_logits` repeats the logits, and the loss is the pixel-wise
-    cross-entropy (`SegmentationCrossEntropy`).
+    cross-entropy (`SegmentationCrossEntropy`, registered for the likelihood `"categorical"`).
 
     #### Examples
 
@@ -34,6 +36,8 @@ class CategoricalLogits(DistributionHead):
     head.sample_logits(params, 4).shape           # ==> [4, 2, 16, 16, 3]
     ```
     """
+
+    likelihood = "categorical"
 
     def __init__(self, num_classes: int, **kwargs):
         super().__init__(num_classes, **kwargs)
@@ -52,24 +56,15 @@ class CategoricalLogits(DistributionHead):
         return tfd.Independent(tfd.Deterministic(logits), reinterpreted_batch_ndims=3)
 
     def sample_logits(self, params, num_samples: int, seed=None, antithetic=None, noise=None):
-        from tfp_seg.distributions import check_num_samples
-
-        num_samples = check_num_samples(num_samples, antithetic=False)
+        num_samples = _checks.check_num_samples(num_samples, antithetic=False)
         logits = self.mean_logits(params)
         return tf.repeat(logits[tf.newaxis], num_samples, axis=0)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
         """The arg max of the logits, repeated: `[N, B, H, W]` (int32)."""
-        from tfp_seg.distributions import argmax_classes, check_num_samples
-
-        num_samples = check_num_samples(num_samples, antithetic=False)
-        labels = argmax_classes(self.mean_logits(params))
+        num_samples = _checks.check_num_samples(num_samples, antithetic=False)
+        labels = dists.argmax_classes(self.mean_logits(params))
         return tf.repeat(labels[tf.newaxis], num_samples, axis=0)
 
     def mean_probabilities(self, params, num_samples: int = 1, seed=None) -> tf.Tensor:
         return tf.nn.softmax(self.mean_logits(params), axis=-1)
-
-    def default_loss(self, **kwargs):
-        from tfp_seg.losses import SegmentationCrossEntropy
-
-        return SegmentationCrossEntropy(num_classes=self.num_classes, **kwargs)

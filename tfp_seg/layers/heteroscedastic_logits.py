@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 import tensorflow_probability as tfp
 
+from tfp_seg import _checks, _seeds
 from tfp_seg import distributions as dists
 from tfp_seg.layers.base import DistributionHead
 
@@ -74,7 +75,7 @@ class HeteroscedasticLogits(DistributionHead):
 
     The parameter interface (`split_params`, `pack_params`, `diag_from_raw`, `raw_from_diag`,
     `covariance_parts`) mirrors `LowRankLogits`, with `raw` = log sigma^2 and the factor
-    `[B, H, W, C, K]` (K may be 0), so `tfp_seg.uncertainty.scale_class_covariance` and
+    `[B, H, W, C, K]` (K may be 0), so `tfp_seg.calibration.scale_class_covariance` and
     `with_temperature` accept this head too.
 
     Args:
@@ -101,6 +102,8 @@ class HeteroscedasticLogits(DistributionHead):
         Classification. CVPR 2021. https://arxiv.org/abs/2105.10305
     """
 
+    likelihood = "heteroscedastic_normal_logits"
+
     def __init__(
         self,
         num_classes: int,
@@ -118,13 +121,7 @@ class HeteroscedasticLogits(DistributionHead):
             validate_args=validate_args,
             **kwargs,
         )
-        if (
-            isinstance(low_rank_classes, bool)
-            or not isinstance(low_rank_classes, int)
-            or low_rank_classes < 0
-        ):
-            raise ValueError(f"`low_rank_classes` must be an int >= 0; got {low_rank_classes!r}.")
-        self.low_rank_classes = low_rank_classes
+        self.low_rank_classes = _checks.positive_int(low_rank_classes, "low_rank_classes", 0)
         self.antithetic = bool(antithetic)
         self.projection = self._make_projection()
 
@@ -235,13 +232,13 @@ class HeteroscedasticLogits(DistributionHead):
             return dists.sample_diagonal(
                 loc, scale, num_samples, seed=seed, antithetic=antithetic, noise=noise
             )
-        num_samples = dists.check_num_samples(num_samples, antithetic)
+        num_samples = _checks.check_num_samples(num_samples, antithetic)
         n = num_samples // 2 if antithetic else num_samples
         if noise is None:
             z_shape = tf.concat([[n], tf.shape(loc)[:-1], [self.low_rank_classes]], 0)
-            z = dists.standard_normal(z_shape, dists._split_seed(seed, 11), loc.dtype)
+            z = dists.standard_normal(z_shape, _seeds.split_seed(seed, 11), loc.dtype)
             eps = dists.standard_normal(
-                tf.concat([[n], tf.shape(loc)], 0), dists._split_seed(seed, 12), loc.dtype
+                tf.concat([[n], tf.shape(loc)], 0), _seeds.split_seed(seed, 12), loc.dtype
             )
         else:
             if not isinstance(noise, (tuple, list)) or len(noise) != 2:
@@ -275,16 +272,11 @@ class HeteroscedasticLogits(DistributionHead):
         without class factors and up to 8 classes."""
         if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):
             return super().mean_probabilities(params, num_samples, seed=seed)
-        num_samples, antithetic = self._mean_sampling(num_samples)
+        num_samples, antithetic = self.mean_sampling(num_samples)
         loc, _, variance = self.covariance_parts(params)
         return dists.low_rank_mean_probabilities(
             loc, None, variance, num_samples, seed=seed, antithetic=antithetic
         )
-
-    def default_loss(self, **kwargs):
-        from tfp_seg.losses import HeteroscedasticNLL
-
-        return HeteroscedasticNLL(self, **kwargs)
 
     def get_config(self):
         config = super().get_config()

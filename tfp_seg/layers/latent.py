@@ -40,12 +40,6 @@ __all__ = ["LatentEncoder", "LatentInjection"]
 _SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
-    return value
-
-
 @keras.saving.register_keras_serializable(package="tfp_seg")
 class LatentEncoder(keras.layers.Layer):
     """A convolutional encoder to a diagonal Gaussian latent (Prob. U-Net prior / posterior net).
@@ -101,12 +95,12 @@ class LatentEncoder(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.latent_dim = _positive_int(latent_dim, "latent_dim")
+        self.latent_dim = _checks.positive_int(latent_dim, "latent_dim")
         filters = list(filters) if isinstance(filters, (list, tuple)) else filters
         if not isinstance(filters, list) or not filters:
             raise ValueError(f"`filters` must be a non-empty sequence of ints; got {filters!r}.")
-        self.filters = [_positive_int(f, "filters") for f in filters]
-        self.convs_per_block = _positive_int(convs_per_block, "convs_per_block")
+        self.filters = [_checks.positive_int(f, "filters") for f in filters]
+        self.convs_per_block = _checks.positive_int(convs_per_block, "convs_per_block")
         self.activation = activation
         if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
             raise ValueError(f"`epsilon` must be a finite float > 0; got {epsilon!r}.")
@@ -204,7 +198,7 @@ class LatentEncoder(keras.layers.Layer):
         scale = tf.nn.softplus(raw + _SOFTPLUS_INV_ONE) + self.epsilon
         return loc, scale
 
-    def distribution(self, params) -> tfd.MultivariateNormalDiag:
+    def distribution(self, params) -> tfp.distributions.MultivariateNormalDiag:
         """`N(mu, diag(sigma^2))`: batch `[B]`, event `[L]`."""
         loc, scale = self.loc_and_scale(params)
         return tfd.MultivariateNormalDiag(loc=loc, scale_diag=scale)
@@ -298,13 +292,9 @@ class LatentInjection(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an int >= 2; got {num_classes!r}.")
-        self.num_classes = num_classes
-        self.filters = _positive_int(filters, "filters")
-        if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 0:
-            raise ValueError(f"`num_convs` must be an int >= 0; got {num_convs!r}.")
-        self.num_convs = num_convs
+        self.num_classes = _checks.positive_int(num_classes, "num_classes", minimum=2)
+        self.filters = _checks.positive_int(filters, "filters")
+        self.num_convs = _checks.positive_int(num_convs, "num_convs", minimum=0)
         self.activation = activation
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 

@@ -6,7 +6,9 @@ from typing import Optional
 
 import keras
 import tensorflow as tf
+import tensorflow_probability as tfp
 
+from tfp_seg import _checks
 from tfp_seg import distributions as dists
 from tfp_seg.layers.base import DistributionHead
 
@@ -59,6 +61,8 @@ class LowRankLogits(DistributionHead):
         Aleatoric Uncertainty. NeurIPS 2020.
     """
 
+    likelihood = "low_rank_normal_logits"
+
     def __init__(
         self,
         num_classes: int,
@@ -78,8 +82,7 @@ class LowRankLogits(DistributionHead):
             validate_args=validate_args,
             **kwargs,
         )
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"`rank` must be a positive int; got {rank!r}.")
+        rank = _checks.positive_int(rank, "rank")
         if not float(epsilon) > 0:
             raise ValueError(f"`epsilon` must be > 0; got {epsilon!r}.")
         if diagonal_transform not in _TRANSFORMS:
@@ -131,12 +134,27 @@ class LowRankLogits(DistributionHead):
         value = tf.maximum(cov_diag - self.epsilon, 1e-30)
         if self.diagonal_transform == "exp":
             return tf.math.log(value)
-        return tfp_softplus_inverse(value)
+        return tfp.math.softplus_inverse(value)
 
     def covariance_parts(self, params):
         """`(loc, cov_factor, cov_diag)` of the distribution, in their `[B,H,W,C(,R)]` layout."""
         loc, raw_diag, factor = self.split_params(params)
         return loc, factor, self.diag_from_raw(raw_diag)
+
+    def planar_low_rank_parts(self, params):
+        """`[loc [B,C,1,X], factor [B,C,R,X], scale [B,C,1,X]]`, X = H*W, `scale = sqrt(D)`:
+        the parameters in the class-planar layout of the fused loss path
+        (`tfp_seg.protocols.PlanarLowRankLogits`, `tfp_seg.losses.chunked`)."""
+        params = self.check_params(params)
+        c, r = self.num_classes, self.rank
+        shape = tf.shape(params)
+        planar = tf.transpose(
+            tf.reshape(params, tf.stack([shape[0], -1, self.params_size])), [0, 2, 1]
+        )
+        loc, raw_diag, factor = tf.split(planar, [c, c, c * r], axis=1)
+        scale = tf.sqrt(self.diag_from_raw(raw_diag))
+        factor = tf.reshape(factor, tf.stack([shape[0], c, r, -1]))
+        return [loc[:, :, tf.newaxis], factor, scale[:, :, tf.newaxis]]
 
     # --- Keras ---------------------------------------------------------------------------------
     def _postprocess(self, params, roi_mask):
@@ -209,16 +227,11 @@ class LowRankLogits(DistributionHead):
         (`tfp_seg.distributions.low_rank_mean_probabilities`)."""
         if not dists.prefers_planar_sampling(self.num_classes):
             return super().mean_probabilities(params, num_samples, seed=seed)
-        num_samples, antithetic = self._mean_sampling(num_samples)
+        num_samples, antithetic = self.mean_sampling(num_samples)
         loc, factor, diag = self.covariance_parts(params)
         return dists.low_rank_mean_probabilities(
             loc, factor, diag, num_samples, seed=seed, antithetic=antithetic
         )
-
-    def default_loss(self, **kwargs):
-        from tfp_seg.losses import StochasticSegmentationNLL
-
-        return StochasticSegmentationNLL(self, **kwargs)
 
     def get_config(self):
         config = super().get_config()
@@ -232,8 +245,3 @@ class LowRankLogits(DistributionHead):
         )
         return config
 
-
-def tfp_softplus_inverse(x):
-    import tensorflow_probability as tfp
-
-    return tfp.math.softplus_inverse(x)

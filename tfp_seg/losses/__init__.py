@@ -1,18 +1,29 @@
 """Losses: negative log-likelihoods of the heads' distributions, usable in `model.compile`.
 
 Every loss takes label maps `y_true [B, H, W]` and the head's packed parameters `y_pred`, and
-rebuilds the head's distribution (or samples from it) to score the labels.
+rebuilds the head's distribution (or samples from it) to score the labels. Losses know heads
+only through `tfp_seg.protocols` (`Head`, and the fused-path capability
+`PlanarLowRankLogits`).
+
+Each head declares the name of its likelihood (`head.likelihood`); the loss that is its
+negative log-likelihood is registered under that name (`register_default_loss`), and
+`default_loss(head, **kwargs)` (also `head.default_loss(**kwargs)`) builds it.
+
+```none
+base            HeadLoss, SampledHeadLoss, default_loss, register_default_loss
+pixelwise       mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood (kernels)
+monte_carlo     StochasticSegmentationNLL (SSN), SegmentationCrossEntropy
+heteroscedastic HeteroscedasticNLL
+elbo            ELBO, GECO (Probabilistic U-Net)
+chunked         sampled_nll_terms: Monte Carlo NLL terms in sample chunks, fused SSN path
+```
 """
 
+from tfp_seg.losses.base import default_loss, register_default_loss
 from tfp_seg.losses.elbo import ELBO, GECO
 from tfp_seg.losses.heteroscedastic import HeteroscedasticNLL
-from tfp_seg.losses.monte_carlo import (
-    SegmentationCrossEntropy,
-    StochasticSegmentationNLL,
-    mc_categorical_nll,
-    mc_marginal_nll,
-    pixel_log_likelihood,
-)
+from tfp_seg.losses.monte_carlo import SegmentationCrossEntropy, StochasticSegmentationNLL
+from tfp_seg.losses.pixelwise import mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood
 
 __all__ = [
     "mc_categorical_nll",
@@ -23,4 +34,6 @@ __all__ = [
     "HeteroscedasticNLL",
     "ELBO",
     "GECO",
+    "default_loss",
+    "register_default_loss",
 ]

@@ -22,34 +22,36 @@ so value and gradient equal the direct form's on the same samples, and peak memo
 grows with `M` (only the `[B, M]` log-likelihoods do). The price is a second forward pass over
 the samples (sampling noise included) in the backward pass.
 
-For `LowRankLogits` (the SSN head) the samples are drawn and scored in a class-planar layout
-(`[B, C, K, H*W]`) straight from the parameters (noise by Box-Muller from stateless uniforms),
-with a hand-written gradient through the softmax, the sampling and, without chunks, the two
-reductions: on CPU this is several times faster than sampling `[M, B, H, W, C]` and scoring
-with a softmax over the trailing class axis (measurements in `benchmarks/README.md`). Other
-heads are sampled through their own `sample_logits`.
+For heads with the SSN covariance that offer their parameters class-planar
+(`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) the samples are drawn and scored in
+a class-planar layout (`[B, C, K, H*W]`) straight from the parameters (noise by Box-Muller
+from stateless uniforms), with a hand-written gradient through the softmax, the sampling and,
+without chunks, the two reductions: on CPU this is several times faster than sampling
+`[M, B, H, W, C]` and scoring with a softmax over the trailing class axis (measurements in
+`benchmarks/README.md`). Other heads (any `tfp_seg.protocols.Head`) are sampled through
+their own `sample_logits`.
 """
 
 from __future__ import annotations
 
 import math
+import typing
 from typing import Callable, List, Optional, Sequence
 
 import tensorflow as tf
 
-from tfp_seg import _checks
+from tfp_seg import _checks, _seeds, protocols
 from tfp_seg import distributions as dists
-from tfp_seg.losses.monte_carlo import _pixel_log_probs, _pixel_weights
+from tfp_seg.losses import pixelwise
 
 __all__ = ["sampled_nll_terms", "check_chunk_size"]
 
 
 def check_chunk_size(chunk_size, num_samples: int, antithetic: bool) -> Optional[int]:
     """Validate `chunk_size` (None, or a divisor of `num_samples`, even with antithetic)."""
+    chunk_size = _checks.positive_int(chunk_size, "chunk_size", optional=True)
     if chunk_size is None:
         return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be None or a positive int; got {chunk_size!r}.")
     if num_samples % chunk_size:
         raise ValueError(
             f"`chunk_size` ({chunk_size}) must divide `num_samples` ({num_samples})."
@@ -63,15 +65,6 @@ def check_chunk_size(chunk_size, num_samples: int, antithetic: bool) -> Optional
 
 
 # --- noise ---------------------------------------------------------------------------------------
-def _draw_seed() -> tf.Tensor:
-    """A fresh stateless seed `[2]` from the stateful RNG (changes every step)."""
-    return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int32)
-
-
-def _fold(seed, k) -> tf.Tensor:
-    return tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), tf.cast(k, tf.int32))
-
-
 def _normal(shape, seed) -> tf.Tensor:
     """Standard normal noise from a stateless seed (Box-Muller, `dists.standard_normal`);
     distinct per replica under `tf.distribute`."""
@@ -82,18 +75,6 @@ def _normal(shape, seed) -> tf.Tensor:
 # A scorer maps (differentiable tensors `theta`, chunk index k) to the log-probabilities
 # `lp [B, K, H*W]` of the labels under the chunk's K samples; it is a pure function of k
 # (stateless noise or sliced fixed noise), so the backward pass can recompute it.
-
-
-def _low_rank_theta(head, params):
-    """`(loc [B,C,1,X], factor [B,C,R,X], scale [B,C,1,X])` of a `LowRankLogits`, planar."""
-    params = head.check_params(params)
-    c, r = head.num_classes, head.rank
-    shape = tf.shape(params)
-    planar = tf.transpose(tf.reshape(params, tf.stack([shape[0], -1, head.params_size])), [0, 2, 1])
-    loc, raw_diag, factor = tf.split(planar, [c, c, c * r], axis=1)
-    scale = tf.sqrt(head.diag_from_raw(raw_diag))
-    factor = tf.reshape(factor, tf.stack([shape[0], c, r, -1]))
-    return [loc[:, :, tf.newaxis], factor, scale[:, :, tf.newaxis]]
 
 
 def _low_rank_forward(loc, factor, scale, z, eps, mask_f, antithetic: bool):
@@ -138,8 +119,8 @@ def _low_rank_log_probs(loc, factor, scale, z, eps, mask, antithetic: bool):
     def score(*theta):
         # Unwatched inputs: in eager mode outer tapes would otherwise also record (and keep)
         # the forward ops, whose gradient is given by `grad` anyway.
-        theta = [tf.stop_gradient(t) for t in theta]
-        lp, probs = _low_rank_forward(*theta, z, eps, mask_f, antithetic)
+        loc_, factor_, scale_ = (tf.stop_gradient(t) for t in theta)
+        lp, probs = _low_rank_forward(loc_, factor_, scale_, z, eps, mask_f, antithetic)
 
         def grad(upstream):
             return _low_rank_vjp(upstream, probs, z, eps, mask_f)
@@ -155,8 +136,8 @@ def _low_rank_reductions(theta, z, eps, mask, weights, antithetic: bool):
 
     @tf.custom_gradient
     def run(*theta):
-        theta = [tf.stop_gradient(t) for t in theta]  # see `_low_rank_log_probs`
-        lp, probs = _low_rank_forward(*theta, z, eps, mask_f, antithetic)
+        loc, factor, scale = (tf.stop_gradient(t) for t in theta)  # see `_low_rank_log_probs`
+        lp, probs = _low_rank_forward(loc, factor, scale, z, eps, mask_f, antithetic)
         loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
         high = tf.reduce_max(lp, axis=1)
         pixel_lse = high + tf.math.log(tf.reduce_sum(tf.exp(lp - high[:, tf.newaxis]), axis=1))
@@ -206,9 +187,11 @@ def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
 
     def chunk_noise(theta, k):
         if noise is None:
-            seed_k = _fold(seed, k)
-            z = _normal(tf.stack([batch, 1, base, head.rank]), _fold(seed_k, 0))
-            eps = _normal(tf.stack([batch, c, base, tf.shape(theta[0])[-1]]), _fold(seed_k, 1))
+            seed_k = _seeds.fold_seed(seed, k)
+            z = _normal(tf.stack([batch, 1, base, head.rank]), _seeds.fold_seed(seed_k, 0))
+            eps = _normal(
+                tf.stack([batch, c, base, tf.shape(theta[0])[-1]]), _seeds.fold_seed(seed_k, 1)
+            )
             return z, eps
         # Head layout (z [N', B, R], eps [N', B, H, W, C]) -> planar.
         z, eps = _slice_noise((z_all, eps_all), k * base, base)
@@ -217,13 +200,15 @@ def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
         return z, tf.transpose(eps, [1, 3, 0, 2])
 
     def scorer(theta, k):
-        return _low_rank_log_probs(*theta, *chunk_noise(theta, k), mask, antithetic)
+        loc, factor, scale = theta
+        z, eps = chunk_noise(theta, k)
+        return _low_rank_log_probs(loc, factor, scale, z, eps, mask, antithetic)
 
     def reductions(theta, weights):
         z, eps = chunk_noise(theta, tf.constant(0))
         return _low_rank_reductions(theta, z, eps, mask, weights, antithetic)
 
-    scorer.reductions = reductions
+    scorer.reductions = reductions  # type: ignore[attr-defined]
     return scorer
 
 
@@ -233,11 +218,13 @@ def _generic_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
     def scorer(theta, k):
         (params,) = theta
         if noise is None:
-            samples = head.sample_logits(params, chunk, seed=_fold(seed, k), antithetic=antithetic)
+            samples = head.sample_logits(
+                params, chunk, seed=_seeds.fold_seed(seed, k), antithetic=antithetic
+            )
         else:
             chunk_noise = _slice_noise(noise, k * base, base)
             samples = head.sample_logits(params, chunk, antithetic=antithetic, noise=chunk_noise)
-        log_p, _ = _pixel_log_probs(labels, samples)  # [K, B, H, W]
+        log_p, _ = pixelwise.pixel_log_probs(labels, samples)  # [K, B, H, W]
         shape = tf.shape(log_p)
         return tf.transpose(tf.reshape(log_p, tf.stack([shape[0], shape[1], -1])), [1, 0, 2])
 
@@ -260,8 +247,8 @@ def _chunked_reductions(theta: List[tf.Tensor], scorer, num_chunks: int, weights
         return lp, tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
 
     @tf.custom_gradient
-    def reductions(*theta):
-        theta = list(theta)
+    def reductions(*parts):
+        theta = list(parts)
         # Unwatched copies for the forward loop: in eager mode a `custom_gradient`'s forward
         # ops would otherwise be recorded by outer tapes (keeping every chunk alive).
         frozen = [tf.stop_gradient(t) for t in theta]
@@ -352,7 +339,9 @@ def sampled_nll_terms(
     ```
 
     Args:
-      head: a `DistributionHead`; `LowRankLogits` takes the fused planar path.
+      head: a distribution head (`tfp_seg.protocols.Head`); one that offers its parameters
+        class-planar (`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) takes the
+        fused planar path.
       labels: int `[B, H, W]` (or `[B, H, W, 1]`).
       params: the head's parameters `[B, H, W, params_size]`.
       num_samples: M (even with antithetic sampling).
@@ -368,10 +357,13 @@ def sampled_nll_terms(
         `[k K', (k+1) K')`. With fixed noise every chunk size sees the same samples.
       validate_args: run-time checks of labels (range) and parameters (NaN/Inf).
     """
-    from tfp_seg.distributions import check_num_samples
-    from tfp_seg.layers.low_rank_logits import LowRankLogits
-
-    num_samples = check_num_samples(num_samples, antithetic)
+    if not isinstance(head, protocols.Head):
+        raise ValueError(
+            "`head` must be a distribution head (tfp_seg.protocols.Head, e.g. a "
+            f"tfp_seg.layers.DistributionHead); got {type(head).__name__}."
+        )
+    fused = isinstance(head, protocols.PlanarLowRankLogits)
+    num_samples = _checks.check_num_samples(num_samples, antithetic)
     chunk = check_chunk_size(chunk_size, num_samples, antithetic) or num_samples
     num_chunks = num_samples // chunk
     params = tf.convert_to_tensor(params)
@@ -385,22 +377,20 @@ def sampled_nll_terms(
                 f"`labels` shape {tuple(labels.shape)} must equal the [B, H, W] of `params` "
                 f"{tuple(params.shape)}."
             )
-    safe_labels, weights = _pixel_weights(labels, ignore_label, class_weights)
+    safe_labels, weights = pixelwise.pixel_weights(labels, ignore_label, class_weights)
     weights = tf.reshape(weights, tf.stack([tf.shape(weights)[0], -1]))  # [B, X]
-    if noise is None and seed is None:
-        seed = _draw_seed()
-    elif noise is None and isinstance(seed, int):
-        seed = tf.constant([seed, 0], tf.int64)
+    if noise is None:
+        seed = _seeds.draw_seed() if seed is None else _seeds.stateless_seed(seed)
 
-    if isinstance(head, LowRankLogits):
-        theta = _low_rank_theta(head, params)
+    if fused:
+        theta = typing.cast(protocols.PlanarLowRankLogits, head).planar_low_rank_parts(params)
         scorer = _low_rank_scorer(head, safe_labels, chunk, antithetic, seed, noise)
     else:
         theta = [params]
         scorer = _generic_scorer(head, safe_labels, chunk, antithetic, seed, noise)
 
-    if num_chunks == 1 and isinstance(head, LowRankLogits):
-        loglik, pixel_lse = scorer.reductions(theta, weights)
+    if num_chunks == 1 and fused:
+        loglik, pixel_lse = scorer.reductions(theta, weights)  # type: ignore[attr-defined]
     elif num_chunks == 1:
         lp = scorer(theta, tf.constant(0))  # [B, M, X], plain autodiff
         loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)

@@ -44,7 +44,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_seg import _checks
-from tfp_seg.losses.monte_carlo import _check_class_weights, _valid_pixel_count, mc_categorical_nll
+from tfp_seg.losses import pixelwise
 
 tfd = tfp.distributions
 
@@ -279,7 +279,7 @@ class ELBO:
         ):
             raise ValueError(f"`ignore_label` must be an int or None; got {ignore_label!r}.")
         self.ignore_label = ignore_label
-        self.class_weights = _check_class_weights(class_weights, None)
+        self.class_weights = pixelwise.check_class_weights(class_weights, None)
         self.validate_args = bool(validate_args)
         self.name = name
 
@@ -290,7 +290,7 @@ class ELBO:
             raise ValueError(f"`logits` must be a float tensor; got dtype {logits.dtype.name}.")
         logits = tf.cast(logits, tf.float32)
         _checks.check_rank(logits, 4, "logits", "[B, H, W, C]")
-        rec = mc_categorical_nll(
+        rec = pixelwise.mc_categorical_nll(
             labels,
             logits[tf.newaxis],
             ignore_label=self.ignore_label,
@@ -298,7 +298,7 @@ class ELBO:
             validate_args=self.validate_args,
         )
         if self.reconstruction == "mean":
-            rec = rec / tf.maximum(_valid_pixel_count(labels, self.ignore_label), 1.0)
+            rec = rec / tf.maximum(pixelwise.valid_pixel_count(labels, self.ignore_label), 1.0)
         return rec
 
     @staticmethod

@@ -26,13 +26,14 @@ from typing import Optional, Sequence
 
 import keras
 
-from tfp_seg.losses.monte_carlo import _SampledHeadLoss, mc_marginal_nll
+from tfp_seg.losses import base, pixelwise
 
 __all__ = ["HeteroscedasticNLL"]
 
 
+@base.register_default_loss("heteroscedastic_normal_logits")
 @keras.saving.register_keras_serializable(package="tfp_seg")
-class HeteroscedasticNLL(_SampledHeadLoss):
+class HeteroscedasticNLL(base.SampledHeadLoss):
     """Per-pixel Monte Carlo NLL of a heteroscedastic head, a Keras `Loss` on packed params.
 
     `y_true` are label maps `[B, H, W]`; `y_pred` are the head's params. Each call draws
@@ -83,7 +84,7 @@ class HeteroscedasticNLL(_SampledHeadLoss):
         if self.chunk_size is not None:
             return self._normalize(self._nll_terms(y_true, y_pred)[1], y_true)
         samples = self.head.sample_logits(y_pred, self.num_samples, antithetic=self.antithetic)
-        nll = mc_marginal_nll(
+        nll = pixelwise.mc_marginal_nll(
             y_true,
             samples,
             ignore_label=self.ignore_label,

@@ -1,0 +1,203 @@
+"""Pixel-wise kernels of the Monte Carlo losses: label log-probabilities and their reductions.
+
+#### Mathematical Details
+
+For logit samples `eta^m [M, B, H, W, C]` and label maps `y [B, H, W]`:
+
+```none
+lp[m, b, i]  = log softmax(eta_{m,b,i})[y_{b,i}]                    (pixel_log_probs)
+joint_b      = -logsumexp_m( sum_i w_i lp[m, b, i] ) + log M        (mc_categorical_nll)
+marginal_b   = -sum_i w_i [ logsumexp_m lp[m, b, i] - log M ]       (mc_marginal_nll)
+```
+
+with `w_i = class_weight[y_i]` and `w_i = 0` for ignored pixels. All reductions are in log space
+and in float32, also under a mixed-precision policy. These are the kernels shared by the
+losses (`monte_carlo`, `heteroscedastic`, `elbo`) and the chunked driver (`chunked`).
+
+#### References
+
+[1] Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
+[2] Kendall and Gal. What Uncertainties Do We Need in Bayesian Deep Learning for Computer
+    Vision? NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import tensorflow as tf
+
+from tfp_seg import _checks
+
+__all__ = [
+    "mc_categorical_nll",
+    "mc_marginal_nll",
+    "pixel_log_likelihood",
+    "pixel_log_probs",
+    "pixel_weights",
+    "label_log_softmax",
+    "check_class_weights",
+    "valid_pixel_count",
+]
+
+
+def pixel_weights(labels, ignore_label, class_weights, dtype=tf.float32):
+    """Per-pixel weights `[B, H, W]` (0 for ignored pixels) and labels safe to gather."""
+    valid = tf.ones_like(labels, dtype=tf.bool)
+    if ignore_label is not None:
+        valid = tf.not_equal(labels, ignore_label)
+    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    weights = tf.cast(valid, dtype)
+    if class_weights is not None:
+        cw = tf.convert_to_tensor(class_weights, dtype=dtype)
+        weights = weights * tf.gather(cw, safe_labels)
+    return safe_labels, weights
+
+
+def check_class_weights(class_weights, num_classes: Optional[int]):
+    if class_weights is None:
+        return None
+    cw = [float(w) for w in class_weights]
+    if num_classes is not None and len(cw) != num_classes:
+        raise ValueError(
+            f"`class_weights` must have one entry per class ({num_classes}); got {len(cw)}."
+        )
+    if any((not math.isfinite(w)) or w < 0 for w in cw):
+        raise ValueError(f"`class_weights` must be finite and >= 0; got {cw}.")
+    return cw
+
+
+def label_log_softmax(logits, label_mask, axis: int):
+    """`log softmax(logits)[y]` reducing the class `axis`; `label_mask` is one-hot (bool).
+
+    The classes are reduced with plain elementwise ops and a stop-gradient max: with few
+    classes on a *leading* axis this is several times faster on CPU than
+    `sparse_softmax_cross_entropy_with_logits` over a trailing axis of 2-3 classes (which also
+    needs the labels broadcast over the sample axis), and XLA fuses it.
+    """
+    shift = tf.stop_gradient(tf.reduce_max(logits, axis=axis, keepdims=True))
+    shifted = logits - shift
+    picked = tf.reduce_sum(tf.where(label_mask, shifted, tf.zeros_like(shifted)), axis=axis)
+    return picked - tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=axis))
+
+
+def pixel_log_probs(labels, logit_samples, ignore_label=None, class_weights=None):
+    """`log softmax(eta_i^m)[y_i]` `[M, B, H, W]` and pixel weights `[B, H, W]`."""
+    safe_labels, weights = pixel_weights(labels, ignore_label, class_weights)
+    num_classes = logit_samples.shape[-1]
+    if num_classes is None:
+        num_classes = tf.shape(logit_samples)[-1]
+    # Classes first ([C, M, B, H, W]): the class reductions become elementwise ops on
+    # contiguous planes. The one-hot labels broadcast over the sample axis.
+    planar = tf.transpose(logit_samples, [4, 0, 1, 2, 3])
+    label_mask = tf.one_hot(safe_labels, num_classes, on_value=True, off_value=False, axis=0)
+    log_p = label_log_softmax(planar, label_mask[:, tf.newaxis], axis=0)
+    return log_p, weights
+
+
+def pixel_log_likelihood(labels, logit_samples, ignore_label=None, class_weights=None):
+    """Weighted per-sample log-likelihood `sum_i w_i log softmax(eta_i^m)[y_i]`, `[M, B]`."""
+    log_p, weights = pixel_log_probs(labels, logit_samples, ignore_label, class_weights)
+    return tf.reduce_sum(log_p * weights[tf.newaxis], axis=[2, 3])
+
+
+def prepare_samples(labels, logit_samples, ignore_label, class_weights, validate_args):
+    """Validate `(labels, logit_samples)` and return them as int32 / float32 tensors."""
+    logit_samples = tf.convert_to_tensor(logit_samples)
+    if not logit_samples.dtype.is_floating:
+        raise ValueError(
+            f"`logit_samples` must be a float tensor; got dtype {logit_samples.dtype.name}."
+        )
+    logit_samples = tf.cast(logit_samples, tf.float32)
+    _checks.check_rank(logit_samples, 5, "logit_samples", "[M, B, H, W, C], sample axis first")
+    num_classes = logit_samples.shape[-1]
+    class_weights = check_class_weights(class_weights, num_classes)
+    labels = _checks.prepare_labels(labels, num_classes, ignore_label, validate_args=validate_args)
+    if labels.shape.is_fully_defined() and logit_samples.shape[1:4].is_fully_defined():
+        if labels.shape != logit_samples.shape[1:4]:
+            raise ValueError(
+                f"`labels` shape {tuple(labels.shape)} must equal the [B, H, W] of "
+                f"`logit_samples` {tuple(logit_samples.shape)}."
+            )
+    if validate_args:
+        logit_samples = _checks.assert_finite(logit_samples, "logit_samples")
+    return labels, logit_samples, class_weights
+
+
+def joint_nll_from_log_probs(log_p, weights):
+    loglik = tf.reduce_sum(log_p * weights[tf.newaxis], axis=[2, 3])  # [M, B]
+    m = tf.cast(tf.shape(log_p)[0], log_p.dtype)
+    return -(tf.reduce_logsumexp(loglik, axis=0) - tf.math.log(m))
+
+
+def marginal_nll_from_log_probs(log_p, weights):
+    m = tf.cast(tf.shape(log_p)[0], log_p.dtype)
+    per_pixel = tf.reduce_logsumexp(log_p, axis=0) - tf.math.log(m)
+    return -tf.reduce_sum(per_pixel * weights, axis=[1, 2])
+
+
+def mc_categorical_nll(
+    labels,
+    logit_samples,
+    ignore_label: Optional[int] = None,
+    class_weights: Optional[Sequence[float]] = None,
+    validate_args: bool = True,
+) -> tf.Tensor:
+    """Monte Carlo negative log-likelihood of label maps under sampled logits, per example.
+
+    ```none
+    nll_b = -logsumexp_m( sum_i w_i log softmax(eta_{m,b,i})[y_{b,i}] ) + log M
+    ```
+
+    Args:
+      labels: int `[B, H, W]` (or `[B, H, W, 1]`) class ids in `[0, C)` or `ignore_label`.
+      logit_samples: float `[M, B, H, W, C]`, sample axis first.
+      ignore_label: pixels with this label contribute nothing.
+      class_weights: `[C]` non-negative per-class weights on each pixel's log-likelihood.
+      validate_args: run-time checks for label range and NaN/Inf samples.
+
+    Returns:
+      float32 `[B]`: the NLL of each example summed over its pixels (nats). When the covariance
+      is zero (all samples equal) this is the summed pixel-wise cross-entropy.
+    """
+    labels, logit_samples, class_weights = prepare_samples(
+        labels, logit_samples, ignore_label, class_weights, validate_args
+    )
+    log_p, weights = pixel_log_probs(labels, logit_samples, ignore_label, class_weights)
+    return joint_nll_from_log_probs(log_p, weights)
+
+
+def mc_marginal_nll(
+    labels,
+    logit_samples,
+    ignore_label: Optional[int] = None,
+    class_weights: Optional[Sequence[float]] = None,
+    validate_args: bool = True,
+) -> tf.Tensor:
+    """Per-pixel (marginal) Monte Carlo NLL, summed over pixels, `[B]`.
+
+    ```none
+    nll_b = -sum_i w_i [ logsumexp_m log softmax(eta_{m,b,i})[y_{b,i}] - log M ]
+    ```
+
+    Each pixel's label is scored under its own predictive marginal `E[softmax(eta_i)]`: the
+    heteroscedastic classification likelihood of Kendall & Gal (2017). Arguments as in
+    `mc_categorical_nll`.
+    """
+    labels, logit_samples, class_weights = prepare_samples(
+        labels, logit_samples, ignore_label, class_weights, validate_args
+    )
+    log_p, weights = pixel_log_probs(labels, logit_samples, ignore_label, class_weights)
+    return marginal_nll_from_log_probs(log_p, weights)
+
+
+def valid_pixel_count(labels, ignore_label):
+    """Number of non-ignored pixels of each label map, float32 `[B]`."""
+    labels = _checks.prepare_labels(labels, None, None, validate_args=False)
+    if ignore_label is None:
+        return tf.cast(tf.reduce_prod(tf.shape(labels)[1:]), tf.float32) * tf.ones(
+            tf.shape(labels)[:1], tf.float32
+        )
+    valid = tf.cast(tf.not_equal(labels, ignore_label), tf.float32)
+    return tf.reduce_sum(valid, axis=[1, 2])

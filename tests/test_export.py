@@ -20,6 +20,7 @@ from tensorflow_serving.apis import predict_pb2
 
 import tfp_seg
 from tfp_seg import export
+from tfp_seg.export import _common as export_common
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
 from tfp_seg.models import ProbabilisticSegmenter, ProbabilisticUNet, UNet
 from tfp_seg.uncertainty import DeepEnsemble, MCDropout
@@ -478,7 +479,8 @@ def test_onnx_metadata_holds_head_config(exported):
 # Adapters, errors, layout
 # --------------------------------------------------------------------------------------------
 class _SelfSampling(keras.Model):
-    """A model that samples itself (the Probabilistic U-Net shape of API)."""
+    """A user's model that samples itself: it declares `tfp_seg.protocols.GraphSampler` (as
+    the Probabilistic U-Net does), which is what makes it exportable."""
 
     num_classes = 2
 
@@ -489,11 +491,11 @@ class _SelfSampling(keras.Model):
     def call(self, x):
         return self.conv(x)
 
-    def mean_logits(self, x):
-        return self(x)
+    def mean_logits_tensor(self, images):
+        return self(images)
 
-    def sample_logits(self, x, num_samples, seed=None) -> tf.Tensor:  # graph-safe: exportable
-        logits = self(x)
+    def sample_logits_tensor(self, images, num_samples, seed=None):  # graph-safe ops
+        logits = self(images)
         shape = tf.concat([[num_samples], tf.shape(logits)], 0)
         noise = tfp_seg.distributions.standard_normal(shape, seed=seed)
         return logits[tf.newaxis] + 0.5 * noise
@@ -501,6 +503,7 @@ class _SelfSampling(keras.Model):
 
 def test_export_of_a_self_sampling_model(tmp_path):
     model = _SelfSampling()
+    assert isinstance(model, tfp_seg.protocols.GraphSampler)
     model.build((None, 8, 8, 1))
     x = _images(2, h=8, w=8)
     version_dir = export.saved_model(model, str(tmp_path / "m" / "7"), num_samples=4)
@@ -705,7 +708,7 @@ def test_a_backbone_that_needs_a_static_size_exports_with_it():
     backbone = tfp_seg.models.build_backbone("segformer_mit_b0", input_shape=(64, 64, 1))
     model = ProbabilisticSegmenter(backbone, LowRankLogits(NUM_CLASSES, rank=2))
     model.build((None, 64, 64, 1))
-    spec = export._image_spec(export.as_adapter(model), None, num_samples=2)
+    spec = export_common.image_spec(export.as_adapter(model), None, num_samples=2)
     assert spec.shape.as_list() == [None, 64, 64, 1]
 
 

@@ -1,0 +1,163 @@
+"""The serving graphs: `ServingModule` (the `tf.Module` with the four SavedModel signatures),
+chunked seeded sampling, and the uncertainty maps of logit samples."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict
+
+import tensorflow as tf
+
+from tfp_seg import _seeds, uncertainty
+from tfp_seg import distributions as dists
+from tfp_seg.export import _common, adapters
+
+__all__ = ["ServingModule", "uncertainty_maps"]
+
+def uncertainty_maps(logit_samples: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """Uncertainty maps `[B, H, W]` (nats) from logit samples `[N, B, H, W, C]`.
+
+    ```none
+    p_n = softmax(eta_n),  p = mean_n p_n
+    predictive_entropy = H[p] = -sum_c p log p
+    expected_entropy   = mean_n H[p_n]
+    mutual_information = H[p] - mean_n H[p_n]          (>= 0; clipped at 0)
+    variance           = sum_c var_n(p_n)               (unbiased over n, 0 when N = 1)
+    ```
+    The one implementation is `tfp_seg.uncertainty.uncertainty_maps_from_logits`.
+    """
+    return uncertainty.uncertainty_maps_from_logits(logit_samples)
+
+
+def _resolve_seed(seed: tf.Tensor) -> tf.Tensor:
+    """int64 `[2]` seed from a `[]` (draw a fresh one, `tfp_seg._seeds.draw_seed`) or `[2]`
+    input (used as given: seeded requests are reproducible)."""
+    seed = tf.cast(tf.reshape(seed, [-1]), tf.int64)
+    size = tf.size(seed)
+    check = tf.debugging.Assert(
+        tf.logical_or(tf.equal(size, 0), tf.equal(size, 2)),
+        ["`seed` must have shape [2] (reproducible) or [0] (fresh randomness); got size", size],
+    )
+    with tf.control_dependencies([check]):
+        seed = tf.cond(
+            tf.equal(size, 2),
+            lambda: seed,
+            lambda: tf.cast(_seeds.draw_seed(), tf.int64),
+        )
+    return tf.reshape(seed, [2])
+
+
+def _chunked_samples(
+    adapter, state, num_samples, seed, chunk: int, max_num_samples: int, for_mean: bool = False
+):
+    """`[num_samples, B, H, W, C]` for a tensor `num_samples`, in chunks of `chunk` samples.
+
+    Independent draws (`adapter.sample_logits`), or with `for_mean` the draws for a Monte
+    Carlo mean (`adapter.sample_logits_for_mean`: antithetic pairs for the SSN head).
+    """
+    num_samples = tf.cast(num_samples, tf.int32)
+    checks = [
+        tf.debugging.assert_positive(num_samples, message="`num_samples` must be >= 1"),
+        tf.debugging.assert_less_equal(
+            num_samples,
+            tf.constant(max_num_samples, tf.int32),
+            message=f"`num_samples` must be <= max_num_samples={max_num_samples}",
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        num_chunks = (num_samples + chunk - 1) // chunk
+    seed = _resolve_seed(seed)
+
+    def body(i, array):
+        chunk_seed = tf.cond(
+            tf.equal(i, 0),
+            lambda: seed,
+            lambda: _seeds.fold_seed(seed, i, dtype=tf.int64),  # int64: see fold_seed
+        )
+        samples = adapter.sample_chunk(state, chunk, chunk_seed, i * chunk, for_mean=for_mean)
+        return i + 1, array.write(i, tf.cast(samples, tf.float32))
+
+    array = tf.TensorArray(tf.float32, size=num_chunks, infer_shape=False)
+    _, array = tf.while_loop(lambda i, _: i < num_chunks, body, (tf.constant(0), array))
+    return array.concat()[:num_samples]
+
+
+class ServingModule(tf.Module):
+    """A `tf.Module` holding the Keras model and the four serving signatures.
+
+    Args:
+      adapter: an `ExportAdapter` (see `as_adapter`).
+      image_spec: `tf.TensorSpec([None, H, W, channels], tf.float32)`.
+      num_samples: default sample count of the sampled signatures (and the sampling chunk).
+      max_num_samples: requests asking for more samples fail (protects the server's memory).
+    """
+
+    def __init__(
+        self,
+        adapter: adapters.ExportAdapter,
+        image_spec: tf.TensorSpec,
+        num_samples: int = 16,
+        max_num_samples: int = 1024,
+    ):
+        super().__init__(name="tfp_seg_serving")
+        self._adapter = adapter
+        self._chunk = int(num_samples)
+        self._max = int(max_num_samples)
+        self._head_config = json.dumps(adapter.config, sort_keys=True)
+        self._spatial = tuple(image_spec.shape[1:3])
+        images = tf.TensorSpec(image_spec.shape, tf.float32, name="images")
+        n_spec = tf.TensorSpec([], tf.int32, name="num_samples")
+        seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
+        default_n = tf.constant(self._chunk, tf.int32)
+        default_seed = tf.constant([], tf.int64)
+
+        def serving_default(images, num_samples=default_n, seed=default_seed):
+            # A Monte Carlo mean: antithetic pairs where the head uses them for its means.
+            samples = self._samples(images, num_samples, seed, for_mean=True)
+            probabilities = dists.mean_softmax(samples)
+            return {
+                "probabilities": probabilities,
+                "labels": dists.argmax_classes(probabilities),
+            }
+
+        def sample(images, num_samples=default_n, seed=default_seed):
+            samples = self._samples(images, num_samples, seed)  # independent draws
+            return {
+                "labels": dists.argmax_classes(samples),
+                "logits": samples,
+            }
+
+        def uncertainty(images, num_samples=default_n, seed=default_seed):
+            # Independent draws: `variance` is the unbiased sample variance only for those.
+            return uncertainty_maps(self._samples(images, num_samples, seed))
+
+        def params(images):
+            state = adapter.prepare(images)
+            out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
+            out["head_config"] = tf.constant(self._head_config)
+            return out
+
+        # No AutoGraph: the graphs use explicit tf.while_loop / tf.cond, and converting user
+        # models' Python helpers (generators, numpy) would only warn or fail.
+        sampled = dict(input_signature=[images, n_spec, seed_spec], autograph=False)
+        self.serving_default = tf.function(serving_default, **sampled)
+        self.sample = tf.function(sample, **sampled)
+        self.uncertainty = tf.function(uncertainty, **sampled)
+        self.params = tf.function(params, input_signature=[images], autograph=False)
+        for name in _common.SIGNATURES:  # trace now: weights created lazily exist before tracking
+            getattr(self, name).get_concrete_function()
+        # Track the weights as plain tf.Variables, as keras' ExportArchive does. Tracking the
+        # Keras model (or its Keras variables) instead writes a SavedModel that loads in TF2
+        # but whose variables a TF1 session loader - TF Serving's - cannot find.
+        self.model_variables = [_common.tf_variable(v) for v in adapter.variables()]
+
+    def _samples(self, images, num_samples, seed, for_mean=False):
+        state = self._adapter.prepare(images)
+        samples = _chunked_samples(
+            self._adapter, state, num_samples, seed, self._chunk, self._max, for_mean
+        )
+        h, w = self._spatial
+        return tf.ensure_shape(samples, [None, None, h, w, self._adapter.num_classes])
+
+    def signatures(self) -> dict:
+        return {name: getattr(self, name) for name in _common.SIGNATURES}

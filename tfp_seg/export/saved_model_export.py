@@ -1,0 +1,170 @@
+"""`saved_model`: a SavedModel in TF Serving's `<base>/<version>/` layout, parity-checked through
+`tf.saved_model.load` and through the TF1 session loader TF Serving uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_seg import _checks, _io
+from tfp_seg import distributions as dists
+from tfp_seg.export import _common, dispatch, graphs
+
+__all__ = ["saved_model"]
+
+
+def saved_model(
+    model,
+    export_dir: str,
+    num_samples: int = 16,
+    *,
+    image_shape: Optional[Sequence[Optional[int]]] = None,
+    dynamic_spatial: Optional[bool] = None,
+    max_num_samples: int = 1024,
+    overwrite: bool = False,
+    check: bool = True,
+    check_images=None,
+    atol: float = 1e-4,
+) -> str:
+    """Export `model` as a SavedModel for TF Serving, `<base>/<version>/`, and check it.
+
+    Args:
+      model: a `ProbabilisticSegmenter` (any head), a `tfp_seg.models.MCDropout` or
+        `DeepEnsemble`, a model that samples itself, or an `ExportAdapter` (see `as_adapter`).
+      export_dir: `"savedmodels/<name>/<version>"` (integer version, TF Serving's layout), or
+        `"savedmodels/<name>"` to write the next free version (1 if none).
+      num_samples: default N of the sampled signatures, and the sampling chunk: a seeded
+        `sample` request for exactly N samples reproduces
+        `head.sample_logits(params, N, seed=seed, antithetic=False)` (independent draws);
+        `serving_default` averages `head.sample_logits(params, N, seed=seed)` (the head's
+        antithetic default, for even N).
+      image_shape: `(H, W, channels)`; default: the shape the model was built for.
+      dynamic_spatial: export with dynamic H/W (True), the fixed `image_shape` (False), or try
+        dynamic and fall back to fixed when the model needs a static size (None): when its
+        trace with unknown H, W fails with a TypeError or ValueError and the fixed-size trace
+        does not. Any other error of the model's trace is raised.
+      max_num_samples: requests for more samples fail with INVALID_ARGUMENT.
+      overwrite: replace an existing version directory.
+      check: reload the SavedModel and compare its `params` outputs and a seeded `sample`
+        with the Keras model; beyond `atol` raise `ExportParityError` and leave no version
+        directory behind.
+      check_images: images `[B, H, W, channels]` for the check (default: 2 random images).
+
+    Returns:
+      The version directory written.
+    """
+    num_samples = _checks.positive_int(num_samples, "num_samples")
+    max_num_samples = _checks.positive_int(max_num_samples, "max_num_samples")
+    if max_num_samples < num_samples:
+        raise ValueError(
+            f"`max_num_samples` ({max_num_samples}) must be >= `num_samples` ({num_samples})."
+        )
+    adapter = dispatch.as_adapter(model, image_shape)
+    export_dir = _version_dir(export_dir)
+    if os.path.exists(export_dir) and os.listdir(export_dir) and not overwrite:
+        raise FileExistsError(
+            f"{export_dir} exists and is not empty; pass overwrite=True or a new version."
+        )
+
+    spec = _common.image_spec(adapter, dynamic_spatial, num_samples)
+    module = graphs.ServingModule(adapter, spec, num_samples, max_num_samples)
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    os.makedirs(parent, exist_ok=True)
+    # Write and check next to the target (`<version>.tmp-<random>`), then rename
+    # (`tfp_seg._io.atomic_dir`): TF Serving never sees a half-written or unchecked version (it
+    # ignores non-integer folder names), and a failed check leaves nothing behind.
+    with _io.atomic_dir(export_dir) as tmp:
+        tf.saved_model.save(module, tmp, signatures=module.signatures())
+        extra = os.path.join(tmp, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, "tfp_seg.json"), "w") as f:
+            json.dump(
+                {
+                    "head_config": adapter.config,
+                    "signatures": list(_common.SIGNATURES),
+                    "num_samples": num_samples,
+                    "max_num_samples": max_num_samples,
+                    "image_shape": [None if d is None else int(d) for d in spec.shape[1:]],
+                },
+                f,
+                indent=2,
+                sort_keys=True,
+            )
+        if check:
+            images = _common.check_images(check_images, spec, adapter.image_shape)
+            _check_saved_model(adapter, tmp, images, num_samples, atol)
+    return export_dir
+
+
+def _check_saved_model(adapter, export_dir, images, num_samples, atol):
+    state = adapter.prepare(tf.constant(images))
+    expected = {k: np.asarray(v) for k, v in adapter.params(state).items()}
+    # TF Serving's path: a TF1 session loader feeding the SignatureDef's tensor names.
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")  # the TF1 loader's deprecation notice is not for our users
+        try:
+            meta_graph = tf.compat.v1.saved_model.loader.load(session, ["serve"], export_dir)
+        finally:
+            logger.setLevel(level)
+        signature_def = meta_graph.signature_def["params"]
+        names = sorted(expected)
+        try:
+            values = session.run(
+                [signature_def.outputs[name].name for name in names],
+                {signature_def.inputs["images"].name: images},
+            )
+        except tf.errors.OpError as err:
+            raise _common.ExportError(
+                f"The SavedModel does not run in a TF1 session (TF Serving's loader): {err}"
+            ) from err
+    for name, value in zip(names, values, strict=True):
+        _common.assert_close(f"SavedModel (session) params/{name}", value, expected[name], atol)
+    loaded = tf.saved_model.load(export_dir)
+    got = loaded.signatures["params"](images=tf.constant(images))
+    for name, value in expected.items():
+        _common.assert_close(f"SavedModel params/{name}", np.asarray(got[name]), value, atol)
+    seed = tf.constant([1234, 5678], tf.int64)
+    reference = np.asarray(adapter.sample_logits(state, num_samples, seed=seed))
+    sampled = loaded.signatures["sample"](
+        images=tf.constant(images), num_samples=tf.constant(num_samples), seed=seed
+    )
+    _common.assert_close(
+        "SavedModel sample/logits (seeded)", np.asarray(sampled["logits"]), reference, atol
+    )
+    reference = np.asarray(
+        dists.mean_softmax(adapter.sample_logits_for_mean(state, num_samples, seed=seed))
+    )
+    averaged = loaded.signatures["serving_default"](
+        images=tf.constant(images), num_samples=tf.constant(num_samples), seed=seed
+    )
+    _common.assert_close(
+        "SavedModel serving_default/probabilities (seeded)",
+        np.asarray(averaged["probabilities"]),
+        reference,
+        atol,
+    )
+
+
+def _version_dir(export_dir: str) -> str:
+    export_dir = os.fspath(export_dir).rstrip("/\\") or "."
+    base, last = os.path.split(export_dir)
+    if re.fullmatch(r"\d+", last):
+        if not base:
+            raise ValueError(
+                f"`export_dir` must be '<base>/<version>' (TF Serving layout); got {export_dir!r}."
+            )
+        return export_dir
+    versions = [
+        int(d)
+        for d in (os.listdir(export_dir) if os.path.isdir(export_dir) else [])
+        if re.fullmatch(r"\d+", d)
+    ]
+    return os.path.join(export_dir, str(max(versions, default=0) + 1))

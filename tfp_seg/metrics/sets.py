@@ -1,0 +1,377 @@
+"""Set metrics between sampled and reference label maps: the IoU distance, the generalized
+energy distance, sample diversity and Hungarian-matched IoU.
+
+Set metrics take one image as `samples [N,H,W]`, `references [K,H,W]`, or a batch as
+`[B,N,H,W]` / `[B,K,H,W]` and average over `B`. The set distance is `d(a, b) = 1 - IoU` over the
+foreground classes `1..C-1`, averaged over the classes present in `a` or `b`; two masks without
+any foreground have `d = 0` (Kohl et al., 2018; Monteiro et al., 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import numpy as np
+import scipy.optimize
+
+from tfp_seg import _checks
+from tfp_seg.metrics import _common
+from tfp_seg.metrics._common import ArrayLike
+
+__all__ = [
+    "diversity",
+    "generalized_energy_distance",
+    "hungarian_matched_iou",
+    "iou_distance",
+    "pairwise_iou_distance",
+]
+
+
+# ================================================================================================
+# Input validation of sets
+# ================================================================================================
+
+
+def _check_label_sets(
+    samples: Any, references: Any, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Validates `samples`/`references`; returns them flattened to [B,N,P], [B,K,P]."""
+    s = _common.check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
+    r = _common.check_int_labels(references, "references", num_classes, "[K,H,W] or [B,K,H,W]")
+    for name, arr, form in (("samples", s, "[N,H,W] or [B,N,H,W]"),
+                            ("references", r, "[K,H,W] or [B,K,H,W]")):
+        if arr.ndim not in (3, 4):
+            raise ValueError(
+                f"`{name}` must have rank 3 or 4 ({form}); got {_common.describe(arr)}."
+            )
+    if s.ndim != r.ndim:
+        raise ValueError(
+            "`samples` and `references` must both be single images ([N,H,W] / [K,H,W]) or both "
+            f"batches ([B,N,H,W] / [B,K,H,W]); got samples {_common.describe(s)} and references "
+            f"{_common.describe(r)}."
+        )
+    batched = s.ndim == 4
+    if not batched:
+        s, r = s[None], r[None]
+    if s.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"`samples` and `references` must have the same batch size B; got samples "
+            f"{_common.describe(s)} and references {_common.describe(r)}."
+        )
+    if s.shape[2:] != r.shape[2:]:
+        raise ValueError(
+            f"`samples` and `references` must have the same spatial shape [H,W]; got samples "
+            f"{_common.describe(s)} and references {_common.describe(r)}."
+        )
+    b = s.shape[0]
+    return s.reshape(b, s.shape[1], -1), r.reshape(b, r.shape[1], -1), batched
+
+
+def _check_set_weights(
+    weights: Any, name: str, batch: int, size: int, batched: bool
+) -> np.ndarray:
+    """Returns weights as [B, size] float64 (uniform when None)."""
+    if weights is None:
+        return np.full((batch, size), 1.0 / size)
+    w = _common.as_array(weights, name)
+    form = f"[{size}] or [B, {size}] with B={batch}" if batched else f"[{size}]"
+    if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+        raise ValueError(f"`{name}` must be a real array ({form}); got {_common.describe(w)}.")
+    w = w.astype(np.float64)
+    if w.shape == (size,):
+        w = np.broadcast_to(w, (batch, size))
+    elif not (batched and w.shape == (batch, size)):
+        raise ValueError(f"`{name}` must have shape {form}; got {_common.describe(w)}.")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"`{name}` must be finite and non-negative; got {w.tolist()}.")
+    sums = w.sum(axis=-1)
+    if np.any(np.abs(sums - 1.0) > 1e-5):
+        raise ValueError(
+            f"`{name}` must sum to 1 (per image); got sums {np.round(sums, 6).tolist()}."
+        )
+    return w / sums[:, None]
+
+
+# ================================================================================================
+# IoU distance
+# ================================================================================================
+
+
+def _pairwise_distance(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.ndarray:
+    """`1 - IoU` between every row of x [N,P] and y [K,P] (validated int arrays) -> [N,K]."""
+    n, k = x.shape[0], y.shape[0]
+    # Counts are exact in float32 below 2**24 pixels; BLAS then gives exact integer sums.
+    dtype = np.float32 if x.shape[1] < 2**24 else np.float64
+    iou_sum = np.zeros((n, k))
+    present = np.zeros((n, k))
+    for c in range(1, num_classes):  # loop over classes only; every pair at once per class
+        xc = (x == c).astype(dtype)
+        yc = (y == c).astype(dtype)
+        inter = (xc @ yc.T).astype(np.float64)
+        union = xc.sum(axis=1, dtype=np.float64)[:, None] + yc.sum(axis=1, dtype=np.float64)
+        union = union - inter
+        has = union > 0
+        iou_sum += np.where(has, inter / np.where(has, union, 1.0), 0.0)
+        present += has
+    return np.where(present > 0, 1.0 - iou_sum / np.maximum(present, 1.0), 0.0)
+
+
+def iou_distance(a: ArrayLike, b: ArrayLike, num_classes: int) -> float:
+    """IoU distance `1 - IoU` between two label maps, over the foreground classes.
+
+    Args:
+      a: Integer label map, shape `[H, W]` (any non-empty shape is accepted, e.g. `[D,H,W]`).
+      b: Integer label map of the same shape as `a`.
+      num_classes: Number of classes `C` (labels in `[0, C)`; class 0 is background).
+
+    Returns:
+      The distance as a Python float in `[0, 1]`.
+
+    #### Mathematical Details
+
+    ```none
+    IoU_c(a, b) = |{a = c} ∩ {b = c}| / |{a = c} ∪ {b = c}|
+    P(a, b)     = {c in 1..C-1 : c occurs in a or in b}
+    d(a, b)     = 1 - (1 / |P|) sum_{c in P} IoU_c(a, b)      if P is not empty
+                = 0                                          if neither map has foreground
+    ```
+
+    #### References
+
+    [1]: Simon Kohl et al. A Probabilistic U-Net for Segmentation of Ambiguous Images.
+         NeurIPS 2018. https://arxiv.org/abs/1806.05034
+    """
+    num_classes = _checks.positive_int(num_classes, "num_classes")
+    a_arr = _common.check_int_labels(a, "a", num_classes, "[H,W] label map")
+    b_arr = _common.check_int_labels(b, "b", num_classes, "[H,W] label map")
+    if a_arr.ndim < 1:
+        raise ValueError(
+            f"`a` must be a label map of rank >= 1 ([H,W]); got {_common.describe(a_arr)}."
+        )
+    if a_arr.shape != b_arr.shape:
+        raise ValueError(
+            f"`a` and `b` must have the same shape; got a {_common.describe(a_arr)} and "
+            f"b {_common.describe(b_arr)}."
+        )
+    return float(
+        _pairwise_distance(a_arr.reshape(1, -1), b_arr.reshape(1, -1), num_classes)[0, 0]
+    )
+
+
+def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.ndarray:
+    """Matrix of IoU distances between two sets of label maps.
+
+    Vectorised over pairs: for every foreground class the intersections of all pairs come from
+    one matrix product of the class indicator maps.
+
+    Args:
+      x: Integer label maps, shape `[N, H, W]` (any spatial rank >= 1: `[N, ...]`).
+      y: Integer label maps, shape `[K, H, W]` (same spatial shape as `x`).
+      num_classes: Number of classes `C`.
+
+    Returns:
+      float64 array `[N, K]` with entry `(n, k) = d(x[n], y[k])` (see `iou_distance`).
+
+    #### Mathematical Details
+
+    ```none
+    X_c[n, p] = 1{x[n, p] = c},  Y_c[k, p] = 1{y[k, p] = c}
+    I_c = X_c Y_c^T,  U_c[n, k] = |X_c[n]| + |Y_c[k]| - I_c[n, k]
+    D[n, k] = 1 - mean_{c : U_c[n, k] > 0} I_c[n, k] / U_c[n, k]     (0 if no such c)
+    ```
+    """
+    num_classes = _checks.positive_int(num_classes, "num_classes")
+    x_arr = _common.check_int_labels(x, "x", num_classes, "[N,H,W]")
+    y_arr = _common.check_int_labels(y, "y", num_classes, "[K,H,W]")
+    for name, arr, form in (("x", x_arr, "[N,H,W]"), ("y", y_arr, "[K,H,W]")):
+        if arr.ndim < 2:
+            raise ValueError(
+                f"`{name}` must be a stack of label maps of rank >= 2 ({form}); "
+                f"got {_common.describe(arr)}."
+            )
+    if x_arr.shape[1:] != y_arr.shape[1:]:
+        raise ValueError(
+            f"`x` and `y` must have the same spatial shape; got x {_common.describe(x_arr)} and "
+            f"y {_common.describe(y_arr)}."
+        )
+    return _pairwise_distance(
+        x_arr.reshape(x_arr.shape[0], -1), y_arr.reshape(y_arr.shape[0], -1), num_classes
+    )
+
+
+# ================================================================================================
+# Set metrics: GED, diversity, Hungarian-matched IoU
+# ================================================================================================
+
+
+def generalized_energy_distance(
+    samples: ArrayLike,
+    references: ArrayLike,
+    num_classes: int,
+    reference_weights: Optional[ArrayLike] = None,
+    sample_weights: Optional[ArrayLike] = None,
+    return_terms: bool = False,
+) -> Union[float, dict[str, float]]:
+    """Squared generalized energy distance `D_GED^2` between sampled and reference label maps.
+
+    Args:
+      samples: Integer label maps drawn from the model, `[N, H, W]` for one image or
+        `[B, N, H, W]` for a batch.
+      references: Integer reference annotations, `[K, H, W]` or `[B, K, H, W]` (same rank, batch
+        size and spatial shape as `samples`).
+      num_classes: Number of classes `C`.
+      reference_weights: Optional probabilities of the references, `[K]` (shared over the batch)
+        or `[B, K]`; non-negative, summing to 1. With weights the reference side is an exact
+        discrete distribution (e.g. the enumerated annotation modes of
+        `tfp_seg.data.ambiguous_shapes`), and its expectations are weighted. Default: uniform.
+      sample_weights: Optional weights of the samples, `[N]` or `[B, N]`, same rules.
+      return_terms: If True return a dict with the three terms as well.
+
+    Returns:
+      `D_GED^2` averaged over the batch as a float, or (if `return_terms`) a dict
+      `{"ged", "cross", "sample_diversity", "reference_diversity"}` of batch-averaged floats,
+      where `cross = E[d(S,Y)]`, `sample_diversity = E[d(S,S')]`,
+      `reference_diversity = E[d(Y,Y')]`.
+
+    #### Mathematical Details
+
+    With `d(a, b) = 1 - IoU(a, b)` (see `iou_distance`), weights `u` over the `N` samples
+    (uniform `1/N` by default) and `w` over the `K` references (uniform `1/K` by default):
+
+    ```none
+    D_GED^2 = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')]
+    E[d(S, Y)]  = u^T D_SY w          D_SY[n, k] = d(s_n, y_k)
+    E[d(S, S')] = u^T D_SS u          (all N^2 pairs, including n = n')
+    E[d(Y, Y')] = w^T D_YY w          (all K^2 pairs, including k = k')
+    ```
+
+    All pairs including identical indices are averaged (a V-statistic), so identical sample and
+    reference sets give exactly 0. The result is not clipped; because `d` is not guaranteed to be
+    of negative type, it can in principle be slightly negative.
+
+    As an estimator of the `D_GED^2` between the *distributions* the sets are drawn from, the
+    V-statistic is biased: for `N` i.i.d. samples `E[u^T D_SS u] = (N - 1) / N E[d(S, S')]`
+    (the `N` self-pairs have `d = 0`), so even a perfect sampler scores `E[d(S, S')] / N` on
+    average. `tfp_seg.evaluation.evaluate_ambiguous`, whose reference side is exact, uses the
+    unbiased U-statistic over pairs of distinct samples instead.
+
+    #### Examples
+
+    ```python
+    s = np.array([[[1, 0]], [[1, 1]]])      # N=2 samples of a 1x2 image
+    y = np.array([[[1, 0]]])                # K=1 reference
+    generalized_energy_distance(s, y, num_classes=2)
+    # ==> 0.25   (= 2 * 0.25 - 0.25 - 0)
+    ```
+
+    #### References
+
+    [1]: Simon Kohl et al. A Probabilistic U-Net for Segmentation of Ambiguous Images.
+         NeurIPS 2018. https://arxiv.org/abs/1806.05034
+    [2]: Gábor Székely and Maria Rizzo. Energy statistics: A class of statistics based on
+         distances. Journal of Statistical Planning and Inference, 2013.
+    [3]: Miguel Monteiro et al. Stochastic Segmentation Networks: Modelling Spatially Correlated
+         Aleatoric Uncertainty. NeurIPS 2020. https://arxiv.org/abs/2006.06015
+    """
+    num_classes = _checks.positive_int(num_classes, "num_classes")
+    s, r, batched = _check_label_sets(samples, references, num_classes)
+    batch = s.shape[0]
+    w_ref = _check_set_weights(reference_weights, "reference_weights", batch, r.shape[1], batched)
+    w_smp = _check_set_weights(sample_weights, "sample_weights", batch, s.shape[1], batched)
+    cross = np.empty(batch)
+    sample_div = np.empty(batch)
+    reference_div = np.empty(batch)
+    for i in range(batch):
+        u, w = w_smp[i], w_ref[i]
+        cross[i] = u @ _pairwise_distance(s[i], r[i], num_classes) @ w
+        sample_div[i] = u @ _pairwise_distance(s[i], s[i], num_classes) @ u
+        reference_div[i] = w @ _pairwise_distance(r[i], r[i], num_classes) @ w
+    ged = 2.0 * cross - sample_div - reference_div
+    if not return_terms:
+        return float(ged.mean())
+    return {
+        "ged": float(ged.mean()),
+        "cross": float(cross.mean()),
+        "sample_diversity": float(sample_div.mean()),
+        "reference_diversity": float(reference_div.mean()),
+    }
+
+
+def diversity(samples: ArrayLike, num_classes: int) -> float:
+    """Mean pairwise IoU distance `E[d(S, S')]` within a set of label maps.
+
+    Args:
+      samples: Integer label maps, `[N, H, W]` for one image or `[B, N, H, W]` for a batch.
+      num_classes: Number of classes `C`.
+
+    Returns:
+      The sample diversity (the `E[d(S,S')]` term of `generalized_energy_distance`), averaged
+      over the batch, as a float.
+
+    #### Mathematical Details
+
+    ```none
+    diversity = (1 / N^2) sum_{n, n'} d(s_n, s_n')     (all pairs, including n = n')
+    ```
+
+    This V-statistic describes the set itself. For `N` i.i.d. samples of a distribution its
+    expectation is `(N - 1) / N E[d(S, S')]`; `N / (N - 1)` times it is the unbiased
+    U-statistic (mean over pairs `n != n'`), which `tfp_seg.evaluation.evaluate_ambiguous`
+    reports as `diversity`.
+    """
+    num_classes = _checks.positive_int(num_classes, "num_classes")
+    s = _common.check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
+    if s.ndim not in (3, 4):
+        raise ValueError(
+            f"`samples` must have rank 3 or 4 ([N,H,W] or [B,N,H,W]); got {_common.describe(s)}."
+        )
+    if s.ndim == 3:
+        s = s[None]
+    s = s.reshape(s.shape[0], s.shape[1], -1)
+    return float(np.mean([_pairwise_distance(x, x, num_classes).mean() for x in s]))
+
+
+def hungarian_matched_iou(samples: ArrayLike, references: ArrayLike, num_classes: int) -> float:
+    """Mean IoU of an optimal one-to-one matching between samples and references.
+
+    Args:
+      samples: Integer label maps, `[N, H, W]` or `[B, N, H, W]`.
+      references: Integer label maps, `[K, H, W]` or `[B, K, H, W]`.
+      num_classes: Number of classes `C`.
+
+    Returns:
+      The Hungarian-matched IoU averaged over the batch, a float in `[0, 1]`.
+
+    #### Mathematical Details
+
+    Both sets are replicated to the common size `L = lcm(N, K)` (each sample `L / N` times,
+    each reference `L / K` times). When one size divides the other this is the usual "replicate
+    the smaller set to the size of the larger" (e.g. 16 samples vs 4 raters: each rater 4
+    times); unlike cyclic tiling to `max(N, K)`, it does not depend on the order of the sets
+    when neither divides the other, and equals optimal transport between the two uniform
+    empirical distributions. With `IoU = 1 - d` (two masks with no foreground have IoU 1):
+
+    ```none
+    pi*  = argmin_{permutation pi} sum_i d(s_i, y_pi(i))      (scipy linear_sum_assignment)
+    HM-IoU = (1 / L) sum_i (1 - d(s_i, y_pi*(i)))
+    ```
+
+    #### References
+
+    [1]: Simon Kohl et al. A Hierarchical Probabilistic U-Net for Modeling Multi-Scale
+         Ambiguities. 2019. https://arxiv.org/abs/1905.13077
+    [2]: Miguel Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
+    """
+    num_classes = _checks.positive_int(num_classes, "num_classes")
+    s, r, _ = _check_label_sets(samples, references, num_classes)
+    n, k = s.shape[1], r.shape[1]
+    size = math.lcm(n, k)
+    rows = np.repeat(np.arange(n), size // n)
+    cols = np.repeat(np.arange(k), size // k)
+    scores = []
+    for i in range(s.shape[0]):
+        cost = _pairwise_distance(s[i], r[i], num_classes)[np.ix_(rows, cols)]
+        row_idx, col_idx = scipy.optimize.linear_sum_assignment(cost)
+        scores.append(np.mean(1.0 - cost[row_idx, col_idx]))
+    return float(np.mean(scores))

@@ -7,19 +7,12 @@ import tensorflow as tf
 from scipy.special import softmax
 
 import tfp_seg
-from tfp_seg import uncertainty
+from tfp_seg import calibration, uncertainty
+from tfp_seg.calibration import TemperatureScaling, scale_class_covariance, with_temperature
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
-from tfp_seg.models import ProbabilisticSegmenter, UNet
-from tfp_seg.uncertainty import (
-    DeepEnsemble,
-    MCDropout,
-    TemperatureScaling,
-    expected_entropy,
-    mutual_information,
-    predictive_entropy,
-    scale_class_covariance,
-    with_temperature,
-)
+from tfp_seg.models import ProbabilisticSegmenter, UNet, wrappers
+from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
+from tfp_seg.uncertainty import expected_entropy, mutual_information, predictive_entropy
 
 
 def _prob_samples(shape, seed=0, concentration=0.5):
@@ -55,6 +48,30 @@ def test_entropies_match_numpy_loops():
     assert predictive_entropy(p).shape == (b, h, w)
     # float32 in, float32 out
     assert predictive_entropy(p.astype("float32")).dtype == np.float32
+
+
+MAP_KEYS = {"predictive_entropy", "expected_entropy", "mutual_information", "variance"}
+
+
+def test_uncertainty_maps_from_probabilities_and_from_logits_agree():
+    """One implementation: the numpy maps of probability samples and the (export) tensor maps
+    of logit samples have the same keys and values; `variance` is sum_c var_n(p_n)."""
+    z = np.random.default_rng(3).normal(scale=3.0, size=(6, 2, 4, 5, 3)).astype("float32")
+    p = softmax(z.astype("float64"), -1)
+    maps = uncertainty.uncertainty_maps(p)
+    graph = uncertainty.uncertainty_maps_from_logits(tf.constant(z))
+    assert set(maps) == set(graph) == MAP_KEYS
+    for key in MAP_KEYS:
+        assert maps[key].shape == graph[key].shape == (2, 4, 5)
+        np.testing.assert_allclose(graph[key].numpy(), maps[key], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(maps["variance"], p.var(axis=0, ddof=1).sum(-1), rtol=1e-10)
+    np.testing.assert_allclose(maps["predictive_entropy"], predictive_entropy(p), rtol=1e-12)
+    one = uncertainty.uncertainty_maps(p[:1])
+    np.testing.assert_array_equal(one["variance"], 0.0)
+    np.testing.assert_allclose(one["mutual_information"], 0.0, atol=1e-12)
+    per_image = uncertainty.uncertainty_maps(p.astype("float32"), per_image=True)
+    assert set(per_image) == MAP_KEYS
+    assert all(v.shape == (2,) and v.dtype == np.float32 for v in per_image.values())
 
 
 def test_mutual_information_zero_for_identical_samples_and_nonnegative():
@@ -435,3 +452,33 @@ def test_public_names():
         "with_temperature",
     ):
         assert name in uncertainty.__all__ and hasattr(uncertainty, name)
+
+
+def test_moved_names_are_lazy_compatibility_aliases():
+    """`tfp_seg.uncertainty.MCDropout` etc. still work, resolved on use: the module itself
+    imports neither the models nor calibration (it is a leaf below them)."""
+    import ast
+    import inspect
+
+    moved = {
+        "MCDropout": wrappers,
+        "DeepEnsemble": wrappers,
+        "TemperatureScaling": calibration,
+        "scale_class_covariance": calibration,
+        "with_temperature": calibration,
+    }
+    for name, home in moved.items():
+        assert getattr(uncertainty, name) is getattr(home, name)
+        assert name in dir(uncertainty)
+    namespace = {}
+    exec("from tfp_seg.uncertainty import *", namespace)
+    assert all(namespace[name] is getattr(home, name) for name, home in moved.items())
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        uncertainty.nope  # noqa: B018
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(uncertainty))):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert not {m for m in imported if m and m.startswith("tfp_seg")}, imported

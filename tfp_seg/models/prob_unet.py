@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfp_seg import _checks
 from tfp_seg.layers.latent import LatentEncoder, LatentInjection, one_hot_labels
 from tfp_seg.losses.elbo import ELBO, GECO
-from tfp_seg.models.readout import SampleReadout
+from tfp_seg.models import sampling
 from tfp_seg.models.unet import UNet
 
 __all__ = ["ProbabilisticUNet"]
@@ -19,7 +19,7 @@ _DEFAULT_ENCODER_FILTERS = (32, 64, 128, 192)
 
 
 @keras.saving.register_keras_serializable(package="tfp_seg")
-class ProbabilisticUNet(SampleReadout, keras.Model):
+class ProbabilisticUNet(sampling.Sampler, keras.Model):
     """A U-Net whose logits depend on a low-dimensional Gaussian latent: a conditional VAE.
 
     #### Mathematical Details
@@ -100,8 +100,7 @@ class ProbabilisticUNet(SampleReadout, keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"`num_classes` must be an int >= 2; got {num_classes!r}.")
+        num_classes = _checks.positive_int(num_classes, "num_classes", minimum=2)
         if backbone is None:
             backbone = UNet()
         if not callable(backbone):
@@ -360,6 +359,17 @@ class ProbabilisticUNet(SampleReadout, keras.Model):
         prior_params = self.prior_net(images, training=False)
         z = self.prior_net.sample(prior_params, num_samples, seed=seed, antithetic=antithetic)
         return self.f_comb.sample_logits(features, z)
+
+    # --- graph sampling (`tfp_seg.protocols.GraphSampler`: what `tfp_seg.export` traces) ------
+    def sample_logits_tensor(self, images, num_samples: int, seed=None) -> tf.Tensor:
+        """Prior samples of the logits `[N, B, H, W, C]` (float32 tensor) for one batch of
+        images, in graph-safe ops: independent draws, `seed` None (stateful random ops) or a
+        shape-[2] int stateless seed. The read-outs (`sample_logits`, ...) batch this."""
+        return self._sample_logits_tensor(images, num_samples, seed=seed)
+
+    def mean_logits_tensor(self, images) -> tf.Tensor:
+        """Logits at the prior mean `[B, H, W, C]`: `model(images)` in inference mode."""
+        return self(images, training=False)
 
     # --- config --------------------------------------------------------------------------------
     def get_config(self):

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tfp_seg import _checks, metrics
-from tfp_seg.layers.base import DistributionHead
-from tfp_seg.models.readout import SampleReadout
+from tfp_seg import _checks, metrics, protocols
+from tfp_seg.models import sampling
 
 __all__ = ["ProbabilisticSegmenter"]
 
 
 @keras.saving.register_keras_serializable(package="tfp_seg")
-class ProbabilisticSegmenter(SampleReadout, keras.Model):
+class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
     """A segmentation model whose output is a distribution over per-pixel logits.
 
     `model(images)` returns the head's packed parameters `[B, H, W, head.params_size]` (Keras
@@ -23,7 +21,8 @@ class ProbabilisticSegmenter(SampleReadout, keras.Model):
     Args:
       backbone: a Keras model/layer `images [B, H, W, channels] -> features [B, H, W, F]`
         (for example `tfp_seg.models.UNet()`), at the input resolution.
-      head: a `tfp_seg.layers.DistributionHead`.
+      head: a distribution head layer (`tfp_seg.protocols.Head`), e.g. a
+        `tfp_seg.layers.DistributionHead`.
       validate_inputs: fail at run time on NaN/Inf images.
 
     #### Examples
@@ -41,9 +40,11 @@ class ProbabilisticSegmenter(SampleReadout, keras.Model):
 
     def __init__(self, backbone, head, validate_inputs: bool = True, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(head, DistributionHead):
+        if not (isinstance(head, protocols.Head) and isinstance(head, keras.layers.Layer)):
             raise ValueError(
-                f"`head` must be a tfp_seg.layers.DistributionHead; got {type(head).__name__}."
+                "`head` must be a distribution head layer (a keras Layer that is a "
+                "tfp_seg.protocols.Head, e.g. a tfp_seg.layers.DistributionHead); got "
+                f"{type(head).__name__}."
             )
         if not callable(backbone):
             raise ValueError(f"`backbone` must be a callable Keras model; got {backbone!r}.")
@@ -124,10 +125,10 @@ class ProbabilisticSegmenter(SampleReadout, keras.Model):
             self(images, training=False), num_samples, seed=seed, antithetic=antithetic
         )
 
-    def _mean_probabilities(self, images, num_samples: int, seed) -> np.ndarray:
+    def _mean_probabilities(self, images, num_samples: int, seed=None) -> tf.Tensor:
         # The head's own estimator: antithetic pairs by default, one pass for a point mass.
         params = self(images, training=False)
-        return self.head.mean_probabilities(params, num_samples=num_samples, seed=seed).numpy()
+        return self.head.mean_probabilities(params, num_samples=num_samples, seed=seed)
 
     # --- config --------------------------------------------------------------------------------
     def get_config(self):

@@ -6,6 +6,8 @@ from typing import Optional
 
 import keras
 
+from tfp_seg import _checks
+
 __all__ = ["UNet"]
 
 _NORMS = ("batch", "group", None)
@@ -35,7 +37,7 @@ class UNet(keras.Model):
         the same result on one device as under `tf.distribute` data parallelism.
       activation: Keras activation name.
       dropout: dropout rate after every block of the bottleneck and decoder (0 disables;
-        `tfp_seg.uncertainty.MCDropout` keeps it active at inference).
+        `tfp_seg.models.wrappers.MCDropout` keeps it active at inference).
     """
 
     def __init__(
@@ -50,14 +52,10 @@ class UNet(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        for arg, value, low in (
-            ("base_filters", base_filters, 1),
-            ("depth", depth, 0),
-            ("filters_multiplier", filters_multiplier, 1),
-            ("convs_per_block", convs_per_block, 1),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{arg}` must be an int >= {low}; got {value!r}.")
+        base_filters = _checks.positive_int(base_filters, "base_filters")
+        depth = _checks.positive_int(depth, "depth", minimum=0)
+        filters_multiplier = _checks.positive_int(filters_multiplier, "filters_multiplier")
+        convs_per_block = _checks.positive_int(convs_per_block, "convs_per_block")
         if norm not in _NORMS:
             raise ValueError(f"`norm` must be one of {_NORMS}; got {norm!r}.")
         if not 0.0 <= float(dropout) < 1.0:

@@ -1,0 +1,290 @@
+"""Post-hoc calibration and control of the logits distribution of a trained model.
+
+- `TemperatureScaling` (Guo et al., 2017): one temperature `T`, fitted on validation logits
+  (`fit`) or on Monte Carlo predictive probabilities of logit samples (`fit_samples`), and the
+  packed head parameters of the calibrated distribution (`scale_params`).
+- Control of a low-rank (SSN) or heteroscedastic logits distribution after inference:
+  `scale_class_covariance` (per class) and `with_temperature` (whole covariance) return new
+  packed parameters (Monteiro et al., 2020, Sec. 5).
+
+These work on logits and head parameters, so they sit above the models in the package's
+layering (DESIGN section 4); `tfp_seg.uncertainty` keeps compatibility aliases of them.
+
+#### References
+
+[1] Guo et al. On Calibration of Modern Neural Networks. ICML 2017.
+[2] Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+import numpy as np
+import tensorflow as tf
+from scipy import optimize, special
+
+from tfp_seg import protocols
+
+__all__ = ["TemperatureScaling", "scale_class_covariance", "with_temperature"]
+
+
+# ================================================================================================
+# Calibration
+# ================================================================================================
+def _flatten_logits_labels(logits, labels, ignore_label, sample_axis: bool):
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    lead = 1 if sample_axis else 0
+    name = "logit_samples" if sample_axis else "logits"
+    form = "[S, N, C] or [S, B, H, W, C]" if sample_axis else "[N, C] or [B, H, W, C]"
+    if z.ndim < 2 + lead:
+        raise ValueError(f"`{name}` must have shape {form}; got shape {z.shape}.")
+    if y.shape != z.shape[lead:-1]:
+        raise ValueError(
+            f"`labels` must have shape {z.shape[lead:-1]} (the `{name}` shape {z.shape} without "
+            f"{'the sample and ' if sample_axis else ''}the class axis); got {y.shape}."
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError("`labels` must hold integer class ids.")
+        y = y.astype(np.int64)
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"`{name}` contains NaN or Inf values.")
+    c = z.shape[-1]
+    y = y.reshape(-1)
+    z = z.reshape((z.shape[0], -1, c) if sample_axis else (-1, c))
+    valid = np.ones_like(y, dtype=bool) if ignore_label is None else y != ignore_label
+    bad = valid & ((y < 0) | (y >= c))
+    if bad.any():
+        raise ValueError(
+            f"`labels` has values outside [0, {c})"
+            + (f" and != ignore_label={ignore_label}" if ignore_label is not None else "")
+            + f": e.g. {y[bad][:3].tolist()}."
+        )
+    if not valid.any():
+        raise ValueError("`labels` has no valid (non-ignored) entries.")
+    return (z[:, valid] if sample_axis else z[valid]), y[valid]
+
+
+class TemperatureScaling:
+    """Post-hoc temperature scaling of logits (Guo et al., 2017): `softmax(logits / T)`.
+
+    `fit` minimises the validation NLL over `log T` by a bounded 1-D search
+    (`scipy.optimize.minimize_scalar(method="bounded")`):
+
+    ```none
+    T* = argmin_T  -(1/n) sum_i log softmax(z_i / T)[y_i]            (fit)
+    T* = argmin_T  -(1/n) sum_i log (1/S) sum_s softmax(z_i^s / T)[y_i]   (fit_samples)
+    ```
+
+    For distribution heads (SSN, heteroscedastic), the choice made here is to calibrate the
+    *Monte Carlo predictive probabilities* the model actually reports, `E_s softmax(eta_s)`:
+    `fit_samples(logit_samples, labels)` scales every logit sample by `1/T`. That is the same
+    as the distribution with mean `mu / T` and covariance `Sigma / T^2`; `scale_params` returns
+    those packed parameters, so a calibrated head can be exported. Fitting on the mean logits
+    (`fit(head.mean_logits(params), labels)`) also works but calibrates `softmax(mu)`, which
+    is not what `predict_proba` returns.
+
+    Args:
+      bounds: search interval `(T_min, T_max)` for the temperature.
+
+    #### Examples
+
+    ```python
+    ts = tfp_seg.calibration.TemperatureScaling().fit(val_logits, val_labels)
+    ts.temperature                 # ==> e.g. 1.7 (T > 1: the model was over-confident)
+    calibrated = ts(test_logits)   # logits / T
+    ```
+    """
+
+    def __init__(self, bounds: tuple = (0.05, 20.0)):
+        lo, hi = (float(b) for b in bounds)
+        if not (0 < lo < hi and math.isfinite(hi)):
+            raise ValueError(f"`bounds` must satisfy 0 < T_min < T_max < inf; got {bounds!r}.")
+        self.bounds = (lo, hi)
+        self._temperature: Optional[float] = None
+        self.nll_before: Optional[float] = None
+        self.nll_after: Optional[float] = None
+
+    @property
+    def temperature(self) -> float:
+        """The fitted temperature T (1.0 before `fit`)."""
+        return 1.0 if self._temperature is None else self._temperature
+
+    @property
+    def fitted(self) -> bool:
+        return self._temperature is not None
+
+    def _search(self, objective) -> "TemperatureScaling":
+        lo, hi = (math.log(b) for b in self.bounds)
+        result = optimize.minimize_scalar(
+            objective, bounds=(lo, hi), method="bounded", options={"xatol": 1e-5}
+        )
+        self._temperature = float(math.exp(result.x))
+        self.nll_before = float(objective(0.0))
+        self.nll_after = float(result.fun)
+        return self
+
+    def fit(self, logits, labels, ignore_label: Optional[int] = None) -> "TemperatureScaling":
+        """Fit T on logits `[N, C]` or `[B, H, W, C]` (any `[..., C]`) and integer `labels [...]`.
+
+        Returns self.
+        """
+        z, y = _flatten_logits_labels(logits, labels, ignore_label, sample_axis=False)
+        z_true = z[np.arange(len(y)), y]
+
+        def nll(log_t):
+            inv_t = math.exp(-log_t)
+            return float(np.mean(special.logsumexp(z * inv_t, axis=-1) - z_true * inv_t))
+
+        return self._search(nll)
+
+    def fit_samples(
+        self, logit_samples, labels, ignore_label: Optional[int] = None
+    ) -> "TemperatureScaling":
+        """Fit T on Monte Carlo predictive probabilities of logit samples `[S, ..., C]`.
+
+        `labels` have the shape of `logit_samples` without its first and last axes. Returns self.
+        """
+        z, y = _flatten_logits_labels(logit_samples, labels, ignore_label, sample_axis=True)
+        s = z.shape[0]
+        z_true = z[:, np.arange(len(y)), y]  # [S, n]
+
+        def nll(log_t):
+            inv_t = math.exp(-log_t)
+            log_p = z_true * inv_t - special.logsumexp(z * inv_t, axis=-1)  # [S, n]
+            return float(-np.mean(special.logsumexp(log_p, axis=0) - math.log(s)))
+
+        return self._search(nll)
+
+    def __call__(self, logits):
+        """`logits / T` (a tf.Tensor for tensor input, else numpy)."""
+        if isinstance(logits, (tf.Tensor, tf.Variable)):
+            return logits / tf.cast(self.temperature, logits.dtype)
+        logits = np.asarray(logits)
+        return logits / np.asarray(self.temperature, dtype=logits.dtype)
+
+    def predict_proba(self, logits) -> np.ndarray:
+        """`softmax(logits / T)` over the last axis (numpy)."""
+        return special.softmax(np.asarray(self(np.asarray(logits)), dtype=np.float64), axis=-1)
+
+    def scale_params(self, params, head) -> tf.Tensor:
+        """Packed head parameters whose logit samples are the original samples divided by T.
+
+        Low-rank / heteroscedastic heads: mean `mu / T`, covariance `/ T^2`. Heads whose params
+        are the logits (`CategoricalLogits`): `params / T`.
+        """
+        t = self.temperature
+        if isinstance(head, protocols.CovarianceHead):
+            loc, raw, factor = head.split_params(params)
+            rescaled = head.pack_params(loc / t, raw, factor)
+            return with_temperature(rescaled, head, 1.0 / t**2)
+        params = tf.convert_to_tensor(params, tf.float32)
+        if params.shape[-1] != head.num_classes:
+            raise ValueError(
+                f"`head` {type(head).__name__} has no covariance parameters and its params are "
+                f"not logits (last axis {params.shape[-1]} != num_classes {head.num_classes})."
+            )
+        return params / t
+
+    def __repr__(self):
+        return f"TemperatureScaling(temperature={self.temperature:.4g}, fitted={self.fitted})"
+
+
+# ================================================================================================
+# Control of low-rank (SSN) samples
+# ================================================================================================
+def _check_head(head):
+    if not isinstance(head, protocols.CovarianceHead):
+        raise ValueError(
+            "`head` must be a covariance head (tfp_seg.protocols.CovarianceHead: a "
+            "tfp_seg.layers.LowRankLogits or HeteroscedasticLogits); got "
+            f"{type(head).__name__}."
+        )
+
+
+def _class_scale_vector(class_scales, num_classes: int) -> np.ndarray:
+    if isinstance(class_scales, Mapping):
+        scales = np.ones(num_classes)
+        for key, value in class_scales.items():
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
+                raise ValueError(f"`class_scales` keys must be class ids; got {key!r}.")
+            if not 0 <= key < num_classes:
+                raise ValueError(
+                    f"`class_scales` key {key} is outside [0, {num_classes}) (num_classes)."
+                )
+            scales[int(key)] = float(value)
+    else:
+        try:
+            scales = np.asarray(class_scales, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`class_scales` must be {num_classes} numbers or a {{class: scale}} dict; "
+                f"got {class_scales!r}."
+            ) from None
+        if scales.shape != (num_classes,):
+            raise ValueError(
+                f"`class_scales` must have one entry per class ({num_classes}); "
+                f"got shape {scales.shape}."
+            )
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise ValueError(f"`class_scales` must be finite and >= 0; got {scales.tolist()}.")
+    return scales
+
+
+def scale_class_covariance(params, head, class_scales) -> tf.Tensor:
+    """New packed params whose logit covariance is rescaled per class (SSN sample control).
+
+    ```none
+    P'[.., c, :] = s_c P[.., c, :]        D'_c = s_c^2 D_c
+    Sigma' = S Sigma S,  S = diag(s_class(k))   block (c, c) x s_c^2, block (c, c') x s_c s_c'
+    ```
+
+    The mean is unchanged. Larger `s_c` makes class `c`'s logit vary more across samples, so
+    its sampled area grows where it is not already the mean's argmax (and shrinks where it is).
+    The diagonal `D` includes the head's `epsilon`; the new diagonal is floored at `epsilon`
+    (a scale that would bring `D'_c` below it leaves `D'_c = epsilon`).
+
+    Args:
+      params: packed `LowRankLogits` (or `HeteroscedasticLogits`) params `[B, H, W, P]`.
+      head: the head that produced `params` (its configuration only).
+      class_scales: `C` non-negative scales, or a dict `{class_id: scale}` (others 1).
+
+    Returns:
+      float32 `[B, H, W, P]` packed params.
+    """
+    _check_head(head)
+    scales = _class_scale_vector(class_scales, head.num_classes)
+    loc, raw, factor = head.split_params(params)
+    s = tf.constant(scales, tf.float32)
+    diag = head.diag_from_raw(raw) * tf.square(s)
+    return head.pack_params(loc, head.raw_from_diag(diag), factor * s[:, tf.newaxis])
+
+
+def with_temperature(params, head, t: float) -> tf.Tensor:
+    """New packed params whose whole logit covariance is multiplied by `t` (mean unchanged).
+
+    ```none
+    P' = sqrt(t) P,   D' = t D    =>   Sigma' = t Sigma
+    ```
+
+    `t > 1` diversifies samples, `t < 1` concentrates them (`D'` is floored at the head's
+    `epsilon`). Not the calibration temperature of `TemperatureScaling`, which divides logits.
+
+    Args:
+      params: packed `LowRankLogits` (or `HeteroscedasticLogits`) params `[B, H, W, P]`.
+      head: the head that produced `params`.
+      t: finite, > 0.
+    """
+    _check_head(head)
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise ValueError(f"`t` must be a positive number; got {t!r}.") from None
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"`t` must be finite and > 0; got {t!r}.")
+    loc, raw, factor = head.split_params(params)
+    diag = head.diag_from_raw(raw) * t
+    return head.pack_params(loc, head.raw_from_diag(diag), factor * math.sqrt(t))

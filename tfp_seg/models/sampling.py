@@ -1,0 +1,227 @@
+"""`Sampler`: the one model-level sampling interface of tfp_seg.
+
+Every model that draws segmentations inherits it: `ProbabilisticSegmenter`,
+`ProbabilisticUNet` and the wrappers `MCDropout` and `DeepEnsemble`
+(`tfp_seg.models.wrappers`). A model provides graph pieces for one batch of images; `Sampler`
+turns them into the public, batched, NumPy-returning read-outs (`sample_logits`, `sample`,
+`probability_samples`, `predict_proba`) that metrics, plots, the CLI and the exporters rely on
+(`tfp_seg.protocols.Sampler`).
+
+```none
+hook (one batch `images [B, H, W, channels]`)            default
+_sample_logits_tensor(images, N, seed, antithetic)       required: logits [N, B, H, W, C]
+_sample_labels_tensor(images, N, seed, antithetic)       argmax of _sample_logits_tensor
+_mean_probabilities(images, N, seed)                     mean softmax of N independent draws
+```
+
+#### The contract, the same for every model
+
+```none
+argument     accepted                                      default
+x            images [B, H, W, channels], B >= 1            -
+num_samples  a positive int (Python or NumPy, not bool)    `model.default_num_samples`: 16;
+                                                           MCDropout / DeepEnsemble: their
+                                                           `num_samples`
+seed         None (fresh randomness), an int, or a pair    None
+             of ints (a shape-[2] stateless seed)
+batch_size   None (all images at once) or a positive int   32
+antithetic   (`sample_logits`, `sample`) a bool; True      False
+             needs an even N, and a model that mirrors
+             its draws (`MCDropout`, `DeepEnsemble` raise)
+```
+
+Every argument is checked before anything runs, with the same `ValueError` for every model.
+
+- **Seeds per batch.** Batch 0 uses `seed` itself and batch `k > 0` uses
+  `tfp_seg._seeds.fold_seed(seed, k)` (as the exporters' sample chunks): every batch draws
+  its own noise, so images in different batches are never given the same noise, and a seeded
+  call is reproducible for a fixed `batch_size` (not across batch sizes).
+- **Labels.** `sample` draws from the label sampler of whatever draws the logits: a
+  distribution head's `sample_labels` (exact; for SSN and heteroscedastic heads cheaper than
+  the arg max of logit samples, but other draws than `sample_logits` with the same seed),
+  otherwise the arg max of the logit sample (Prob U-Net latents, the mean logits of a wrapped
+  model without head sampling). So `sample(x, N, seed)` is always *distributed* as
+  `argmax(sample_logits(x, N, seed))`, and equal to it exactly when no head draws the labels.
+- **Predictive probabilities.** `predict_proba` is the model's own Monte Carlo estimator of
+  `E[softmax(eta)]`: a head's `mean_probabilities` (antithetic pairs for SSN when N is even,
+  one pass for a point mass) in `ProbabilisticSegmenter`, else the mean softmax of N
+  independent draws; it is not necessarily the mean of `probability_samples` with the same
+  seed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from tfp_seg import _checks, _seeds
+from tfp_seg import distributions as dists
+from tfp_seg._seeds import SeedLike
+
+__all__ = ["Sampler", "DEFAULT_NUM_SAMPLES"]
+
+DEFAULT_NUM_SAMPLES = 16
+
+
+def _batch_seed(seed: Union[None, int, np.ndarray], index: int):
+    """The seed of batch `index`: `seed` itself for batch 0, `fold_seed(seed, index)` after."""
+    if seed is None or index == 0:
+        return seed
+    return _seeds.fold_seed(seed, index).numpy()
+
+
+def _check_images(x):
+    if not isinstance(x, tf.Tensor):
+        x = np.asarray(x)
+    if len(x.shape) != 4:
+        raise ValueError(
+            "`x` must have rank 4 ([B, H, W, channels] images); "
+            f"got shape {_checks.shape_str(x)}."
+        )
+    if x.shape[0] == 0:
+        raise ValueError("`x` is an empty batch (0 images).")
+    return x
+
+
+class Sampler:
+    """Mixin: the batched, NumPy-returning sampling read-outs (see the module docstring).
+
+    Subclasses implement `_sample_logits_tensor` and may override `_sample_labels_tensor`
+    (an exact label sampler), `_mean_probabilities` (the model's estimator),
+    `default_num_samples`, and `_supports_antithetic`.
+    """
+
+    # Whether `_sample_logits_tensor(..., antithetic=True)` draws mirrored pairs.
+    _supports_antithetic = True
+
+    @property
+    def default_num_samples(self) -> int:
+        """N when a read-out is called without `num_samples`."""
+        return DEFAULT_NUM_SAMPLES
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _sample_logits_tensor(self, images, num_samples: int, seed=None, antithetic=False):
+        """Logit samples `[N, B, H, W, C]` (float32 tensor) for one batch."""
+        raise NotImplementedError
+
+    def _sample_labels_tensor(self, images, num_samples: int, seed=None, antithetic=False):
+        """Label maps `[N, B, H, W]` (int32); models with an exact label sampler override it."""
+        return dists.argmax_classes(
+            self._sample_logits_tensor(images, num_samples, seed=seed, antithetic=antithetic)
+        )
+
+    def _mean_probabilities(self, images, num_samples: int, seed=None):
+        """`E[softmax(eta)]` `[B, H, W, C]`: the mean softmax of N independent draws."""
+        samples = self._sample_logits_tensor(images, num_samples, seed=seed, antithetic=False)
+        return dists.mean_softmax(samples)
+
+    # --- argument checks -----------------------------------------------------------------------
+    def _num_samples_arg(self, num_samples, antithetic: bool = False) -> int:
+        if num_samples is None:
+            num_samples = self.default_num_samples
+        num_samples = _checks.positive_int(num_samples, "num_samples")
+        if antithetic and not self._supports_antithetic:
+            raise ValueError(
+                f"{type(self).__name__} draws independent samples; `antithetic=True` is not "
+                "supported."
+            )
+        return _checks.check_num_samples(num_samples, antithetic)
+
+    def _batches(
+        self, x, batch_size: Optional[int], seed: SeedLike
+    ) -> Iterator[Tuple[object, object]]:
+        """Check `x`, `batch_size` and `seed` (before anything runs); yield `(images, seed)`."""
+        batch_size = _checks.positive_int(batch_size, "batch_size", optional=True)
+        seed = _seeds.check_seed(seed)
+        x = _check_images(x)
+        n = x.shape[0]
+        if batch_size is None or n is None:
+            return iter([(x, seed)])
+        starts = range(0, int(n), batch_size)
+        return (
+            (x[start : start + batch_size], _batch_seed(seed, k)) for k, start in enumerate(starts)
+        )
+
+    # --- read-outs -----------------------------------------------------------------------------
+    def sample_logits(
+        self,
+        x,
+        num_samples: Optional[int] = None,
+        seed: SeedLike = None,
+        batch_size: Optional[int] = 32,
+        antithetic: bool = False,
+    ) -> np.ndarray:
+        """Logit samples `[N, B, H, W, C]` (float32 numpy) for images `x [B, H, W, channels]`.
+
+        Independent samples by default (what a person looking at plausible segmentations
+        wants); `antithetic=True` gives mirrored pairs, a variance reduction for estimators.
+        """
+        antithetic = bool(antithetic)
+        n = self._num_samples_arg(num_samples, antithetic)
+        out = [
+            np.asarray(self._sample_logits_tensor(xb, n, seed=s, antithetic=antithetic))
+            for xb, s in self._batches(x, batch_size, seed)
+        ]
+        return np.concatenate(out, axis=1)
+
+    def sample(
+        self,
+        x,
+        num_samples: Optional[int] = None,
+        seed: SeedLike = None,
+        batch_size: Optional[int] = 32,
+        antithetic: bool = False,
+    ) -> np.ndarray:
+        """Sampled label maps `[N, B, H, W]` (int32 numpy), distributed as the arg max of
+        logit samples.
+
+        A distribution head that draws the samples draws the maps with its exact label
+        sampler (`head.sample_labels`: cheaper for SSN and heteroscedastic heads), so they are
+        then not the arg max of `sample_logits` with the same seed, though they have its
+        distribution.
+        """
+        antithetic = bool(antithetic)
+        n = self._num_samples_arg(num_samples, antithetic)
+        out = [
+            np.asarray(self._sample_labels_tensor(xb, n, seed=s, antithetic=antithetic))
+            for xb, s in self._batches(x, batch_size, seed)
+        ]
+        return np.concatenate(out, axis=1)
+
+    def probability_samples(
+        self,
+        x,
+        num_samples: Optional[int] = None,
+        seed: SeedLike = None,
+        batch_size: Optional[int] = 32,
+    ) -> np.ndarray:
+        """Softmax of each logit sample, `[N, B, H, W, C]` (input of `tfp_seg.uncertainty`).
+
+        The softmax of `sample_logits(x, num_samples, seed, batch_size)`: the same draws.
+        """
+        n = self._num_samples_arg(num_samples)
+        out = [
+            tf.nn.softmax(self._sample_logits_tensor(xb, n, seed=s, antithetic=False), -1).numpy()
+            for xb, s in self._batches(x, batch_size, seed)
+        ]
+        return np.concatenate(out, axis=1)
+
+    def predict_proba(
+        self,
+        x,
+        num_samples: Optional[int] = None,
+        seed: SeedLike = None,
+        batch_size: Optional[int] = 32,
+    ) -> np.ndarray:
+        """Predictive probabilities `E[softmax(eta)]` over `num_samples`, `[B, H, W, C]`.
+
+        The model's own Monte Carlo estimator (see the module docstring).
+        """
+        n = self._num_samples_arg(num_samples)
+        out = [
+            np.asarray(self._mean_probabilities(xb, n, seed=s))
+            for xb, s in self._batches(x, batch_size, seed)
+        ]
+        return np.concatenate(out, axis=0)

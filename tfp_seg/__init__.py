@@ -8,7 +8,10 @@ metrics and exporters.
 
 __version__ = "0.1.0"
 
+import importlib  # noqa: E402
+
 from tfp_seg import (  # noqa: E402
+    calibration,
     data,
     distribute,
     distributions,
@@ -18,12 +21,13 @@ from tfp_seg import (  # noqa: E402
     metrics,
     models,
     plots,
-    reporting,
+    protocols,
     uncertainty,
 )
 
 __all__ = [
     "__version__",
+    "calibration",
     "data",
     "distribute",
     "distributions",
@@ -33,6 +37,15 @@ __all__ = [
     "metrics",
     "models",
     "plots",
+    "protocols",
     "reporting",
     "uncertainty",
 ]
+
+
+def __getattr__(name):
+    # `tfp_seg.reporting` belongs to the application (tfp_seg.runs), which the library does not
+    # import: it is loaded on first use, so `import tfp_seg` stays free of the application.
+    if name == "reporting":
+        return importlib.import_module("tfp_seg.reporting")
+    raise AttributeError(f"module 'tfp_seg' has no attribute {name!r}")

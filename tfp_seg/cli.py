@@ -17,15 +17,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import signal
 import sys
 import threading
 from typing import Optional, Sequence
 
-from tfp_seg.experiment import BACKBONES, HEADS, MODELS, TrainConfig
+import keras
+import numpy as np
+
+from tfp_seg import __version__, export
+from tfp_seg._io import atomic_path
+from tfp_seg.evaluation import evaluate_ambiguous, format_report
 from tfp_seg.export import ExportError
+from tfp_seg.runs.config import (
+    BACKBONES,
+    BASELINES,
+    HEADS,
+    MODELS,
+    TrainConfig,
+    load_config,
+    stored_config,
+)
+from tfp_seg.runs.data import make_data
+from tfp_seg.runs.evaluate import load_run
+from tfp_seg.runs.model import sampler_for
+from tfp_seg.runs.report import write_report
+from tfp_seg.runs.train import train
 
 _TRAIN_FLAGS = {
     # field: (type, help)
@@ -37,7 +55,11 @@ _TRAIN_FLAGS = {
         str,
         f"model family, one of {', '.join(MODELS)} (default: segmenter = backbone + head)",
     ),
-    "head": (str, f"distribution head, one of {', '.join(HEADS)} (default: low_rank = SSN)"),
+    "head": (
+        str,
+        f"distribution head, one of {', '.join(HEADS)}, or a sampling baseline over a "
+        f"deterministic network, one of {', '.join(BASELINES)} (default: low_rank = SSN)",
+    ),
     "backbone": (
         str,
         f"backbone, one of {', '.join(BACKBONES)} (default: unet, the built-in U-Net; the others "
@@ -122,8 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tfp-seg",
         description="Probabilistic segmentation with TensorFlow Probability heads.",
     )
-    from tfp_seg import __version__
-
     parser.add_argument("--version", action="version", version=f"tfp_seg {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -184,8 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args) -> TrainConfig:
-    from tfp_seg.experiment import load_config
-
     values = load_config(args.config) if args.config else {}
     for field in list(_TRAIN_FLAGS) + ["export", "progress", "resume"]:
         value = getattr(args, field, None)
@@ -199,30 +217,18 @@ def _train_config(args) -> TrainConfig:
 
 def _run_dir_and_config(run: str):
     run_dir = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
-    cfg_path = os.path.join(run_dir, "config.json")
-    config = TrainConfig()
-    if os.path.isfile(cfg_path):
-        try:
-            with open(cfg_path, encoding="utf-8") as f:
-                stored = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CLIError(f"corrupt run config {cfg_path}: {exc}") from exc
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        config = TrainConfig(**{k: v for k, v in stored.items() if k in known})
-    return run_dir, config
+    try:
+        config = stored_config(run_dir)
+    except ValueError as exc:  # "corrupt run config <path>: ..."
+        raise CLIError(str(exc)) from exc
+    return run_dir, config or TrainConfig()
 
 
 def cmd_train(args) -> int:
-    import keras
-
     config = _train_config(args)
     keras.utils.set_random_seed(config.seed)  # the application seeds; the library never does
-    from tfp_seg.experiment import train
-
     result = train(config)
     if config.export:
-        from tfp_seg.experiment import sampler_for
-
         # The run's sampler, as evaluated: MC dropout keeps dropout on in the sampled
         # signatures, an ensemble exports every member (tfp_seg.export.as_adapter).
         sampler = sampler_for(result["model"], config)
@@ -231,8 +237,6 @@ def cmd_train(args) -> int:
 
 
 def _export_saved_model(model, config: TrainConfig, name: str, target: Optional[str] = None):
-    from tfp_seg import export
-
     # A model folder gets the next free integer version (TF Serving's repository layout).
     target = export.saved_model(model, target or os.path.join(config.savedmodels_dir, name))
     print(f"exported SavedModel to {target}")
@@ -240,10 +244,6 @@ def _export_saved_model(model, config: TrainConfig, name: str, target: Optional[
 
 
 def cmd_evaluate(args) -> int:
-    from tfp_seg.evaluation import evaluate_ambiguous, format_report
-    from tfp_seg.experiment import load_run, make_data
-    from tfp_seg.reporting import write_report
-
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
     _, _, test = make_data(config)
@@ -267,10 +267,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import numpy as np
-
-    from tfp_seg.experiment import load_run, make_data
-
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
     _, _, test = make_data(config)
@@ -280,26 +276,22 @@ def cmd_sample(args) -> int:
     samples = model.sample(subset.images, args.num_samples, seed=args.seed)
     out = args.output or os.path.join(run_dir, "samples.npz")
     _ensure_writable(os.path.dirname(os.path.abspath(out)))
-    tmp = out + ".tmp.npz"
-    np.savez_compressed(
-        tmp, images=subset.images, samples=samples, annotations=subset.annotations
-    )
-    os.replace(tmp, out)
+    # Through an open file: numpy would add ".npz" to a path without it.
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(
+            f, images=subset.images, samples=samples, annotations=subset.annotations
+        )
     print(f"wrote {samples.shape[0]} samples of {samples.shape[1]} images to {out}")
     return 0
 
 
 def cmd_export(args) -> int:
-    from tfp_seg.experiment import load_run
-
     run_dir, config = _run_dir_and_config(args.run)
     # With the run's config: an MC-dropout run loads as its MCDropout sampler (an ensemble
     # as its DeepEnsemble), which the exporters export faithfully, not as a plain network.
     model = _load(args.run, load_run, config)
     name = os.path.basename(os.path.normpath(run_dir))
     if args.format == "saved_model":
-        from tfp_seg import export
-
         target = export.saved_model(
             model,
             args.output or os.path.join(config.savedmodels_dir, name),
@@ -308,8 +300,6 @@ def cmd_export(args) -> int:
         print(f"exported SavedModel to {target}")
     else:
         target = args.output or os.path.join(run_dir, "model.onnx")
-        from tfp_seg import export
-
         export.onnx(model, target, num_samples=args.num_samples)
         print(f"exported ONNX to {target}")
     return 0

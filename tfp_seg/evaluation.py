@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfp_seg import metrics
+from tfp_seg import _checks, metrics
 from tfp_seg.data import AmbiguousShapes, sample_annotations
 from tfp_seg.losses import mc_categorical_nll
 
@@ -124,13 +124,14 @@ def evaluate_ambiguous(
       - `ece` vs the K annotations, `ece_exact` vs the exact marginals; `brier` (soft, vs the
         exact marginals); `miou`, `pixel_accuracy` of the predictive argmax vs the annotations.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)):
-        raise ValueError(f"`num_samples` must be an int >= 2; got {num_samples!r}.")
-    if num_samples < 2:
-        raise ValueError(
-            f"`num_samples` must be >= 2: the sample diversity E[d(S,S')] (and so GED) needs a "
-            f"pair of distinct samples; got {num_samples}."
-        )
+    # >= 2: the sample diversity E[d(S,S')] (and so GED) needs a pair of distinct samples.
+    num_samples = _checks.positive_int(
+        num_samples,
+        "num_samples",
+        minimum=2,
+        message="`{name}` must be {what} (the sample diversity E[d(S,S')], and so GED, needs "
+        "a pair of distinct samples); got {value}.",
+    )
     num_classes = data.num_classes
     logit_samples = model.sample_logits(
         data.images, num_samples, seed=seed, batch_size=batch_size

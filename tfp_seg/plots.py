@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from tfp_seg import _checks, _io
+
 __all__ = [
     "class_colors",
     "plot_reliability_diagram",
@@ -120,10 +122,7 @@ def class_colors(num_classes: int) -> list:
     from matplotlib import colormaps
     from matplotlib import colors as mcolors
 
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"`num_classes` must be an int >= 1; got {num_classes!r}.")
-    if num_classes < 1:
-        raise ValueError(f"`num_classes` must be an int >= 1; got {num_classes}.")
+    num_classes = _checks.positive_int(num_classes, "num_classes")
     out = [mcolors.to_rgba(c) for c in _BASE_COLORS[:num_classes]]
     extra = colormaps["tab20"]
     for i in range(len(out), num_classes):
@@ -163,7 +162,8 @@ def _finish(fig, path: Optional[PathLike], dpi: int):
         folder = os.path.dirname(os.fspath(path))
         if folder:
             os.makedirs(folder, exist_ok=True)
-        fig.savefig(path, dpi=dpi, format="png", facecolor="white")
+        with _io.atomic_path(path) as tmp:  # readers never see a half-written PNG
+            fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
     return fig
 
 
@@ -212,9 +212,7 @@ def plot_samples_grid(
                               ("samples", samples, "[N, H, W]")):
         if value is not None:
             stacks[name] = _check_label_stack(value, name, form, hw)
-    if isinstance(max_columns, bool) or not isinstance(max_columns, (int, np.integer)) \
-            or max_columns < 2:
-        raise ValueError(f"`max_columns` must be an int >= 2; got {max_columns!r}.")
+    max_columns = _checks.positive_int(max_columns, "max_columns", minimum=2)
     top = stacks.get("annotations", np.zeros((0,) + hw, np.int64))
     bottom = stacks.get("samples", np.zeros((0,) + hw, np.int64))
     largest = max([int(s.max()) for s in stacks.values()], default=1)

@@ -1,0 +1,184 @@
+"""The PNG figures of a report, drawn from the model's samples of the evaluated images.
+
+```none
+<out_dir>/figures/samples_<i>.png     image | K annotations | N model samples (test image i)
+<out_dir>/figures/uncertainty_<i>.png image | P(class) | predictive entropy | mutual information
+<out_dir>/figures/reliability.png     accuracy per confidence bin vs the diagonal, ECE
+```
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from tfp_seg import metrics, plots
+from tfp_seg._io import atomic_path
+from tfp_seg.data import AmbiguousShapes
+from tfp_seg.uncertainty import mutual_information, predictive_entropy
+
+__all__ = ["draw_figures"]
+
+_AMBIGUOUS_SHAPES_CLASSES = ("background", "class A", "class B")
+
+
+def _save_figure(fig, path: str, dpi: int) -> None:
+    # pyplot only to close the figure: tfp_seg.plots chose the backend when it drew it, and
+    # importing pyplot at module level would choose one when tfp_seg is imported.
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_path(path) as tmp:  # tmp keeps the .png suffix
+            fig.savefig(tmp, dpi=dpi, format="png", facecolor="white")
+    finally:
+        plt.close(fig)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _check_data(data: Any) -> tuple:
+    images = getattr(data, "images", None)
+    annotations = getattr(data, "annotations", None)
+    if images is None or annotations is None:
+        raise ValueError(
+            "`data` must have `images` [B, H, W, channels] and `annotations` [B, K, H, W] "
+            f"(AmbiguousShapes, AnnotatedImages); got {type(data).__name__}."
+        )
+    images, annotations = np.asarray(images), np.asarray(annotations)
+    if images.ndim != 4 or annotations.ndim != 4 or images.shape[0] != annotations.shape[0] \
+            or images.shape[1:3] != annotations.shape[2:]:
+        raise ValueError(
+            "`data.images` must be [B, H, W, channels] and `data.annotations` [B, K, H, W] with "
+            f"the same B, H, W; got images {images.shape} and annotations {annotations.shape}."
+        )
+    if images.shape[0] == 0:
+        raise ValueError("`data` holds no images.")
+    return images, annotations
+
+
+def _class_names(data: Any, num_classes: int) -> Optional[list]:
+    names = getattr(data, "class_names", None)
+    if names is not None and len(names) == num_classes:
+        return list(names)
+    if isinstance(data, AmbiguousShapes) and num_classes == len(_AMBIGUOUS_SHAPES_CLASSES):
+        return list(_AMBIGUOUS_SHAPES_CLASSES)
+    return None
+
+
+def _reliability_accumulate(acc: dict, probs: np.ndarray, labels: np.ndarray, num_bins: int):
+    """Adds one batch (`probs [b,H,W,C]`, annotations `[b,K,H,W]`) to per-bin sums."""
+    k = labels.shape[1]
+    probs_k = np.broadcast_to(probs[:, None], (probs.shape[0], k) + probs.shape[1:])
+    part = metrics.reliability_diagram_data(probs_k, labels, num_bins=num_bins)
+    counts = part["counts"].astype(np.float64)
+    acc["counts"] += part["counts"]
+    acc["conf_sum"] += np.nan_to_num(part["confidence"]) * counts
+    acc["acc_sum"] += np.nan_to_num(part["accuracy"]) * counts
+    acc["edges"] = part["edges"]
+
+
+def _reliability_result(acc: dict) -> dict:
+    counts = acc["counts"]
+    n = max(int(counts.sum()), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.where(counts > 0, acc["conf_sum"] / counts, np.nan)
+        accuracy = np.where(counts > 0, acc["acc_sum"] / counts, np.nan)
+    return {
+        "confidence": confidence,
+        "accuracy": accuracy,
+        "counts": counts.astype(np.int64),
+        "edges": acc["edges"],
+        "ece": float(np.abs(acc["acc_sum"] - acc["conf_sum"]).sum() / n),
+    }
+
+
+def draw_figures(
+    out_dir: str,
+    model: Any,
+    data: Any,
+    num_samples: int,
+    seed: int,
+    num_images: int,
+    num_bins: int,
+    batch_size: int,
+    progress: Optional[bool],
+    dpi: int,
+) -> list:
+    """Samples the model over `data` (batches, optional progress bar) and writes the PNGs.
+
+    Returns `(caption, path relative to out_dir)` pairs.
+    """
+    images, annotations = _check_data(data)
+    n = images.shape[0]
+    num_classes = getattr(data, "num_classes", None)
+    shown = min(num_images, n)
+    if progress is None:
+        progress = n >= 64
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm  # only for a progress bar, like tfp_seg.evaluation
+
+        starts = tqdm(starts, desc="report figures", unit="batch", total=math.ceil(n / batch_size))
+    rel = {
+        "counts": np.zeros(num_bins, np.int64),
+        "conf_sum": np.zeros(num_bins),
+        "acc_sum": np.zeros(num_bins),
+        "edges": None,
+    }
+    kept = []  # probability samples [N, H, W, C] of the first `shown` images
+    for start in starts:
+        xb = images[start : start + batch_size]
+        logits = np.asarray(
+            model.sample_logits(xb, num_samples, seed=seed, batch_size=batch_size), np.float32
+        )
+        if logits.ndim != 5 or logits.shape[1] != xb.shape[0]:
+            raise ValueError(
+                f"`model.sample_logits` must return [N, B, H, W, C]; got {logits.shape} for "
+                f"{xb.shape[0]} images."
+            )
+        prob_samples = _softmax(logits)
+        num_classes = num_classes or prob_samples.shape[-1]
+        _reliability_accumulate(
+            rel, prob_samples.mean(axis=0), annotations[start : start + batch_size], num_bins
+        )
+        for j in range(max(0, min(shown - start, xb.shape[0]))):
+            kept.append(prob_samples[:, j])
+    names = _class_names(data, num_classes)
+
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    written = []
+    for i, ps in enumerate(kept):
+        samples = ps.argmax(axis=-1)
+        fig = plots.plot_samples_grid(
+            images[i], annotations[i], samples, num_classes=num_classes, class_names=names,
+            title=f"Test image {i}: {annotations.shape[1]} annotations and "
+                  f"{num_samples} model samples",
+        )
+        _save_figure(fig, os.path.join(fig_dir, f"samples_{i}.png"), dpi)
+        written.append((f"Test image {i}: annotations and model samples",
+                        f"figures/samples_{i}.png"))
+        fig = plots.plot_uncertainty_maps(
+            images[i], ps.mean(axis=0), predictive_entropy(ps), mutual_information(ps),
+            class_names=names,
+            title=f"Test image {i}: predictive probabilities and uncertainty "
+                  f"({num_samples} samples)",
+        )
+        _save_figure(fig, os.path.join(fig_dir, f"uncertainty_{i}.png"), dpi)
+        written.append((f"Test image {i}: mean probability, predictive entropy, mutual "
+                        "information", f"figures/uncertainty_{i}.png"))
+    fig = plots.plot_reliability_diagram(
+        _reliability_result(rel),
+        title=f"Reliability vs the annotations ({n} images, {num_samples} samples)",
+    )
+    _save_figure(fig, os.path.join(fig_dir, "reliability.png"), dpi)
+    written.append(("Reliability diagram of the predictive probabilities",
+                    "figures/reliability.png"))
+    return written

@@ -1,0 +1,91 @@
+"""The model of a run: built, compiled and sampled as its `TrainConfig` says.
+
+A distribution head (`HEADS`) sits on a backbone in a `ProbabilisticSegmenter`; the sampling
+baselines (`BASELINES`) are deterministic segmenters sampled by `MCDropout` (dropout masks) or
+trained as a `DeepEnsemble`; `model="prob_unet"` is a `ProbabilisticUNet`.
+"""
+
+from __future__ import annotations
+
+import keras
+
+from tfp_seg import layers, models
+from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
+from tfp_seg.runs.config import TrainConfig
+
+__all__ = ["build_model", "compile_model", "sampler_for"]
+
+
+def _head(config: TrainConfig, num_classes: int):
+    if config.head == "low_rank":
+        return layers.LowRankLogits(num_classes, rank=config.rank)
+    if config.head == "heteroscedastic":
+        return layers.HeteroscedasticLogits(num_classes)
+    return layers.CategoricalLogits(num_classes)  # deterministic, and under the baselines
+
+
+def _backbone(config: TrainConfig):
+    """The built-in U-Net, or a keras-hub / keras-cv family built from config (no download)."""
+    if config.backbone == "unet":
+        return models.UNet(
+            base_filters=config.base_filters, depth=config.depth, dropout=config.dropout
+        )
+    return models.build_backbone(
+        config.backbone, input_shape=(config.image_size, config.image_size, 1)
+    )
+
+
+def _segmenter(config: TrainConfig, num_classes: int):
+    return models.ProbabilisticSegmenter(_backbone(config), _head(config, num_classes))
+
+
+def build_model(config: TrainConfig, num_classes: int):
+    """Build the (uncompiled) model described by `config`.
+
+    `head="ensemble"` gives a `tfp_seg.models.DeepEnsemble` of `ensemble_size`
+    independently initialised deterministic segmenters; `head="mc_dropout"` a deterministic
+    segmenter with dropout (wrapped in `MCDropout` for evaluation by `sampler_for`).
+    """
+    if config.model == "prob_unet":
+        return models.ProbabilisticUNet(
+            num_classes,
+            latent_dim=config.latent_dim,
+            beta=config.beta,
+            backbone=_backbone(config),
+        )
+    if config.head == "ensemble":
+        return DeepEnsemble.from_factory(
+            lambda: _segmenter(config, num_classes), config.ensemble_size
+        )
+    return _segmenter(config, num_classes)
+
+
+def sampler_for(model, config: TrainConfig):
+    """The object whose `sample_logits` represents the run's predictive distribution."""
+    if config.head == "mc_dropout":
+        return MCDropout(model, num_samples=config.eval_samples)
+    return model
+
+
+def compile_model(model, config: TrainConfig) -> None:
+    """Compile `model` (every member of an ensemble) with Adam and the run's loss."""
+
+    def optimizer():
+        return keras.optimizers.Adam(config.learning_rate)
+
+    if config.model == "prob_unet":
+        model.compile(optimizer=optimizer())
+        return
+    if config.head == "ensemble":
+        for member in model.members:
+            member.compile(optimizer=optimizer(), loss="auto")
+        return
+    if config.head == "low_rank":
+        loss = model.head.default_loss(
+            num_samples=config.num_samples, marginal_weight=config.marginal_weight
+        )
+    elif config.head == "heteroscedastic":
+        loss = model.head.default_loss(num_samples=config.num_samples)
+    else:
+        loss = "auto"
+    model.compile(optimizer=optimizer(), loss=loss)

@@ -1,0 +1,209 @@
+"""Train one run: the run folder, the training loop (strategies, resume, ensembles) and the
+saved model. Evaluation and the report follow in `tfp_seg.runs.evaluate`.
+
+```none
+<output_dir>/<name>/config.json    the resolved configuration
+<output_dir>/<name>/history.json   per-epoch losses
+<output_dir>/<name>/model.keras    the trained model (ensemble/: one .keras per member)
+<output_dir>/<name>/backup/        per-epoch backup of a --resume run (deleted at the end)
+```
+
+Every file is written with `tfp_seg._io` (temporary name, fsync, rename), so an interrupted run
+never leaves a half-written file in place of a good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import time
+
+import keras
+import tensorflow as tf
+
+from tfp_seg import distribute
+from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
+from tfp_seg.runs.config import TrainConfig
+from tfp_seg.runs.data import make_data
+from tfp_seg.runs.evaluate import evaluate_trained
+from tfp_seg.runs.model import build_model, compile_model
+
+__all__ = ["NonFiniteGuard", "atomic_save_model", "save_model", "train"]
+
+
+class NonFiniteGuard(keras.callbacks.Callback):
+    """Stops training with a message (`.message`) naming the quantity that became non-finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.message = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        for key, value in (logs or {}).items():
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            if not math.isfinite(value):
+                self.message = (
+                    f"training stopped: `{key}` became {value} at batch {batch}; "
+                    "lower the learning rate or check the inputs for NaN/Inf."
+                )
+                self.model.stop_training = True
+                return
+
+
+def atomic_save_model(model, path: str) -> None:
+    """`model.save` to a temporary `.keras` name next to `path`, then an atomic rename."""
+    with atomic_path(path) as tmp:
+        model.save(tmp)
+
+
+def save_model(model, run_dir: str, config: TrainConfig) -> str:
+    """Save a run's model: `model.keras`, or `ensemble/` (one `.keras` per member)."""
+    if config.head == "ensemble":
+        target = os.path.join(run_dir, "ensemble")
+        with atomic_dir(target) as tmp:
+            model.save(tmp)
+        return target
+    path = os.path.join(run_dir, "model.keras")
+    atomic_save_model(model, path)
+    return path
+
+
+def _mean_history(histories):
+    keys = set.intersection(*(set(h) for h in histories))
+    return {
+        k: [float(sum(vals) / len(vals)) for vals in zip(*(h[k] for h in histories), strict=True)]
+        for k in sorted(keys)
+    } | {f"member_{i}/{k}": v for i, h in enumerate(histories) for k, v in h.items()}
+
+
+def _prepare_run_dir(config: TrainConfig) -> str:
+    run_dir = os.path.join(config.output_dir, config.resolved_name())
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("")
+        os.remove(probe)
+    except OSError as exc:
+        raise OSError(f"cannot write to output folder {run_dir!r}: {exc.strerror}") from exc
+    return run_dir
+
+
+def train(config: TrainConfig, log=print) -> dict:
+    """Train, evaluate and save one run. Returns `{"run_dir", "report", "model"}`."""
+    config.validate()
+    strategy = distribute.get_strategy(config.strategy)
+    run_dir = _prepare_run_dir(config)
+    if not distribute.is_chief(strategy):
+        # Every worker of a multi-worker job runs this; only the chief writes the run folder
+        # (and exports: cmd_train reads config.export after train returns).
+        run_dir = distribute.worker_dir(run_dir, strategy)
+        config.export = False
+    atomic_write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
+    train_data, val_data, test_data = make_data(config)
+    log(
+        f"data: ambiguous_shapes {config.image_size}x{config.image_size}, "
+        f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test images, "
+        f"{train_data.num_annotations} annotations each"
+    )
+    if strategy.num_replicas_in_sync > 1 or config.mixed_precision:
+        log(
+            f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
+            f"global batch {config.batch_size}; dtype policy {config.mixed_precision or 'float32'}"
+        )
+    with distribute.dtype_policy_scope(config.mixed_precision), strategy.scope():
+        model = build_model(config, train_data.num_classes)
+        compile_model(model, config)
+        members = model.members if config.head == "ensemble" else [model]
+        if config.resume:  # BackupAndRestore restores into built models
+            shape = (None,) + tuple(train_data.images.shape[1:])
+            for member in members:
+                member.build(shape)
+    train_ds = train_data.to_dataset(
+        batch_size=config.batch_size, shuffle=True, annotation="random", seed=config.seed
+    )
+    val_ds = val_data.to_dataset(batch_size=config.batch_size, shuffle=False, annotation="first")
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
+    # Keras fails on a first batch that does not split over the replicas: a split smaller than
+    # one global batch is trimmed to a multiple of them (see distribute.divisible_batches).
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise ValueError(
+            f"--batch-size {config.batch_size} is the global batch and must split evenly over "
+            f"the {replicas} replicas of the {type(strategy).__name__}"
+        )
+    for name, part in (("train", train_data), ("validation", val_data)):
+        if len(part) < config.batch_size and len(part) % replicas:
+            log(f"{len(part) % replicas} {name} image(s) left out: {replicas} replicas")
+    if len(train_data) < config.batch_size:
+        train_ds = distribute.divisible_batches(train_ds, replicas)
+    if len(val_data) < config.batch_size:
+        val_ds = distribute.divisible_batches(val_ds, replicas)
+    start = time.time()
+    histories = []
+    for i, member in enumerate(members):
+        if len(members) > 1:
+            log(f"ensemble member {i + 1}/{len(members)}")
+        guard = NonFiniteGuard()
+        callbacks = [guard]
+        member_ds, steps = train_ds, None
+        if config.resume:
+            backup_dir = os.path.join(run_dir, "backup")
+            if len(members) > 1:
+                backup_dir = os.path.join(backup_dir, f"member-{i}")
+            backup = distribute.BackupAndRestore(  # run_dir is already per worker
+                backup_dir, delete_checkpoint=False, strategy=strategy, per_worker=False
+            )
+            callbacks.append(backup)
+            # One seeded, repeated stream (its order depends on the seed alone): a resumed
+            # run skips exactly the batches of the completed epochs.
+            steps = -(-len(train_data) // config.batch_size)
+            member_ds = distribute.seeded_stream(
+                lambda seed=config.seed + i: train_data.to_dataset(
+                    batch_size=config.batch_size, shuffle=True, annotation="random",
+                    seed=seed, repeat=True,
+                )
+            )
+            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                member_ds = distribute.shard_by_data(member_ds)
+            done = backup.completed_epochs()
+            if done:
+                log(f"resuming from {backup.backup_dir}: {done}/{config.epochs} epochs done")
+                member_ds = distribute.skip_epochs(member_ds, done, steps)
+        history = member.fit(
+            member_ds,
+            validation_data=val_ds,
+            epochs=config.epochs,
+            steps_per_epoch=steps,
+            verbose=1 if config.progress else 0,
+            callbacks=callbacks,
+        )
+        if guard.message:
+            raise FloatingPointError(guard.message)
+        history = backup.history if config.resume else history.history
+        histories.append({k: [float(v) for v in vals] for k, vals in history.items()})
+    train_seconds = time.time() - start
+    hist = histories[0] if len(histories) == 1 else _mean_history(histories)
+    atomic_write_json(os.path.join(run_dir, "history.json"), hist)
+    saved = save_model(model, run_dir, config)
+    if config.resume:  # the saved model supersedes the backup
+        shutil.rmtree(os.path.join(run_dir, "backup"), ignore_errors=True)
+
+    facts = {
+        "epochs": config.epochs,
+        "train_seconds": round(train_seconds, 2),
+        "final_train_loss": hist["loss"][-1],
+        "params": int(sum(m.count_params() for m in members)),
+    }
+    if math.isfinite(hist.get("val_loss", [math.nan])[-1]):
+        facts["final_val_loss"] = hist["val_loss"][-1]
+    report = evaluate_trained(model, config, test_data, run_dir, facts=facts, log=log)
+    log(f"wrote {os.path.join(run_dir, 'report.json')} and {saved}")
+    keras.backend.clear_session(free_memory=False)
+    return {"run_dir": run_dir, "report": report, "model": model}

@@ -6,6 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from tfp_seg import _checks
+
 ANNOTATION_MODES = ("random", "first", "all", "marginal")
 
 
@@ -31,8 +33,7 @@ def annotated_dataset(
         raise ValueError(
             f"annotation must be 'random', 'first', 'all' or 'marginal', got {annotation!r}"
         )
-    if isinstance(batch_size, bool) or int(batch_size) < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
     import tensorflow as tf
 
     num_ann = annotations.shape[1]

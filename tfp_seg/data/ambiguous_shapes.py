@@ -19,7 +19,10 @@ from typing import Sequence
 import numpy as np
 from scipy import special
 
+from tfp_seg import _checks
+from tfp_seg.data import modes as modes_lib
 from tfp_seg.data._dataset import AnnotatedSet, check_fractions
+from tfp_seg.data.modes import sample_annotations
 
 __all__ = ["AmbiguousShapes", "ShapeObject", "ambiguous_shapes", "sample_annotations"]
 
@@ -140,7 +143,7 @@ class AmbiguousShapes(AnnotatedSet):
         if not -n <= int(i) < n:
             raise IndexError(f"modes_of: index {i} out of range for {n} images")
         i = int(i) % n
-        modes, _ = _joint_modes(self.object_labels[i], self.object_weights[i])
+        modes, _ = modes_lib.joint_modes(self.object_labels[i], self.object_weights[i])
         m = int(self.num_modes[i])
         return modes, self.mode_weights[i, :m].copy()
 
@@ -150,7 +153,7 @@ class AmbiguousShapes(AnnotatedSet):
         n, h = len(self), self.image_size
         out = np.zeros((n, self.max_modes, h, h), np.int32)
         for i in range(n):
-            modes, _ = _joint_modes(self.object_labels[i], self.object_weights[i])
+            modes, _ = modes_lib.joint_modes(self.object_labels[i], self.object_weights[i])
             out[i, : modes.shape[0]] = modes
         return out
 
@@ -213,66 +216,6 @@ class AmbiguousShapes(AnnotatedSet):
     def train_val_test(self, seed: int | None = None) -> tuple[AmbiguousShapes, ...]:
         """`split((0.8, 0.1, 0.1), seed)`."""
         return self.split((0.8, 0.1, 0.1), seed=seed)
-
-
-# --- Sampling ---------------------------------------------------------------------------------
-
-
-def _check_weights(weights: np.ndarray, num_modes: int, name: str = "weights") -> np.ndarray:
-    w = np.asarray(weights, np.float64)
-    if w.shape != (num_modes,):
-        raise ValueError(f"{name} must have shape [{num_modes}], got {w.shape}")
-    if np.any(w < 0) or abs(w.sum() - 1.0) > 1e-4:
-        raise ValueError(f"{name} must be non-negative and sum to 1, got sum {w.sum():.6f}")
-    return w / w.sum()
-
-
-def sample_annotations(
-    modes: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Draws `k` i.i.d. label maps from the discrete distribution over `modes`.
-
-    Args:
-      modes: integer `[M, H, W]` label maps.
-      weights: `[M]` probabilities (non-negative, summing to 1).
-      k: number of draws.
-      rng: a `np.random.Generator`.
-
-    Returns:
-      `[k, H, W]` label maps (dtype of `modes`), `modes[j]` with probability `weights[j]`.
-    """
-    modes = np.asarray(modes)
-    if modes.ndim != 3:
-        raise ValueError(f"modes must have shape [M, H, W], got {modes.shape}")
-    if int(k) < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    w = _check_weights(weights, modes.shape[0])
-    return modes[rng.choice(modes.shape[0], size=int(k), p=w)]
-
-
-def _joint_index(counts: Sequence[int]) -> np.ndarray:
-    """`[prod(counts), len(counts)]`: each joint mode's per-object mode index (last fastest)."""
-    if len(counts) == 0:
-        return np.zeros((1, 0), np.int64)
-    return np.array(list(itertools.product(*[range(c) for c in counts])), np.int64)
-
-
-def _object_counts(object_weights: np.ndarray) -> list[int]:
-    counts = (np.asarray(object_weights) > 0).sum(-1)
-    return [int(c) for c in counts if c > 0]
-
-
-def _joint_modes(object_labels: np.ndarray, object_weights: np.ndarray):
-    """Joint modes `[M, H, W]` int32 and weights `[M]` float64 of one image from its factors."""
-    counts = _object_counts(object_weights)
-    combos = _joint_index(counts)
-    h, w = object_labels.shape[-2:]
-    modes = np.zeros((combos.shape[0], h, w), np.int32)
-    weights = np.ones(combos.shape[0], np.float64)
-    for o in range(len(counts)):
-        modes += object_labels[o][combos[:, o]]
-        weights *= object_weights[o].astype(np.float64)[combos[:, o]]
-    return modes, weights / weights.sum()
 
 
 # --- Rendering --------------------------------------------------------------------------------
@@ -400,12 +343,12 @@ def _fill_object_modes(labels, weights, masks, classes, probs):
 
 
 def _check_int(name, value, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
+    value = _checks.positive_int(
+        value, name, minimum=low, message="{name} must be {what}, got {value}"
+    )
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
 
 
 def ambiguous_shapes(
@@ -504,8 +447,8 @@ def ambiguous_shapes(
             rng, size, max_objects, yy, xx
         )
         objects.append(objs)
-        counts = _object_counts(object_weights[i])
-        combos = _joint_index(counts)
+        counts = modes_lib.object_counts(object_weights[i])
+        combos = modes_lib.joint_index(counts)
         w = np.prod(
             [object_weights[i, o, combos[:, o]] for o in range(len(counts))], axis=0
         ).reshape(-1)

@@ -4,21 +4,35 @@ Timing: every variant of one configuration is called in turn inside one loop
 (`interleaved_ms`), so a change of machine load between repeats hits all variants alike; the
 median of the repeats is reported and the ratios between variants are the result.
 
-Memory: TensorFlow's own allocator statistics on the CPU device
-(`tf.config.experimental.get_memory_info("CPU:0")`, reset before each measured call; the
-median of 3 calls). On CPU these come from oneDNN's allocator (TensorFlow's default build,
-`TF_ENABLE_ONEDNN_OPTS=1`; with it off the call raises) and count tensor buffers of 256 KiB
-and more: what grows with samples, batch and resolution; not small tensors, oneDNN scratch
-space or Python objects. The reported number is the peak *above* the allocation at the start
-of the call: the call's own transient memory, excluding weights that already exist.
+Memory (`peak_rss_increase_mib`): the peak resident set size of a fresh child process during
+one call, above its resident size just before the call. The child (one per measured function)
+imports the benchmark module, builds the function, calls it once (tracing, first-call setup),
+then `repeats` times: `gc.collect()`, reset the kernel's high-water mark (`5` written to
+`/proc/self/clear_refs`, Linux >= 4.0), read `VmRSS`, call, read `VmHWM`; the median of the
+`VmHWM - VmRSS` differences is reported, in MiB. The child runs with
+`TF_ENABLE_ONEDNN_OPTS=0` and `MALLOC_MMAP_THRESHOLD_=65536` (`MEMORY_CHILD_ENV`), whatever
+the parent's settings: TensorFlow's plain CPU allocator (glibc `malloc`) then gets every buffer
+of 64 KiB and more from its own `mmap` and returns it on free, so the resident size follows the
+live tensors (oneDNN's allocator keeps freed memory in a pool, which would hide the peak of any
+call after the first; with glibc's default, adaptive threshold, freed buffers of up to 32 MiB
+stay in the heap and are reused, and the peaks of one function varied several-fold). The
+figure counts all memory the call makes resident (tensors, scratch space, Python objects);
+weights and buffers that exist before the call are not counted. It needs no allocator
+statistics, so it works whether or not the parent runs with oneDNN; the figures describe
+TensorFlow's default (non-oneDNN) CPU kernels.
 """
 
 from __future__ import annotations
 
+import gc
+import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -42,21 +56,109 @@ def interleaved_ms(fns: Dict[str, Callable], repeats: int, warmup: int) -> Dict[
     return {name: 1000.0 * statistics.median(ts) for name, ts in times.items()}
 
 
-def peak_mib(fn: Callable, repeats: int = 3, device: str = "CPU:0") -> float:
-    """Peak allocator memory (MiB) during `fn()` above what was allocated before it.
+# The child process of `peak_rss_increase_mib`: oneDNN's pooling allocator off, and glibc's
+# mmap threshold fixed at 64 KiB (which also stops glibc from raising it after a free), so that
+# every buffer of 64 KiB and more is mapped when allocated and unmapped when freed.
+MEMORY_CHILD_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "MALLOC_MMAP_THRESHOLD_": "65536"}
 
-    The median of `repeats` calls: the peak depends on the order in which TensorFlow's
-    executor happens to run independent ops (about +-6% between calls of one function here).
+# How `peak_rss_increase_mib` measures, recorded in the reports of benchmarks that measure memory.
+MEMORY_SOURCE = (
+    "peak RSS increase of a fresh child process per measured function: after one warm-up call, "
+    "gc.collect(), reset the high-water mark ('5' > /proc/self/clear_refs), read VmRSS, call, "
+    "read VmHWM; VmHWM - VmRSS, median of 3 calls; child env TF_ENABLE_ONEDNN_OPTS=0, "
+    "MALLOC_MMAP_THRESHOLD_=65536"
+)
+
+_RESULT_MARK = "PEAK_RSS_MIB "
+_CHILD_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import _common; _common._rss_child(sys.argv[2])"
+)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"no {field} in /proc/self/status")
+    return int(match.group(1))
+
+
+def _reset_peak_rss() -> None:
+    """Set this process's high-water mark `VmHWM` to its current resident size."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        raise RuntimeError(
+            "peak memory is measured as the peak RSS of a child process, which needs Linux >= "
+            f"4.0 (writing '5' to /proc/self/clear_refs resets VmHWM); here: {err}"
+        ) from err
+
+
+def peak_rss_increase_mib(
+    module_file: str,
+    factory: str,
+    kwargs: dict | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+) -> float:
+    """Peak resident memory (MiB) of one call above the resident memory before it, measured
+    in a fresh Python process (see the module docstring).
+
+    The child imports `module_file` (as a module, not as `__main__`) and calls
+    `factory(**kwargs)` (JSON-serialisable keyword arguments), which builds the inputs and
+    returns the zero-argument function to measure; the function must wait for its result
+    (`block`). It is called `warmup` times, then `repeats` times measured; the median is
+    returned. The peak of one function varies between calls with the order in which
+    TensorFlow's executor runs independent ops.
     """
-    import tensorflow as tf
+    _reset_peak_rss()  # fail here, not after the child's imports, where it cannot work
+    spec = {
+        "module_file": os.path.abspath(module_file),
+        "factory": factory,
+        "kwargs": kwargs or {},
+        "repeats": repeats,
+        "warmup": warmup,
+    }
+    env = dict(os.environ, **MEMORY_CHILD_ENV)
+    # the child finds what this process finds (the caller's module may import its neighbours)
+    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("KERAS_BACKEND", "tensorflow")
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD_CODE, bench_dir, json.dumps(spec)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    results = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if proc.returncode or not results:
+        raise RuntimeError(
+            f"memory child for {factory}({kwargs}) in {module_file} failed (exit status "
+            f"{proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return statistics.median(json.loads(results[-1][len(_RESULT_MARK):]))
 
-    peaks = []
-    for _ in range(repeats):
-        tf.config.experimental.reset_memory_stats(device)
-        before = tf.config.experimental.get_memory_info(device)["current"]
+
+def _rss_child(spec_json: str) -> None:
+    """Body of the child process of `peak_rss_increase_mib`: prints the peaks (MiB) as JSON."""
+    spec = json.loads(spec_json)
+    _reset_peak_rss()
+    module_spec = importlib.util.spec_from_file_location("_memory_target", spec["module_file"])
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    fn = getattr(module, spec["factory"])(**spec["kwargs"])
+    for _ in range(spec["warmup"]):
         fn()
-        peaks.append((tf.config.experimental.get_memory_info(device)["peak"] - before) / MIB)
-    return statistics.median(peaks)
+    peaks = []
+    for _ in range(spec["repeats"]):
+        gc.collect()
+        _reset_peak_rss()
+        before = _status_kib("VmRSS")  # read after the reset: VmHWM >= it
+        fn()
+        peaks.append(max(0, _status_kib("VmHWM") - before) / 1024.0)
+    print(_RESULT_MARK + json.dumps(peaks), flush=True)
 
 
 def block(value):
@@ -84,11 +186,19 @@ def environment() -> dict:
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "tfp_seg": tfp_seg.__version__,
+        "onednn": _onednn_enabled(),
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
 
 
-# How `peak_mib` measures, recorded in the reports of benchmarks that measure memory.
-MEMORY_SOURCE = "tf.config.experimental.get_memory_info('CPU:0') peak above start"
+def _onednn_enabled():
+    """Whether this process's TensorFlow runs oneDNN (None where that cannot be asked)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):
+        return None
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
@@ -106,10 +216,12 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[tuple]) -> str:
 
 
 def write_report(path: str, report: dict) -> None:
-    """Write `report` as JSON (NumPy scalars as floats), creating the folder."""
+    """Write `report` as JSON (NumPy scalars as floats), creating the folder; atomically, as
+    every file of tfp_seg (`tfp_seg._io`)."""
+    from tfp_seg import _io  # not at the top: importing tfp_seg loads TensorFlow (env above)
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2, default=float)
+    _io.atomic_write_json(path, report, default=float, sort_keys=False)
     print(f"wrote {path}")
 
 

@@ -14,9 +14,9 @@ prob_unet          ProbabilisticUNet(latent_dim=6) on the same backbone (its own
 
 `--jit` adds each head compiled with `jit_compile=True` (XLA). Times are medians of
 interleaved repeats (all models of a size in turn, so load changes hit all alike); memory is
-the peak of TensorFlow's CPU allocator during one step above its level before the step
-(`benchmarks/_common.py`). Ratios are against the deterministic head of the same size (and
-the same compilation mode).
+the peak resident memory of one step above the resident memory before it, each model in a
+fresh child process (`_common.peak_rss_increase_mib`, median of 3 steps). Ratios are against
+the deterministic head of the same size (and the same compilation mode).
 
 Run:
     python benchmarks/bench_heads.py [benchmarks/results/heads.json] [--quick] [--jit]
@@ -87,16 +87,36 @@ def _build(name: str, args, jit: bool):
     return model
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def _batch(args, size):
     import numpy as np
 
+    rng = np.random.default_rng(size)
+    x = rng.normal(size=(args.batch, size, size, 1)).astype("float32")
+    y = rng.integers(0, args.num_classes, size=(args.batch, size, size)).astype("int32")
+    return x, y
+
+
+def memory_step(config, size, name, jit):
+    """One train step, built in the memory child process (`_common.peak_rss_increase_mib`)."""
+    args = argparse.Namespace(**config)
+    x, y = _batch(args, size)
+    model = _build(name, args, jit)
+    return lambda: model.train_on_batch(x, y)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     rows = []
     modes = [False, True] if args.jit else [False]
     for size in args.sizes:
-        rng = np.random.default_rng(size)
-        x = rng.normal(size=(args.batch, size, size, 1)).astype("float32")
-        y = rng.integers(0, args.num_classes, size=(args.batch, size, size)).astype("int32")
+        x, y = _batch(args, size)
+        memory = {
+            (name, jit): _common.peak_rss_increase_mib(
+                __file__, "memory_step", dict(config=vars(args), size=size, name=name, jit=jit)
+            )
+            for jit in modes
+            for name in args.heads
+        }
         models = {}
         for jit in modes:
             for name in args.heads:
@@ -106,7 +126,6 @@ def main(argv=None) -> dict:
         step = {
             key: (lambda m=m, x=x, y=y: m.train_on_batch(x, y)) for key, m in models.items()
         }
-        memory = {key: _common.peak_mib(fn) for key, fn in step.items()}
         times = _common.interleaved_ms(step, args.repeats, args.warmup)
         for (name, jit), ms in times.items():
             rows.append(
@@ -144,7 +163,7 @@ def main(argv=None) -> dict:
 
 def _ratio(value, reference):
     """`value / reference`, or None without a positive reference (the deterministic head not
-    measured, or a peak below the allocator's 256 KiB reporting threshold at tiny sizes)."""
+    measured, or a step that makes nothing new resident at tiny sizes)."""
     return value / reference if reference else None
 
 

@@ -115,10 +115,10 @@ def main(argv=None) -> dict:
     pu = models["prob_unet"]
     for n in args.samples:
         fns[("prob_unet", "label maps", n)] = wrap(
-            lambda v, n=n: pu._sample_labels_tensor(v, n)
+            lambda v, n=n: tfp_seg.distributions.argmax_classes(pu.sample_logits_tensor(v, n))
         )
         fns[("prob_unet", "proba", n)] = wrap(
-            lambda v, n=n: tfp_seg.distributions.mean_softmax(pu._sample_logits_tensor(v, n))
+            lambda v, n=n: tfp_seg.distributions.mean_softmax(pu.sample_logits_tensor(v, n))
         )
     for fn in fns.values():
         fn()  # trace

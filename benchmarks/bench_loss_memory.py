@@ -18,8 +18,8 @@ chunked K=k   StochasticSegmentationNLL(chunk_size=k): k samples at a time, reco
 
 The M sweep uses independent samples (`antithetic=False`, so that M = 1 is allowed); the R
 sweep uses the head's default antithetic pairs. Times are medians of interleaved repeats;
-memory is the peak of TensorFlow's CPU allocator above the start of the call
-(`benchmarks/_common.py`).
+memory is the peak resident memory of one call above the resident memory before it, each
+variant in a fresh child process (`_common.peak_rss_increase_mib`, median of 3 calls).
 
 Run:
     python benchmarks/bench_loss_memory.py [benchmarks/results/loss_memory.json] [--quick]
@@ -101,7 +101,8 @@ def _reference(heteroscedastic: bool) -> str:
     return "direct" if heteroscedastic else "fused"
 
 
-def _measure(args, rank, num_samples, antithetic):
+def _setup(args, rank, num_samples, antithetic):
+    """The variants of one configuration, as functions of no argument."""
     import numpy as np
     import tensorflow as tf
 
@@ -115,10 +116,25 @@ def _measure(args, rank, num_samples, antithetic):
     shape = (args.batch, args.size, args.size)
     params = tf.constant(0.3 * rng.normal(size=shape + (head.params_size,)).astype("float32"))
     labels = tf.constant(rng.integers(0, args.num_classes, size=shape).astype("int32"))
-    fns = _variants(head, labels, params, num_samples, args.chunk_sizes, antithetic)
+    return _variants(head, labels, params, num_samples, args.chunk_sizes, antithetic)
+
+
+def memory_step(config, rank, num_samples, antithetic, variant):
+    """One variant, built in the memory child process (`_common.peak_rss_increase_mib`)."""
+    return _setup(argparse.Namespace(**config), rank, num_samples, antithetic)[variant]
+
+
+def _measure(args, rank, num_samples, antithetic):
+    fns = _setup(args, rank, num_samples, antithetic)
+    config = dict(rank=rank, num_samples=num_samples, antithetic=antithetic)
+    memory = {
+        name: _common.peak_rss_increase_mib(
+            __file__, "memory_step", dict(config=vars(args), variant=name, **config)
+        )
+        for name in fns
+    }
     for fn in fns.values():
         fn()  # trace
-    memory = {name: _common.peak_mib(fn) for name, fn in fns.items()}
     times = _common.interleaved_ms(fns, args.repeats, args.warmup)
     return [
         {

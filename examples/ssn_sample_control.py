@@ -2,7 +2,7 @@
 
 Trains a small Stochastic Segmentation Network (U-Net base_filters=8, depth=2, low-rank logits
 head) on the built-in ambiguous-shapes benchmark, then rescales the covariance of class 1
-(class A) with `tfp_seg.uncertainty.scale_class_covariance` for several scales `s` and shows
+(class A) with `tfp_seg.calibration.scale_class_covariance` for several scales `s` and shows
 the mean sampled class-1 area moving monotonically with `s` (Monteiro et al. 2020, Sec. 5):
 
 ```none
@@ -65,7 +65,7 @@ def class_areas(model, images, scales, num_samples: int, seed: int):
     """Per scale: sampled label maps of every image and the per-sample class areas."""
     import tensorflow as tf
 
-    from tfp_seg.uncertainty import scale_class_covariance
+    from tfp_seg.calibration import scale_class_covariance
 
     head = model.head
     params = model.predict(images, batch_size=32, verbose=0)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.helpers import benchmarks_common
 from tfp_seg import losses
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
 from tfp_seg.losses import chunked
@@ -213,29 +214,34 @@ def test_loss_option_config_and_validation(rng):
     )
 
 
-def test_chunked_peak_memory_is_flat_in_num_samples(rng):
-    # TF's CPU allocator statistics (oneDNN's allocator) leave out buffers under 256 KiB:
-    # large enough that each chunk's tensors are counted.
+def flatness_step(num_samples, chunk_size):
+    """Forward + backward of the SSN loss at 64x64, B = 4, built in the memory child process of
+    `peak_rss_increase_mib`."""
+    rng = np.random.default_rng(1234)
     head = LowRankLogits(C, rank=R)
     shape = (4, 64, 64)
     params = tf.constant(rng.normal(size=shape + (head.params_size,)).astype("float32"))
     labels = tf.constant(rng.integers(0, C, size=shape).astype("int32"))
+    loss = losses.StochasticSegmentationNLL(head, num_samples, chunk_size=chunk_size)
 
+    @tf.function
+    def step(p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            value = loss(labels, p)
+        return tape.gradient(value, p)
+
+    return lambda: step(params).numpy()
+
+
+def test_chunked_peak_memory_is_flat_in_num_samples():
+    # Peak RSS of one call above RSS before it, each configuration in a fresh process with
+    # oneDNN off and every buffer >= 64 KiB mmapped (benchmarks/_common.py): works with and
+    # without oneDNN in this process.
     def peak(num_samples, chunk_size):
-        loss = losses.StochasticSegmentationNLL(head, num_samples, chunk_size=chunk_size)
-
-        @tf.function
-        def step(p):
-            with tf.GradientTape() as tape:
-                tape.watch(p)
-                value = loss(labels, p)
-            return tape.gradient(value, p)
-
-        step(params)
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        step(params).numpy()
-        return tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+        return benchmarks_common().peak_rss_increase_mib(
+            __file__, "flatness_step", {"num_samples": num_samples, "chunk_size": chunk_size}
+        )
 
     small, large, direct_large = peak(8, 4), peak(64, 4), peak(64, None)
     assert large < 1.5 * small, (small, large)

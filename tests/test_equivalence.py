@@ -1,0 +1,327 @@
+"""ONE equivalence test: every head's distribution against a dense NumPy / SciPy reference.
+
+As distrax's `equivalence.py` and TFP's `testVersusMVNTriL`: each case declares its reference,
+built from the packed parameters with NumPy alone (the documented `params` layout, not the
+library's `split_params`, `covariance_parts` or `covariance()`), and one parametrised test
+compares `log_prob`, `mean`, `variance`, the covariance and the sample moments of the head's
+sampler against it, with and without antithetic pairs and with the head's default.
+
+```none
+case                      reference over x = vec(event), row-major (H, W, C) or (L)
+LowRankLogits             N(mu, P P^T + diag(transform(d_raw) + epsilon))       dense, H*W*C
+HeteroscedasticLogits     N(mu, diag(exp(s)))                                    K = 0
+  (low_rank_classes=K)    N(mu, blockdiag_pixels(V V^T + diag(exp(s))))          K > 0, C x C
+CategoricalLogits         point mass at the logits: Sigma = 0; log p = 0 at mu, -inf elsewhere
+LatentEncoder             N(mu, diag((softplus(raw + log(e - 1)) + epsilon)^2))  event [L]
+
+sample moments of n = 20000 draws (fixed seed), k = 5, n_eff = n, or n / 2 antithetic pairs:
+  |mean_hat_i - mu_i| <= k sqrt(Sigma_ii / n)         antithetic: mean_hat == mu (rounding only)
+  |S_ij - Sigma_ij|   <= k sqrt((Sigma_ii Sigma_jj + Sigma_ij^2) / n_eff)   (Gaussian Var S_ij)
+```
+
+Sizes are tiny (3 x 4 pixels, 3 classes, rank 2: a 36-dimensional event) so that the dense
+covariance, SciPy's density and the sample covariance are cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.stats
+
+import tfp_seg
+
+B, H, W, C, R, L = 2, 3, 4, 3, 2, 3
+NUM_SAMPLES = 20000
+K_SIGMA = 5.0
+SAMPLING = {"independent": False, "antithetic": True, "default": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """A dense reference: `mean [B, E]`, `cov [B, E, E]` over the flattened event (float64)."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+
+    def log_prob(self, x: np.ndarray) -> np.ndarray:
+        """`log p(x)` for points `x [K, B, E]` -> `[K, B]`."""
+        out = np.empty(x.shape[:2])
+        for b in range(x.shape[1]):
+            if not np.any(self.cov[b]):  # a point mass
+                hit = np.all(x[:, b] == self.mean[b], axis=-1)
+                out[:, b] = np.where(hit, 0.0, -np.inf)
+            else:
+                out[:, b] = scipy.stats.multivariate_normal(self.mean[b], self.cov[b]).logpdf(
+                    x[:, b]
+                )
+        return out
+
+
+# --- references: NumPy only, from the documented params layout --------------------------------
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _low_rank_reference(head, params) -> Reference:
+    # params[b, h, w] = [ mu (C) | d_raw (C) | P (C*R, row-major [C, R]) ]
+    p = params.astype(np.float64)
+    c, r = head.num_classes, head.rank
+    mu, raw, factor = p[..., :c], p[..., c : 2 * c], p[..., 2 * c :]
+    diag = (np.exp(raw) if head.diagonal_transform == "exp" else _softplus(raw)) + head.epsilon
+    flat_p = factor.reshape(p.shape[0], -1, r)  # rows in (h, w, c) order
+    cov = flat_p @ flat_p.transpose(0, 2, 1)
+    cov += np.stack([np.diag(d) for d in diag.reshape(p.shape[0], -1)])
+    return Reference(mu.reshape(p.shape[0], -1), cov)
+
+
+def _heteroscedastic_reference(head, params) -> Reference:
+    # params[b, h, w] = [ mu (C) | s = log sigma^2 (C) | V (C*K, row-major [C, K]) ]
+    p = params.astype(np.float64)
+    c, k = head.num_classes, head.low_rank_classes
+    mu = p[..., :c]
+    variance = np.exp(np.clip(p[..., c : 2 * c], -20.0, 20.0))
+    v = p[..., 2 * c :].reshape(p.shape[:-1] + (c, k))
+    blocks = v @ np.swapaxes(v, -1, -2) + variance[..., :, None] * np.eye(c)  # [B, H, W, C, C]
+    blocks = blocks.reshape(p.shape[0], -1, c, c)
+    cov = np.stack([scipy.linalg.block_diag(*pixels) for pixels in blocks])
+    return Reference(mu.reshape(p.shape[0], -1), cov)
+
+
+def _categorical_reference(head, params) -> Reference:
+    mu = params.astype(np.float64).reshape(params.shape[0], -1)
+    return Reference(mu, np.zeros(mu.shape + mu.shape[-1:]))
+
+
+def _latent_reference(encoder, params) -> Reference:
+    # params[b] = [ mu (L) | raw (L) ],  sigma = softplus(raw + log(e - 1)) + epsilon
+    p = params.astype(np.float64)
+    n = encoder.latent_dim
+    scale = _softplus(p[:, n:] + math.log(math.e - 1.0)) + encoder.epsilon
+    return Reference(p[:, :n], np.stack([np.diag(s**2) for s in scale]))
+
+
+# --- random parameters -------------------------------------------------------------------------
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+def _low_rank_params(head, seed):
+    rng = _rng(seed)
+    shape = (B, H, W)
+    parts = [
+        rng.normal(size=shape + (C,)),  # mu
+        rng.normal(-0.5, 0.5, size=shape + (C,)),  # d_raw
+        rng.normal(0.0, 0.5, size=shape + (C * head.rank,)),  # P
+    ]
+    return np.concatenate(parts, -1).astype("float32")
+
+
+def _heteroscedastic_params(head, seed):
+    rng = _rng(seed)
+    shape = (B, H, W)
+    parts = [
+        rng.normal(size=shape + (C,)),  # mu
+        rng.normal(-0.5, 0.5, size=shape + (C,)),  # log sigma^2
+        rng.normal(0.0, 0.5, size=shape + (C * head.low_rank_classes,)),  # V
+    ]
+    return np.concatenate(parts, -1).astype("float32")
+
+
+def _categorical_params(head, seed):
+    return _rng(seed).normal(size=(B, H, W, C)).astype("float32")
+
+
+def _latent_params(encoder, seed):
+    rng = _rng(seed)
+    return np.concatenate([rng.normal(size=(B, L)), rng.normal(0.0, 0.5, size=(B, L))], -1).astype(
+        "float32"
+    )
+
+
+# --- the head under test: its sampler and covariance -------------------------------------------
+def _sample_logits(head, params, n, seed, antithetic):
+    kwargs = {} if antithetic is None else {"antithetic": antithetic}
+    return head.sample_logits(params, n, seed=seed, **kwargs)
+
+
+def _sample_latent(encoder, params, n, seed, antithetic):
+    kwargs = {} if antithetic is None else {"antithetic": antithetic}
+    return encoder.sample(params, n, seed=seed, **kwargs)
+
+
+def _flat_covariance(dist, batch):
+    """The dense covariance `[B, E, E]` of the distribution under test: its `covariance()`,
+    or for `Independent` over pixels the blocks of the per-pixel distribution."""
+    try:
+        return np.asarray(dist.covariance()).reshape(batch, -1, _event_size(dist))
+    except NotImplementedError:
+        pass
+    inner = dist.distribution  # tfd.Independent over the pixels
+    if inner.event_shape.rank == 1:  # per-pixel MVN over classes
+        blocks = np.asarray(inner.covariance()).reshape(batch, -1, C, C)
+        return np.stack([scipy.linalg.block_diag(*pixels) for pixels in blocks])
+    return np.stack([np.diag(v) for v in np.asarray(dist.variance()).reshape(batch, -1)])
+
+
+def _event_size(dist):
+    return int(np.prod(dist.event_shape))
+
+
+def _low_rank_parts_covariance(head, params):
+    """The covariance the head's `covariance_parts` describe (used by export / uncertainty)."""
+    _, factor, diag = (np.asarray(t, np.float64) for t in head.covariance_parts(params))
+    flat = factor.reshape(B, -1, factor.shape[-1])
+    return flat @ flat.transpose(0, 2, 1) + np.stack([np.diag(d) for d in diag.reshape(B, -1)])
+
+
+def _heteroscedastic_parts_covariance(head, params):
+    _, factor, variance = (np.asarray(t, np.float64) for t in head.covariance_parts(params))
+    blocks = factor @ np.swapaxes(factor, -1, -2) + variance[..., :, None] * np.eye(C)
+    return np.stack([scipy.linalg.block_diag(*pixels) for pixels in blocks.reshape(B, -1, C, C)])
+
+
+@dataclasses.dataclass(frozen=True)
+class Equivalence:
+    """A head and its dense reference.
+
+    make: the head; params: `params(head, seed)` random packed parameters;
+    reference: `reference(head, params)` -> `Reference` (NumPy only);
+    sample: `sample(head, params, n, seed, antithetic)` (antithetic None: the head's default);
+    default_antithetic: what the default means for this head;
+    parts_covariance: the dense covariance from the head's `covariance_parts`, if it has them.
+    """
+
+    make: Callable[[], Any]
+    params: Callable[[Any, int], np.ndarray]
+    reference: Callable[[Any, np.ndarray], Reference]
+    sample: Callable = _sample_logits
+    default_antithetic: Callable[[Any], bool] = lambda head: head.antithetic
+    parts_covariance: Optional[Callable[[Any, np.ndarray], np.ndarray]] = None
+    event_shape: tuple = (H, W, C)
+
+
+CASES = {
+    "LowRankLogits": Equivalence(
+        lambda: tfp_seg.layers.LowRankLogits(C, rank=R),
+        _low_rank_params,
+        _low_rank_reference,
+        parts_covariance=_low_rank_parts_covariance,
+    ),
+    "LowRankLogits-softplus": Equivalence(
+        lambda: tfp_seg.layers.LowRankLogits(
+            C, rank=R, epsilon=1e-3, diagonal_transform="softplus"
+        ),
+        _low_rank_params,
+        _low_rank_reference,
+        parts_covariance=_low_rank_parts_covariance,
+    ),
+    "HeteroscedasticLogits": Equivalence(
+        lambda: tfp_seg.layers.HeteroscedasticLogits(C),
+        _heteroscedastic_params,
+        _heteroscedastic_reference,
+        parts_covariance=_heteroscedastic_parts_covariance,
+    ),
+    "HeteroscedasticLogits-low-rank": Equivalence(
+        lambda: tfp_seg.layers.HeteroscedasticLogits(C, low_rank_classes=R),
+        _heteroscedastic_params,
+        _heteroscedastic_reference,
+        parts_covariance=_heteroscedastic_parts_covariance,
+    ),
+    "CategoricalLogits": Equivalence(
+        lambda: tfp_seg.layers.CategoricalLogits(C),
+        _categorical_params,
+        _categorical_reference,
+        default_antithetic=lambda head: False,  # a point mass: every sample is the mean
+    ),
+    "LatentEncoder": Equivalence(
+        lambda: tfp_seg.layers.LatentEncoder(latent_dim=L, filters=(4,), epsilon=1e-3),
+        _latent_params,
+        _latent_reference,
+        sample=_sample_latent,
+        default_antithetic=lambda encoder: False,  # `sample(antithetic=False)`
+        event_shape=(L,),
+    ),
+}
+
+
+def _points(ref: Reference, seed) -> np.ndarray:
+    """`[K, B, E]`: the mean, three reference draws and a point far in the tails."""
+    rng = _rng(seed)
+    std = np.sqrt(np.diagonal(ref.cov, axis1=-2, axis2=-1))
+    points = [ref.mean]
+    for _ in range(3):
+        draws = [
+            rng.multivariate_normal(m, c, method="eigh")
+            for m, c in zip(ref.mean, ref.cov, strict=True)
+        ]
+        points.append(np.stack(draws))
+    points.append(ref.mean + np.sign(rng.normal(size=ref.mean.shape)) * (3.0 * std + 0.5))
+    # Evaluated in float32 by the head: round the points first so both see the same x.
+    return np.stack(points).astype("float32").astype(np.float64)
+
+
+@pytest.mark.parametrize("sampling", list(SAMPLING))
+@pytest.mark.parametrize("name", list(CASES))
+def test_distribution_matches_dense_reference(name, sampling):
+    case = CASES[name]
+    head = case.make()
+    params = case.params(head, seed=sorted(CASES).index(name))
+    ref = case.reference(head, params)
+    event_size = int(np.prod(case.event_shape))
+    dist = head.distribution(params)
+    assert tuple(dist.batch_shape) == (B,) and tuple(dist.event_shape) == case.event_shape
+
+    # log_prob at a few points.
+    points = _points(ref, seed=1)
+    x = points.reshape((len(points), B) + case.event_shape).astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(dist.log_prob(x), np.float64), ref.log_prob(points), rtol=1e-4, atol=1e-4
+    )
+
+    # mean, variance, covariance.
+    np.testing.assert_allclose(np.asarray(dist.mean()).reshape(B, -1), ref.mean, rtol=1e-6)
+    ref_variance = np.diagonal(ref.cov, axis1=-2, axis2=-1)
+    np.testing.assert_allclose(
+        np.asarray(dist.variance()).reshape(B, -1), ref_variance, rtol=1e-5, atol=1e-7
+    )
+    cov_atol = 1e-6 * max(1.0, np.abs(ref.cov).max())
+    np.testing.assert_allclose(_flat_covariance(dist, B), ref.cov, rtol=1e-5, atol=cov_atol)
+    if case.parts_covariance is not None:
+        np.testing.assert_allclose(
+            case.parts_covariance(head, params), ref.cov, rtol=1e-5, atol=cov_atol
+        )
+
+    # Sample moments.
+    antithetic = SAMPLING[sampling]
+    samples = np.asarray(case.sample(head, params, NUM_SAMPLES, 1234, antithetic))
+    assert samples.shape == (NUM_SAMPLES, B) + case.event_shape
+    if antithetic is None:
+        antithetic = case.default_antithetic(head)
+        explicit = np.asarray(case.sample(head, params, NUM_SAMPLES, 1234, antithetic))
+        np.testing.assert_array_equal(samples, explicit, err_msg="default != its explicit value")
+    samples = samples.astype(np.float64).reshape(NUM_SAMPLES, B, event_size)
+    mean_hat = samples.mean(axis=0)
+    rounding = 1e-5 * (1.0 + np.abs(ref.mean) + np.sqrt(ref_variance))
+    if antithetic:  # mirrored pairs: the sample mean is the mean
+        mean_bound = rounding
+    else:
+        mean_bound = K_SIGMA * np.sqrt(ref_variance / NUM_SAMPLES) + rounding
+    mean_error = np.abs(mean_hat - ref.mean)
+    assert np.all(mean_error <= mean_bound), (
+        f"sample mean off by up to {np.max(mean_error / mean_bound):.2f} x its bound"
+    )
+    n_eff = NUM_SAMPLES // 2 if antithetic else NUM_SAMPLES
+    deviations = samples - mean_hat
+    cov_hat = np.einsum("nbi,nbj->bij", deviations, deviations) / (NUM_SAMPLES - 1)
+    outer = ref_variance[:, :, None] * ref_variance[:, None, :]
+    cov_bound = K_SIGMA * np.sqrt((outer + ref.cov**2) / n_eff) + cov_atol
+    cov_error = np.abs(cov_hat - ref.cov)
+    assert np.all(cov_error <= cov_bound), (
+        f"sample covariance off by up to {np.max(cov_error / cov_bound):.2f} x its bound"
+    )

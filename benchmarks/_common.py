@@ -138,7 +138,7 @@ def peak_rss_increase_mib(
             f"memory child for {factory}({kwargs}) in {module_file} failed (exit status "
             f"{proc.returncode}):\n{proc.stderr[-4000:]}"
         )
-    return statistics.median(json.loads(results[-1][len(_RESULT_MARK):]))
+    return statistics.median(json.loads(results[-1][len(_RESULT_MARK) :]))
 
 
 def _rss_child(spec_json: str) -> None:
@@ -225,9 +225,7 @@ def write_report(path: str, report: dict) -> None:
     print(f"wrote {path}")
 
 
-def publish(
-    args, title: str, rows: Sequence[dict], columns: Sequence[tuple], **extra
-) -> dict:
+def publish(args, title: str, rows: Sequence[dict], columns: Sequence[tuple], **extra) -> dict:
     """Print `title` and the markdown table of `rows`, write the standard JSON report
     (`title`, `config`, `environment`, `results`, and `extra`) to `args.out`, and return it."""
     print(f"\n{title}")

@@ -53,23 +53,37 @@ HEADS = ("deterministic", "heteroscedastic", "ssn")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", nargs="?", default="benchmarks/results/backbones.json",
-                        help="JSON results path (default benchmarks/results/backbones.json)")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        default="benchmarks/results/backbones.json",
+        help="JSON results path (default benchmarks/results/backbones.json)",
+    )
     parser.add_argument("--size", type=int, default=64, help="image size H = W (default 64)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--num-classes", type=int, default=3)
     parser.add_argument("--rank", type=int, default=10)
-    parser.add_argument("--backbones", default=",".join(DEFAULT_BACKBONES),
-                        help="comma-separated names (tfp_seg.models.BACKBONE_NAMES)")
+    parser.add_argument(
+        "--backbones",
+        default=",".join(DEFAULT_BACKBONES),
+        help="comma-separated names (tfp_seg.models.BACKBONE_NAMES)",
+    )
     parser.add_argument("--heads", default=",".join(HEADS))
     parser.add_argument("--size-config", default="small", choices=("small", "full"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--jit", default="auto", choices=("auto", "on", "off"),
-                        help="jit_compile of model.compile (default: Keras' auto)")
-    parser.add_argument("--no-strategy", action="store_true",
-                        help="skip the feature- vs parameter-upsampling comparison")
+    parser.add_argument(
+        "--jit",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="jit_compile of model.compile (default: Keras' auto)",
+    )
+    parser.add_argument(
+        "--no-strategy",
+        action="store_true",
+        help="skip the feature- vs parameter-upsampling comparison",
+    )
     return parser.parse_args(argv)
 
 
@@ -110,27 +124,39 @@ def build_models(args):
     entries = []
     for backbone_name in args.backbones.split(","):
         for head_name in args.heads.split(","):
-            backbone = models.build_backbone(backbone_name, input_shape=shape,
-                                             size=args.size_config)
+            backbone = models.build_backbone(
+                backbone_name, input_shape=shape, size=args.size_config
+            )
             model = models.ProbabilisticSegmenter(
                 backbone, _head(head_name, args.num_classes, args.rank)
             )
-            entries.append({"backbone": backbone_name, "head": head_name,
-                            "strategy": "features", "model": model})
+            entries.append(
+                {
+                    "backbone": backbone_name,
+                    "head": head_name,
+                    "strategy": "features",
+                    "model": model,
+                }
+            )
     if not args.no_strategy:
         params_cls = _params_upsampled_class()
         for backbone_name in ("resnet_fpn", "segformer_mit_b0"):
             if backbone_name not in args.backbones.split(","):
                 continue
-            backbone = models.build_backbone(backbone_name, input_shape=shape,
-                                             size=args.size_config)
+            backbone = models.build_backbone(
+                backbone_name, input_shape=shape, size=args.size_config
+            )
             low_res = models.BackboneAdapter(
-                backbone.encoder, backbone.feature_level, fusion_filters=backbone.fusion_filters,
-                upsample=None, input_channels=1,
+                backbone.encoder,
+                backbone.feature_level,
+                fusion_filters=backbone.fusion_filters,
+                upsample=None,
+                input_channels=1,
             )
             model = params_cls(low_res, _head("ssn", args.num_classes, args.rank))
-            entries.append({"backbone": backbone_name, "head": "ssn",
-                            "strategy": "params", "model": model})
+            entries.append(
+                {"backbone": backbone_name, "head": "ssn", "strategy": "params", "model": model}
+            )
     for entry in entries:
         entry["model"].compile(optimizer="adam", loss="auto", jit_compile=jit)
     return entries
@@ -155,8 +181,9 @@ def time_models(entries, x, y, args):
 
 
 def tables(entries):
-    reference = {e["head"]: e for e in entries
-                 if e["backbone"] == "unet" and e["strategy"] == "features"}
+    reference = {
+        e["head"]: e for e in entries if e["backbone"] == "unet" and e["strategy"] == "features"
+    }
     lines = [
         "| backbone | head | params | params / U-Net | step (ms) | step / U-Net |",
         "|---|---|---:|---:|---:|---:|",
@@ -170,26 +197,39 @@ def tables(entries):
         t_ratio = e["step_ms"] / ref["step_ms"] if ref else float("nan")
         e["params_ratio"], e["step_ratio"] = p_ratio, t_ratio
         rows.append(e)
-        lines.append(f"| {e['backbone']} | {e['head']} | {e['params']:,} | {p_ratio:.2f} | "
-                     f"{e['step_ms']:.0f} | {t_ratio:.2f} |")
+        lines.append(
+            f"| {e['backbone']} | {e['head']} | {e['params']:,} | {p_ratio:.2f} | "
+            f"{e['step_ms']:.0f} | {t_ratio:.2f} |"
+        )
     strategy = [e for e in entries if e["strategy"] == "params"]
     if strategy:
-        lines += ["", "| backbone (SSN head) | upsample | params | step (ms) | step / features |",
-                  "|---|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| backbone (SSN head) | upsample | params | step (ms) | step / features |",
+            "|---|---|---:|---:|---:|",
+        ]
         for e in strategy:
-            feat = next(f for f in entries if f["backbone"] == e["backbone"]
-                        and f["head"] == "ssn" and f["strategy"] == "features")
+            feat = next(
+                f
+                for f in entries
+                if f["backbone"] == e["backbone"]
+                and f["head"] == "ssn"
+                and f["strategy"] == "features"
+            )
             e["step_ratio_vs_features"] = e["step_ms"] / feat["step_ms"]
-            lines.append(f"| {e['backbone']} | features (library) | {feat['params']:,} | "
-                         f"{feat['step_ms']:.0f} | |")
-            lines.append(f"| {e['backbone']} | parameters | {e['params']:,} | "
-                         f"{e['step_ms']:.0f} | {e['step_ratio_vs_features']:.2f} |")
+            lines.append(
+                f"| {e['backbone']} | features (library) | {feat['params']:,} | "
+                f"{feat['step_ms']:.0f} | |"
+            )
+            lines.append(
+                f"| {e['backbone']} | parameters | {e['params']:,} | "
+                f"{e['step_ms']:.0f} | {e['step_ratio_vs_features']:.2f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None):
     args = parse_args(argv)
-
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.size, args.size, 1)).astype("float32")

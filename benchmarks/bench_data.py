@@ -43,8 +43,12 @@ def main(argv=None) -> dict:
         fns = {size: lambda s=size: ambiguous_shapes(num_images=args.num_images, image_size=s)}
         ms = _common.interleaved_ms(fns, args.repeats, args.warmup)[size]
         rows.append(
-            {"size": f"{size}x{size}", "images": args.num_images, "ms": ms,
-             "ms_per_image": ms / args.num_images}
+            {
+                "size": f"{size}x{size}",
+                "images": args.num_images,
+                "ms": ms,
+                "ms_per_image": ms / args.num_images,
+            }
         )
     columns = [
         ("size", "size", ""),

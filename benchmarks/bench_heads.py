@@ -123,9 +123,7 @@ def main(argv=None) -> dict:
                 model = _build(name, args, jit)
                 model.train_on_batch(x, y)  # trace (and compile)
                 models[(name, jit)] = model
-        step = {
-            key: (lambda m=m, x=x, y=y: m.train_on_batch(x, y)) for key, m in models.items()
-        }
+        step = {key: (lambda m=m, x=x, y=y: m.train_on_batch(x, y)) for key, m in models.items()}
         times = _common.interleaved_ms(step, args.repeats, args.warmup)
         for (name, jit), ms in times.items():
             rows.append(

@@ -184,8 +184,7 @@ def main(argv=None) -> dict:
     if rows_r:
         r_base = args.ranks[0]
         print(
-            f"\nR sweep (M={args.rank_samples}, antithetic; peak base: the same loss at "
-            f"R={r_base})"
+            f"\nR sweep (M={args.rank_samples}, antithetic; peak base: the same loss at R={r_base})"
         )
         print(_common.markdown_table(rows_r, columns))
     report = {

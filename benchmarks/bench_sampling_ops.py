@@ -66,9 +66,7 @@ def _groups(args):
     chol_diag = tf.constant(rng.uniform(0.5, 1.0, size=(b, 1, 2, x)).astype("float32"))
     chol_coef = tf.constant(rng.uniform(0.1, 0.5, size=(b, 1, 2, x)).astype("float32"))
     loc = tf.constant(rng.normal(size=(b, args.size, args.size, c)).astype("float32"))
-    factor = tf.constant(
-        0.5 * rng.normal(size=(b, args.size, args.size, c, r)).astype("float32")
-    )
+    factor = tf.constant(0.5 * rng.normal(size=(b, args.size, args.size, c, r)).astype("float32"))
     diag = tf.constant(rng.uniform(0.1, 1.0, size=(b, args.size, args.size, c)).astype("float32"))
 
     def first(t):  # one element back to the host: the op itself, not a 157 MB copy
@@ -114,9 +112,7 @@ def _groups(args):
             "standard_normal (Box-Muller)": fn(
                 lambda: first(dists.standard_normal([size], seed=seed))
             ),
-            "stateless_uniform only": fn(
-                lambda: first(tf.random.stateless_uniform([size], seed))
-            ),
+            "stateless_uniform only": fn(lambda: first(tf.random.stateless_uniform([size], seed))),
         },
         f"arg max over {c} classes": {
             "tf.argmax, trailing axis": fn(

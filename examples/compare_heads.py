@@ -57,10 +57,19 @@ COLUMNS = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=8, help="training epochs per head (default 8)")
-    p.add_argument("--steps-per-epoch", type=int, default=None,
-                   help="steps per epoch (default: one pass over the training images)")
-    p.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS,
-                   help="heads to compare (default: all; deterministic is always included)")
+    p.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="steps per epoch (default: one pass over the training images)",
+    )
+    p.add_argument(
+        "--heads",
+        nargs="+",
+        default=list(HEADS),
+        choices=HEADS,
+        help="heads to compare (default: all; deterministic is always included)",
+    )
     p.add_argument("--num-images", type=int, default=320, help="images generated (80/10/10)")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--base-filters", type=int, default=8)
@@ -68,14 +77,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=10, help="SSN covariance rank")
-    p.add_argument("--train-samples", type=int, default=20,
-                   help="Monte Carlo samples in the SSN / heteroscedastic losses")
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=20,
+        help="Monte Carlo samples in the SSN / heteroscedastic losses",
+    )
     p.add_argument("--latent-dim", type=int, default=6, help="Prob U-Net latent size")
     p.add_argument("--eval-samples", type=int, default=16, help="samples per test image")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=os.path.join("runs", "compare_heads"))
-    p.add_argument("--no-figures", dest="figures", action="store_false",
-                   help="skip the per-head figures")
+    p.add_argument(
+        "--no-figures", dest="figures", action="store_false", help="skip the per-head figures"
+    )
     return p.parse_args(argv)
 
 
@@ -138,12 +152,15 @@ def format_table(results: dict, oracle: dict) -> str:
     rows = [["head"] + [title for _, title, _ in COLUMNS]]
     for head, r in results.items():
         rows.append([head] + [fmt.format(r[k]) if k in r else "—" for k, _, fmt in COLUMNS])
-    rows.append(["oracle"] + [fmt.format(oracle[k]) if k in oracle else "—"
-                              for k, _, fmt in COLUMNS])
+    rows.append(
+        ["oracle"] + [fmt.format(oracle[k]) if k in oracle else "—" for k, _, fmt in COLUMNS]
+    )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
-                  for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+        "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
         for row in rows
     )
 
@@ -156,9 +173,9 @@ def format_markdown(results: dict, oracle: dict, args, data_line: str) -> str:
         data_line,
         "",
         f"Backbone `UNet(base_filters={args.base_filters}, depth={args.depth})`, "
-        f"{args.epochs} epochs" + (f" x {args.steps_per_epoch} steps" if args.steps_per_epoch
-                                   else "") +
-        f", batch {args.batch_size}, Adam {args.learning_rate:g}; SSN rank {args.rank}, "
+        f"{args.epochs} epochs"
+        + (f" x {args.steps_per_epoch} steps" if args.steps_per_epoch else "")
+        + f", batch {args.batch_size}, Adam {args.learning_rate:g}; SSN rank {args.rank}, "
         f"{args.train_samples} Monte Carlo samples in the SSN / heteroscedastic losses; "
         f"{args.eval_samples} samples per test image.",
         "",
@@ -195,8 +212,12 @@ def main(argv=None) -> dict:
     )
     print(data_line)
     # Full batches only: every timed step does the same work.
-    train_ds = train.to_dataset(batch_size=args.batch_size, seed=args.seed,
-                                repeat=args.steps_per_epoch is not None, drop_remainder=True)
+    train_ds = train.to_dataset(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        repeat=args.steps_per_epoch is not None,
+        drop_remainder=True,
+    )
     val_ds = val.to_dataset(batch_size=args.batch_size, shuffle=False, annotation="first")
     os.makedirs(args.out, exist_ok=True)
 
@@ -207,28 +228,43 @@ def main(argv=None) -> dict:
         model.build((None, args.image_size, args.image_size, data.images.shape[-1]))
         timer = StepTimer()
         start = time.time()
-        model.fit(train_ds, validation_data=val_ds, epochs=args.epochs,
-                  steps_per_epoch=args.steps_per_epoch, verbose=0, callbacks=[timer])
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
+            verbose=0,
+            callbacks=[timer],
+        )
         seconds = time.time() - start
         report = evaluate_ambiguous(model, test, num_samples=args.eval_samples, seed=args.seed)
-        report.update({
-            "head": head,
-            "epochs": args.epochs,
-            "train_seconds": round(seconds, 2),
-            "step_ms": timer.median_ms,
-            "params": int(model.count_params()),
-        })
-        report["step_ratio"] = report["step_ms"] / results.get(
-            "deterministic", report)["step_ms"]
+        report.update(
+            {
+                "head": head,
+                "epochs": args.epochs,
+                "train_seconds": round(seconds, 2),
+                "step_ms": timer.median_ms,
+                "params": int(model.count_params()),
+            }
+        )
+        report["step_ratio"] = report["step_ms"] / results.get("deterministic", report)["step_ms"]
         results[head] = report
-        oracle = {k[len("oracle_"):]: v for k, v in report.items() if k.startswith("oracle_")}
-        print(f"{head:<16} trained in {seconds:6.1f} s  (step {timer.median_ms:6.1f} ms)  "
-              f"GED {report['ged']:.4f}  HM-IoU {report['hm_iou']:.4f}", flush=True)
+        oracle = {k[len("oracle_") :]: v for k, v in report.items() if k.startswith("oracle_")}
+        print(
+            f"{head:<16} trained in {seconds:6.1f} s  (step {timer.median_ms:6.1f} ms)  "
+            f"GED {report['ged']:.4f}  HM-IoU {report['hm_iou']:.4f}",
+            flush=True,
+        )
         if args.figures:
             write_report(
-                os.path.join(args.out, head), report, model, test,
-                num_samples=args.eval_samples, seed=args.seed,
-                config={"head": head, **vars(args)}, title=f"Evaluation report: {head} head",
+                os.path.join(args.out, head),
+                report,
+                model,
+                test,
+                num_samples=args.eval_samples,
+                seed=args.seed,
+                config={"head": head, **vars(args)},
+                title=f"Evaluation report: {head} head",
             )
         keras.backend.clear_session(free_memory=False)
 

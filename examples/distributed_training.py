@@ -42,14 +42,21 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="global batch (default 8)")
-    parser.add_argument("--replicas", type=int, default=2,
-                        help="logical CPU replicas when there is no GPU and no TF_CONFIG")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="logical CPU replicas when there is no GPU and no TF_CONFIG",
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--num-images", type=int, default=160)
     parser.add_argument("--num-samples", type=int, default=8, help="MC samples in the SSN loss")
-    parser.add_argument("--mixed-precision", default=None,
-                        choices=["mixed_float16", "mixed_bfloat16"],
-                        help="dtype policy of the backbone (the head stays float32)")
+    parser.add_argument(
+        "--mixed-precision",
+        default=None,
+        choices=["mixed_float16", "mixed_bfloat16"],
+        help="dtype policy of the backbone (the head stays float32)",
+    )
     parser.add_argument("--out", default="runs/distributed")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -139,7 +146,11 @@ def main(argv=None) -> dict:
             )
 
     model.fit(
-        train_ds, validation_data=val_ds, epochs=args.epochs, steps_per_epoch=steps, verbose=0,
+        train_ds,
+        validation_data=val_ds,
+        epochs=args.epochs,
+        steps_per_epoch=steps,
+        verbose=0,
         callbacks=[backup, EpochLog()],
     )
     summary = {

@@ -59,13 +59,17 @@ def build_model(family: str, image_size: int, preset=None):
     if family == "segformer" and preset is None:
         # What build_backbone("segformer_mit_b0") does, spelled out: MiT-B0 sizes.
         encoder = keras_hub.models.MiTBackbone(
-            layerwise_depths=[2, 2, 2, 2], num_layers=4, layerwise_num_heads=[1, 2, 5, 8],
-            layerwise_sr_ratios=[8, 4, 2, 1], max_drop_path_rate=0.1,
-            layerwise_patch_sizes=[7, 3, 3, 3], layerwise_strides=[4, 2, 2, 2],
-            hidden_dims=[32, 64, 160, 256], image_shape=(image_size, image_size, 3),
+            layerwise_depths=[2, 2, 2, 2],
+            num_layers=4,
+            layerwise_num_heads=[1, 2, 5, 8],
+            layerwise_sr_ratios=[8, 4, 2, 1],
+            max_drop_path_rate=0.1,
+            layerwise_patch_sizes=[7, 3, 3, 3],
+            layerwise_strides=[4, 2, 2, 2],
+            hidden_dims=[32, 64, 160, 256],
+            image_shape=(image_size, image_size, 3),
         )
-        segformer = keras_hub.models.SegFormerBackbone(image_encoder=encoder,
-                                                       projection_filters=64)
+        segformer = keras_hub.models.SegFormerBackbone(image_encoder=encoder, projection_filters=64)
         return tfp_seg.models.from_keras_hub(segformer, head, input_channels=1)
     backbone = tfp_seg.models.build_backbone(
         FAMILIES[family], input_shape=(image_size, image_size, 1), preset=preset
@@ -89,9 +93,11 @@ def main(argv=None):
     train, _, test = data.train_val_test()
     model = build_model(args.family, args.image_size, args.preset)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="auto")
-    print(f"{args.family}: {model.count_params():,} parameters; backbone "
-          f"{type(model.backbone.encoder).__name__} -> features "
-          f"{tuple(model.backbone.outputs[0].shape[1:])}")
+    print(
+        f"{args.family}: {model.count_params():,} parameters; backbone "
+        f"{type(model.backbone.encoder).__name__} -> features "
+        f"{tuple(model.backbone.outputs[0].shape[1:])}"
+    )
     start = time.perf_counter()
     model.fit(train.to_dataset(batch_size=8, seed=args.seed), epochs=args.epochs, verbose=2)
     print(f"trained {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
@@ -103,8 +109,9 @@ def main(argv=None):
         path = os.path.join(tmp, "model.keras")
         model.save(path)
         loaded = keras.models.load_model(path, safe_mode=True)
-        same = np.array_equal(np.asarray(loaded(test.images[:2])),
-                              np.asarray(model(test.images[:2])))
+        same = np.array_equal(
+            np.asarray(loaded(test.images[:2])), np.asarray(model(test.images[:2]))
+        )
     print(f".keras round trip gives identical parameters: {same}")
 
 

@@ -139,7 +139,8 @@ def test_the_graph_sees_function_level_imports():
     tree = ast.parse(source)
     names = {
         n.module if isinstance(n, ast.ImportFrom) else n.names[0].name
-        for n in _walk_executed(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+        for n in _walk_executed(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
     }
     assert names == {"tfp_seg", "tfp_seg.layers.base"}  # annotation-only imports left out
 
@@ -153,7 +154,10 @@ def test_imports_resolve_to_modules(tmp_path):
         "def f():\n    from tfp_seg.metrics import streaming\n"
     )
     assert _imports("tfp_seg.probe", path) == {
-        "tfp_seg.losses", "tfp_seg", "tfp_seg.layers.base", "tfp_seg.metrics.streaming",
+        "tfp_seg.losses",
+        "tfp_seg",
+        "tfp_seg.layers.base",
+        "tfp_seg.metrics.streaming",
     }
 
 

@@ -340,6 +340,7 @@ def test_resize_to_reference_matches_upsampling2d_and_round_trips():
 # --- keras-cv ---------------------------------------------------------------------------------
 def test_keras_cv_imports_with_this_keras():
     import keras_cv
+
     assert hasattr(keras_cv.models, "DeepLabV3Plus") and hasattr(keras_cv.models, "SegFormer")
     assert keras.__version__.startswith("3.")
 
@@ -360,9 +361,13 @@ def test_missing_keras_cv_gives_a_clear_import_error(monkeypatch):
 @pytest.mark.slow
 def test_from_keras_cv_takes_a_deeplabv3plus_instance(tmp_path):
     import keras_cv
+
     encoder = keras_cv.models.ResNetBackbone(
-        stackwise_filters=[64, 32, 32, 32], stackwise_blocks=[1, 1, 1, 1],
-        stackwise_strides=[1, 2, 2, 2], block_type="basic_block", include_rescaling=False,
+        stackwise_filters=[64, 32, 32, 32],
+        stackwise_blocks=[1, 1, 1, 1],
+        stackwise_strides=[1, 2, 2, 2],
+        block_type="basic_block",
+        include_rescaling=False,
         input_shape=(SIZE, SIZE, 3),
     )
     deeplab = keras_cv.models.DeepLabV3Plus(backbone=encoder, num_classes=5)
@@ -377,6 +382,7 @@ def test_from_keras_cv_takes_a_deeplabv3plus_instance(tmp_path):
 def test_preset_without_network_raises_for_keras_cv(no_network):
     # keras-cv is a test dependency: without it this fails (ImportError), it does not skip.
     import keras_cv  # noqa: F401
+
     with pytest.raises(PresetUnavailableError) as info:
         backbones.from_keras_cv("mobilenet_v3_large_imagenet", CategoricalLogits(NUM_CLASSES))
     assert "'mobilenet_v3_large_imagenet'" in str(info.value)

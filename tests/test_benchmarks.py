@@ -32,8 +32,26 @@ def test_bench_inference_runs(bench_path, tmp_path):
 
     out = str(tmp_path / "inference.json")
     bench_inference.main(
-        [out, "--size", "16", "--batch", "1", "--base-filters", "4", "--depth", "1",
-         "--rank", "2", "--samples", "1", "4", "--repeats", "1", "--warmup", "0"]
+        [
+            out,
+            "--size",
+            "16",
+            "--batch",
+            "1",
+            "--base-filters",
+            "4",
+            "--depth",
+            "1",
+            "--rank",
+            "2",
+            "--samples",
+            "1",
+            "4",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
     )
     rows = _load(out)["results"]
     outputs = {(r["model"], r["output"], r["N"]) for r in rows}
@@ -50,9 +68,31 @@ def test_bench_loss_memory_runs(bench_path, tmp_path, head):
 
     out = str(tmp_path / "loss.json")
     bench_loss_memory.main(
-        [out, "--head", head, "--size", "8", "--batch", "1", "--rank", "2", "--samples", "2",
-         "10", "--ranks", "1", "2", "--rank-samples", "4", "--chunk-sizes", "2", "--repeats",
-         "1", "--warmup", "0"]
+        [
+            out,
+            "--head",
+            head,
+            "--size",
+            "8",
+            "--batch",
+            "1",
+            "--rank",
+            "2",
+            "--samples",
+            "2",
+            "10",
+            "--ranks",
+            "1",
+            "2",
+            "--rank-samples",
+            "4",
+            "--chunk-sizes",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
     )
     report = _load(out)
     variants = {r["variant"] for r in report["m_sweep"]}
@@ -70,13 +110,35 @@ def test_bench_heads_runs(bench_path, tmp_path):
 
     out = str(tmp_path / "heads.json")
     bench_heads.main(
-        [out, "--sizes", "16", "--batch", "1", "--base-filters", "4", "--depth", "1",
-         "--rank", "2", "--num-samples", "2", "--chunk-size", "2", "--repeats", "1",
-         "--warmup", "0"]
+        [
+            out,
+            "--sizes",
+            "16",
+            "--batch",
+            "1",
+            "--base-filters",
+            "4",
+            "--depth",
+            "1",
+            "--rank",
+            "2",
+            "--num-samples",
+            "2",
+            "--chunk-size",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
     )
     rows = _load(out)["results"]
     assert {r["head"] for r in rows} == {
-        "deterministic", "ssn", "ssn_chunked", "heteroscedastic", "prob_unet"
+        "deterministic",
+        "ssn",
+        "ssn_chunked",
+        "heteroscedastic",
+        "prob_unet",
     }
     assert all(r["step_ms"] > 0 and r["time_ratio"] > 0 for r in rows)
     # Peaks come from child processes (peak RSS), with or without oneDNN here; at 16x16 a step
@@ -90,8 +152,21 @@ def test_bench_sampling_ops_runs(bench_path, tmp_path):
 
     out = str(tmp_path / "ops.json")
     bench_sampling_ops.main(
-        [out, "--samples", "4", "--batch", "1", "--size", "8", "--rank", "2", "--repeats", "1",
-         "--warmup", "0"]
+        [
+            out,
+            "--samples",
+            "4",
+            "--batch",
+            "1",
+            "--size",
+            "8",
+            "--rank",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+        ]
     )
     rows = _load(out)["results"]
     assert len({r["group"] for r in rows}) == 6

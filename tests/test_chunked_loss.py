@@ -53,8 +53,15 @@ def _chunked(head, labels, noise=None, seed=None, chunk_size=None, antithetic=Tr
 
     def fn(params):
         return chunked.sampled_nll_terms(
-            head, labels, params, M, chunk_size=chunk_size, antithetic=antithetic,
-            noise=noise, seed=seed, **kw,
+            head,
+            labels,
+            params,
+            M,
+            chunk_size=chunk_size,
+            antithetic=antithetic,
+            noise=noise,
+            seed=seed,
+            **kw,
         )
 
     return fn
@@ -114,7 +121,9 @@ def test_seeded_chunks_are_fold_in_streams_and_reproducible(rng):
         samples = tf.concat(
             [
                 head.sample_logits(
-                    p, 2, antithetic=True,
+                    p,
+                    2,
+                    antithetic=True,
                     seed=tf.random.experimental.stateless_fold_in(seed, k),
                 )
                 for k in range(M // 2)
@@ -266,9 +275,7 @@ def test_heteroscedastic_loss_chunked_option(rng):
         rtol=1e-4,
     )
     # Real variances: the chunked loss has the direct loss's expectation, and a gradient.
-    params = tf.constant(
-        np.concatenate([loc, rng.normal(size=loc.shape).astype("float32")], -1)
-    )
+    params = tf.constant(np.concatenate([loc, rng.normal(size=loc.shape).astype("float32")], -1))
     direct = losses.HeteroscedasticNLL(head, num_samples=M)
     both = tf.function(lambda: (loss(labels, params), direct(labels, params)))
     values = np.array([[v.numpy() for v in both()] for _ in range(200)])

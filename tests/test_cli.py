@@ -10,9 +10,24 @@ import pytest
 from tfp_seg import cli
 
 TINY = [
-    "--epochs", "2", "--num-images", "40", "--image-size", "32", "--base-filters", "4",
-    "--depth", "2", "--eval-samples", "4", "--rank", "2", "--num-samples", "4",
-    "--no-export", "--quiet",
+    "--epochs",
+    "2",
+    "--num-images",
+    "40",
+    "--image-size",
+    "32",
+    "--base-filters",
+    "4",
+    "--depth",
+    "2",
+    "--eval-samples",
+    "4",
+    "--rank",
+    "2",
+    "--num-samples",
+    "4",
+    "--no-export",
+    "--quiet",
 ]
 
 
@@ -42,8 +57,10 @@ def test_train_writes_run_files(run_dir):
 
 def test_evaluate_and_sample_from_run(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["evaluate", str(run_dir), "--num-samples", "4", "--output", str(out),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(["evaluate", str(run_dir), "--num-samples", "4", "--output", str(out), "--quiet"])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 4
     npz = tmp_path / "s.npz"
@@ -63,8 +80,11 @@ def test_config_file_and_flag_override(tmp_path):
 
 @pytest.mark.parametrize(
     "content, match",
-    [("head: [unclosed", "could not parse"), ("nonsense_field: 1\n", "unknown fields"),
-     ("head: gaussian\n", "`head`")],
+    [
+        ("head: [unclosed", "could not parse"),
+        ("nonsense_field: 1\n", "unknown fields"),
+        ("head: gaussian\n", "`head`"),
+    ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, capsys, content, match):
     cfg = tmp_path / "bad.yaml"
@@ -92,7 +112,9 @@ def test_missing_files_and_unwritable_output(tmp_path, capsys):
 def test_help_documents_every_flag():
     out = subprocess.run(
         [sys.executable, "-m", "tfp_seg.cli", "train", "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     for field in cli._TRAIN_FLAGS:
         assert "--" + field.replace("_", "-") in out, field
@@ -101,8 +123,27 @@ def test_help_documents_every_flag():
 
 @pytest.mark.parametrize("head", ["heteroscedastic", "mc_dropout", "ensemble"])
 def test_other_heads_train_evaluate_and_sample(tmp_path, head):
-    assert cli.main(["train", *TINY, "--epochs", "1", "--num-images", "24", "--head", head,
-                     "--ensemble-size", "2", "--output-dir", str(tmp_path), "--name", head]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *TINY,
+                "--epochs",
+                "1",
+                "--num-images",
+                "24",
+                "--head",
+                head,
+                "--ensemble-size",
+                "2",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                head,
+            ]
+        )
+        == 0
+    )
     run = tmp_path / head
     report = json.loads((run / "report.json").read_text())
     assert report["head"] == head and np.isfinite(report["ged"])
@@ -122,10 +163,34 @@ def test_other_heads_train_evaluate_and_sample(tmp_path, head):
 
 
 def test_train_with_a_keras_hub_backbone(tmp_path):
-    assert cli.main(["train", "--backbone", "resnet_fpn", "--epochs", "1", "--num-images", "16",
-                     "--image-size", "64", "--eval-samples", "2", "--rank", "2",
-                     "--num-samples", "2", "--no-export", "--quiet",
-                     "--output-dir", str(tmp_path), "--name", "fpn"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--backbone",
+                "resnet_fpn",
+                "--epochs",
+                "1",
+                "--num-images",
+                "16",
+                "--image-size",
+                "64",
+                "--eval-samples",
+                "2",
+                "--rank",
+                "2",
+                "--num-samples",
+                "2",
+                "--no-export",
+                "--quiet",
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                "fpn",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "fpn" / "report.json").read_text())
     assert report["backbone"] == "resnet_fpn" and np.isfinite(report["nll"])
     model = keras.models.load_model(tmp_path / "fpn" / "model.keras", safe_mode=True)
@@ -143,8 +208,21 @@ def test_sample_command_hands_out_independent_draws(run_dir, tmp_path):
 
 
 EXPORT_TINY = [
-    "--epochs", "1", "--num-images", "16", "--image-size", "16", "--base-filters", "4",
-    "--depth", "1", "--eval-samples", "2", "--ensemble-size", "2", "--quiet",
+    "--epochs",
+    "1",
+    "--num-images",
+    "16",
+    "--image-size",
+    "16",
+    "--base-filters",
+    "4",
+    "--depth",
+    "1",
+    "--eval-samples",
+    "2",
+    "--ensemble-size",
+    "2",
+    "--quiet",
 ]
 
 
@@ -158,8 +236,23 @@ def test_export_of_mc_dropout_and_ensemble_runs_samples_like_the_run(tmp_path, c
     from tfp_seg.experiment import TrainConfig, load_run
 
     saved = tmp_path / "savedmodels"
-    assert cli.main(["train", *EXPORT_TINY, "--head", head, "--output-dir", str(tmp_path),
-                     "--name", head, "--savedmodels-dir", str(saved)]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                *EXPORT_TINY,
+                "--head",
+                head,
+                "--output-dir",
+                str(tmp_path),
+                "--name",
+                head,
+                "--savedmodels-dir",
+                str(saved),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "export skipped" not in out
     assert f"exported SavedModel to {saved / head / '1'}" in out

@@ -1,6 +1,5 @@
 """Tests for `tfp_seg.data.ambiguous_shapes`: exact mode distribution, sampling, tf.data."""
 
-
 import numpy as np
 import pytest
 
@@ -20,8 +19,15 @@ def small():
 
 
 def _fields(d):
-    return (d.images, d.annotations, d.annotation_modes, d.mode_weights, d.num_modes,
-            d.object_labels, d.object_weights)
+    return (
+        d.images,
+        d.annotations,
+        d.annotation_modes,
+        d.mode_weights,
+        d.num_modes,
+        d.object_labels,
+        d.object_weights,
+    )
 
 
 def _mode_index(modes, labels):
@@ -51,8 +57,9 @@ def test_same_seed_same_data_different_seed_different():
 
 
 def test_shapes_and_dtypes():
-    d = ambiguous_shapes(num_images=10, image_size=48, num_annotations=5, max_objects=2,
-                         channels=3, seed=1)
+    d = ambiguous_shapes(
+        num_images=10, image_size=48, num_annotations=5, max_objects=2, channels=3, seed=1
+    )
     n, k, h, mmax = 10, 5, 48, d.max_modes
     assert isinstance(d, AmbiguousShapes) and len(d) == n
     assert repr(d).startswith("AmbiguousShapes(num_images=10, image_size=48")
@@ -196,12 +203,15 @@ def test_faint_present_probability_visible_as_intensity(data):
     assert len(p) > 30
     assert np.corrcoef(p, level)[0, 1] > 0.9
     order = np.argsort(p)
-    low, high = level[order[: len(p) // 3]], level[order[-(len(p) // 3):]]
+    low, high = level[order[: len(p) // 3]], level[order[-(len(p) // 3) :]]
     assert high.mean() > low.mean() + 0.05
     # Faint objects are clearly darker than the other (high contrast) objects.
-    other = [data.images[i, ..., 0][_object_mask(data, i, o)].mean()
-             for i, image in enumerate(data.objects) for o, obj in enumerate(image)
-             if obj.kind == "boundary"]
+    other = [
+        data.images[i, ..., 0][_object_mask(data, i, o)].mean()
+        for i, image in enumerate(data.objects)
+        for o, obj in enumerate(image)
+        if obj.kind == "boundary"
+    ]
     assert level.max() < np.mean(other)
 
 
@@ -306,8 +316,10 @@ def test_to_dataset_random_annotation_changes_per_epoch(small):
     rebuilt = small.to_dataset(batch_size=4, shuffle=True, annotation="random", seed=5)
     assert _epoch_choices(small, rebuilt) == first
     # Shuffling reorders images between epochs.
-    order = [[int(np.argmin(np.abs(small.images - im).sum(axis=(1, 2, 3)))) for im in x]
-             for x, _ in ds.as_numpy_iterator()]
+    order = [
+        [int(np.argmin(np.abs(small.images - im).sum(axis=(1, 2, 3)))) for im in x]
+        for x, _ in ds.as_numpy_iterator()
+    ]
     assert sorted(sum(order, [])) == list(range(12))
     assert sum(order, []) != list(range(12))
 

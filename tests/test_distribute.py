@@ -269,12 +269,12 @@ def test_uneven_first_batch_fails_in_keras_and_divisible_batches_trims_it(mirror
     assert np.isfinite(mirrored["trimmed_loss"])
     assert mirrored["one_replica_unchanged"] is True
     assert "--batch-size 3 is the global batch and must split evenly over the 2 replicas" in (
-        mirrored["odd_batch_error"] or ""), mirrored["odd_batch_error"]
+        mirrored["odd_batch_error"] or ""
+    ), mirrored["odd_batch_error"]
 
 
 def test_divisible_batches_errors_and_structures():
-    ds = tf.data.Dataset.from_tensor_slices(
-        {"x": np.arange(7.0), "y": np.arange(7)}).batch(3)
+    ds = tf.data.Dataset.from_tensor_slices({"x": np.arange(7.0), "y": np.arange(7)}).batch(3)
     sizes = [int(b["x"].shape[0]) for b in tfp_seg.distribute.divisible_batches(ds, 2)]
     assert sizes == [2, 2]  # 3 -> 2, 3 -> 2, 1 -> dropped
     for bad in (0, -1, 2.0, True, None):
@@ -529,7 +529,11 @@ def _record(ds, initial_epoch, steps):
     model.compile()
     recorder = RecordBatches()
     model.fit(
-        ds, epochs=4, initial_epoch=initial_epoch, steps_per_epoch=steps, verbose=0,
+        ds,
+        epochs=4,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        verbose=0,
         callbacks=[recorder],
     )
     return recorder.epochs
@@ -629,12 +633,22 @@ def test_train_config_and_cli_flags():
     from tfp_seg import cli
 
     args = cli.build_parser().parse_args(
-        ["train", "--name", "r", "--resume", "--strategy", "mirrored",
-         "--mixed-precision", "mixed_bfloat16"]
+        [
+            "train",
+            "--name",
+            "r",
+            "--resume",
+            "--strategy",
+            "mirrored",
+            "--mixed-precision",
+            "mixed_bfloat16",
+        ]
     )
     config = cli._train_config(args)
     assert (config.resume, config.strategy, config.mixed_precision) == (
-        True, "mirrored", "mixed_bfloat16"
+        True,
+        "mirrored",
+        "mixed_bfloat16",
     )
     defaults = cli._train_config(cli.build_parser().parse_args(["train"]))
     assert (defaults.resume, defaults.strategy, defaults.mixed_precision) == (False, "auto", None)
@@ -705,8 +719,11 @@ def test_mixed_precision_head_losses_match_float32(policy, head):
 
 def _prob_unet():
     return tfp_seg.models.ProbabilisticUNet(
-        _C, latent_dim=2, backbone=tfp_seg.models.UNet(base_filters=8, depth=2),
-        encoder_filters=[8, 16], fcomb_filters=8,
+        _C,
+        latent_dim=2,
+        backbone=tfp_seg.models.UNet(base_filters=8, depth=2),
+        encoder_filters=[8, 16],
+        fcomb_filters=8,
     )
 
 
@@ -756,9 +773,30 @@ _CLI = (
     "from tfp_seg.cli import main; sys.exit(main(sys.argv[1:]))"
 )
 _RESUME_ARGS = [
-    "train", "--name", "run", "--resume", "--head", "deterministic", "--epochs", "6",
-    "--image-size", "32", "--num-images", "100", "--batch-size", "8", "--base-filters", "8",
-    "--depth", "2", "--eval-samples", "2", "--no-export", "--quiet", "--strategy", "default",
+    "train",
+    "--name",
+    "run",
+    "--resume",
+    "--head",
+    "deterministic",
+    "--epochs",
+    "6",
+    "--image-size",
+    "32",
+    "--num-images",
+    "100",
+    "--batch-size",
+    "8",
+    "--base-filters",
+    "8",
+    "--depth",
+    "2",
+    "--eval-samples",
+    "2",
+    "--no-export",
+    "--quiet",
+    "--strategy",
+    "default",
 ]
 
 

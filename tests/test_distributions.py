@@ -27,9 +27,7 @@ def test_matches_dense_reference(rng):
     dist = dists.low_rank_logits(loc, factor, diag)
     assert dist.batch_shape == [2] and dist.event_shape == [3, 2, 3]
     cov = _dense(loc, factor, diag)
-    ref = tfd.MultivariateNormalTriL(
-        loc.reshape(2, -1), np.linalg.cholesky(cov).astype("float32")
-    )
+    ref = tfd.MultivariateNormalTriL(loc.reshape(2, -1), np.linalg.cholesky(cov).astype("float32"))
     x = dist.sample(5, seed=[1, 2])
     assert x.shape == (5, 2, 3, 2, 3)
     np.testing.assert_allclose(

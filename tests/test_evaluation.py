@@ -126,7 +126,10 @@ def test_perfect_sampler_matches_oracle(data):
     # Diversity of a perfect sampler == oracle diversity, within MC error. (The V-statistic
     # reads (N - 1) / N of it: 0.75 x ~0.45 here, ~9 standard errors below.)
     assert abs(report["diversity"] - report["oracle_diversity"]) <= Z * se_div, (
-        report["diversity"], report["oracle_diversity"], se_div)
+        report["diversity"],
+        report["oracle_diversity"],
+        se_div,
+    )
     # GED of a perfect sampler == oracle GED, and both == 0 (the true D_GED^2), within MC error.
     # The oracle's sampler draws from the same distribution with the same estimator, so its
     # standard error is estimated by the model's.
@@ -135,7 +138,8 @@ def test_perfect_sampler_matches_oracle(data):
     assert abs(report["oracle_ged"]) <= Z * se_ged, (report["oracle_ged"], se_ged)
     assert report["ged_cross"] == pytest.approx(cross.mean(), abs=1e-9)
     assert abs(report["ged_cross"] - exact["cross"].mean()) <= Z * _standard_error(
-        cross, exact["cross"])
+        cross, exact["cross"]
+    )
 
 
 def test_wrong_mode_weights_give_closed_form_ged(data):
@@ -164,8 +168,11 @@ def test_wrong_mode_weights_give_closed_form_ged(data):
 def test_ged_terms_are_consistent(data):
     report = evaluate_ambiguous(ModeSampler(data, _tilted), data, num_samples=3, seed=1)
     assert report["ged"] == pytest.approx(
-        2 * report["ged_cross"] - report["ged_sample_diversity"]
-        - report["ged_reference_diversity"], abs=1e-12)
+        2 * report["ged_cross"]
+        - report["ged_sample_diversity"]
+        - report["ged_reference_diversity"],
+        abs=1e-12,
+    )
     assert report["diversity"] == pytest.approx(report["ged_sample_diversity"], abs=1e-12)
     assert report["num_samples"] == 3 and report["num_images"] == len(data)
 

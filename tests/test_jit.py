@@ -96,7 +96,13 @@ def test_xla_loss_matches_eager(rng, chunk_size):
 
     def terms(p):
         return chunked.sampled_nll_terms(
-            head, labels, p, m, chunk_size=chunk_size, antithetic=True, noise=noise,
+            head,
+            labels,
+            p,
+            m,
+            chunk_size=chunk_size,
+            antithetic=True,
+            noise=noise,
             class_weights=[1.0, 2.0, 0.5],
         )
 

@@ -237,8 +237,7 @@ def test_ged_permutation_symmetry_and_batch_average():
     )
     assert permuted == pytest.approx(base, abs=1e-12)
     per_image = [
-        metrics.generalized_energy_distance(s[b], y[b], 3, reference_weights=w[b])
-        for b in range(2)
+        metrics.generalized_energy_distance(s[b], y[b], 3, reference_weights=w[b]) for b in range(2)
     ]
     assert base == pytest.approx(np.mean(per_image), abs=1e-12)
     expected = np.mean([ref_ged(s[b], y[b], 3, wr=w[b]) for b in range(2)])
@@ -598,7 +597,7 @@ def test_streaming_metrics_match_batch_functions(from_logits):
 
 def test_streaming_sample_weight_and_label_channel():
     rng = np.random.default_rng(17)
-    (labels, y_pred), = _packed_batches(rng, from_logits=False, num_batches=1)
+    ((labels, y_pred),) = _packed_batches(rng, from_logits=False, num_batches=1)
     labels = np.where(labels == 255, 0, labels)
     weights = np.zeros((2, 6, 6), np.float32)
     weights[:, 3:] = 1.0
@@ -656,9 +655,7 @@ def test_streaming_metrics_in_compile_and_evaluate():
     logs = model.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
     probs = softmax(model.predict(x, batch_size=4, verbose=0)[..., :C].astype(np.float64))
     assert logs["mean_iou"] == pytest.approx(metrics.mean_iou(probs.argmax(-1), y, C), abs=1e-5)
-    assert logs["ece"] == pytest.approx(
-        metrics.expected_calibration_error(probs, y, 15), abs=1e-5
-    )
+    assert logs["ece"] == pytest.approx(metrics.expected_calibration_error(probs, y, 15), abs=1e-5)
     assert logs["nll"] == pytest.approx(metrics.negative_log_likelihood(probs, y), abs=1e-5)
     assert logs["brier"] == pytest.approx(metrics.brier_score(probs, y), abs=1e-5)
 
@@ -739,14 +736,15 @@ def test_streaming_metrics_with_head_score_the_predictive_distribution(head_name
 
 def test_streaming_metrics_without_head_or_not_predictive_score_first_channels():
     head = HEADS["heteroscedastic"]()
-    (labels, params), = _head_batches(np.random.default_rng(21), head, num_batches=1)
+    ((labels, params),) = _head_batches(np.random.default_rng(21), head, num_batches=1)
     probs = softmax(params[..., :C].astype(np.float64))
     for kwargs in ({}, {"predictive": False}):
         m = metrics.StreamingNLL(C, from_logits=True, **kwargs)
         m.update_state(labels, params)
         assert m.head is None
         assert float(m.result()) == pytest.approx(
-            metrics.negative_log_likelihood(probs, labels), abs=1e-5)
+            metrics.negative_log_likelihood(probs, labels), abs=1e-5
+        )
     m = metrics.StreamingNLL(C, from_logits=True, predictive=False)
     assert metrics.bind_head([m], head) == [] and m.head is None
     with pytest.raises(ValueError, match="predictive=False"):
@@ -774,8 +772,10 @@ def test_bind_head_walks_nested_metrics_and_keeps_a_weightless_copy():
         assert m.head.get_config() == head.get_config()
 
 
-@pytest.mark.parametrize("cls", [metrics.StreamingMeanIoU, metrics.StreamingECE,
-                                 metrics.StreamingNLL, metrics.StreamingBrier])
+@pytest.mark.parametrize(
+    "cls",
+    [metrics.StreamingMeanIoU, metrics.StreamingECE, metrics.StreamingNLL, metrics.StreamingBrier],
+)
 def test_streaming_config_round_trip_with_head(cls):
     m = cls(C, head=HEADS["ssn"](), num_samples=6, seed=5, name="custom")
     config = m.get_config()
@@ -804,7 +804,8 @@ def test_segmenter_compile_binds_head_and_round_trips(tmp_path):
     model.head.projection.bias.assign(bias)
     streaming = _streaming_set(from_logits=True, num_samples=8, seed=3)
     mean_logit_nll = metrics.StreamingNLL(
-        C, from_logits=True, predictive=False, name="nll_of_mean_logits")
+        C, from_logits=True, predictive=False, name="nll_of_mean_logits"
+    )
     model.compile(optimizer="sgd", loss="auto", metrics=[*streaming.values(), mean_logit_nll])
     assert all(isinstance(m.head, layers.HeteroscedasticLogits) for m in streaming.values())
     assert mean_logit_nll.head is None
@@ -813,16 +814,17 @@ def test_segmenter_compile_binds_head_and_round_trips(tmp_path):
     # A seeded streaming metric draws with `seed` in every update (it cannot know the batch
     # index), while predict_proba(batch_size=4) folds the batch index into the seed: the
     # reference is therefore predict_proba batch by batch with the metric's seed.
-    probs = np.concatenate([
-        model.predict_proba(x[i:i + 4], num_samples=8, seed=3) for i in range(0, 12, 4)
-    ]).astype(np.float64)
+    probs = np.concatenate(
+        [model.predict_proba(x[i : i + 4], num_samples=8, seed=3) for i in range(0, 12, 4)]
+    ).astype(np.float64)
     expected = _reference_scores(probs, y)
     names = {"miou": "mean_iou", "ece": "ece", "nll": "nll", "brier": "brier"}
     for key, name in names.items():
         assert logs[name] == pytest.approx(expected[key], abs=1e-5), key
     mean_logit_probs = softmax(model.predict(x, batch_size=4, verbose=0)[..., :C].astype(float))
     assert logs["nll_of_mean_logits"] == pytest.approx(
-        metrics.negative_log_likelihood(mean_logit_probs, y), abs=1e-5)
+        metrics.negative_log_likelihood(mean_logit_probs, y), abs=1e-5
+    )
     assert abs(logs["nll_of_mean_logits"] - logs["nll"]) > 0.1
 
     path = str(tmp_path / "model.keras")
@@ -848,14 +850,30 @@ BAD_INPUTS = [
     (metrics.generalized_energy_distance, (_S, _S[:, :2], 2), {}, "references"),
     (metrics.generalized_energy_distance, (_S[:0], _S, 2), {}, "samples"),
     (metrics.generalized_energy_distance, (_S, _S, 0), {}, "num_classes"),
-    (metrics.generalized_energy_distance, (_S, _S, 2), {"reference_weights": [0.5, 0.6]},
-     "reference_weights"),
-    (metrics.generalized_energy_distance, (_S, _S, 2), {"reference_weights": [1.5, -0.5]},
-     "reference_weights"),
-    (metrics.generalized_energy_distance, (_S, _S, 2), {"reference_weights": [1.0]},
-     "reference_weights"),
-    (metrics.generalized_energy_distance, (_S, _S, 2), {"sample_weights": [[0.5, 0.5]]},
-     "sample_weights"),
+    (
+        metrics.generalized_energy_distance,
+        (_S, _S, 2),
+        {"reference_weights": [0.5, 0.6]},
+        "reference_weights",
+    ),
+    (
+        metrics.generalized_energy_distance,
+        (_S, _S, 2),
+        {"reference_weights": [1.5, -0.5]},
+        "reference_weights",
+    ),
+    (
+        metrics.generalized_energy_distance,
+        (_S, _S, 2),
+        {"reference_weights": [1.0]},
+        "reference_weights",
+    ),
+    (
+        metrics.generalized_energy_distance,
+        (_S, _S, 2),
+        {"sample_weights": [[0.5, 0.5]]},
+        "sample_weights",
+    ),
     (metrics.diversity, (_S[0, 0], 2), {}, "samples"),
     (metrics.hungarian_matched_iou, (_S, -_S - 1, 2), {}, "references"),
     (metrics.iou_distance, (_S[0], _S[0, :2], 2), {}, "`a` and `b`"),
@@ -884,8 +902,9 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(
-    "fn,args,kwargs,name", BAD_INPUTS, ids=[f"{b[0].__name__}-{b[3]}-{i}"
-                                            for i, b in enumerate(BAD_INPUTS)]
+    "fn,args,kwargs,name",
+    BAD_INPUTS,
+    ids=[f"{b[0].__name__}-{b[3]}-{i}" for i, b in enumerate(BAD_INPUTS)],
 )
 def test_bad_inputs_raise_value_error_naming_argument(fn, args, kwargs, name):
     with pytest.raises(ValueError, match=name):

@@ -135,7 +135,9 @@ def _sampler_segmenter():
 
 def _sampler_prob_unet():
     model = ProbabilisticUNet(
-        num_classes=3, latent_dim=2, backbone=UNet(base_filters=4, depth=1),
+        num_classes=3,
+        latent_dim=2,
+        backbone=UNet(base_filters=4, depth=1),
         encoder_convs_per_block=1,
     )
     model.build((None, 8, 8, 1))

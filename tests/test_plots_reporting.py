@@ -47,8 +47,12 @@ def test_samples_grid_axes_legend_and_png(tmp_path, shapes, rng, max_columns):
     samples = modes[rng.choice(len(w), 5, p=w)]
     path = tmp_path / "sub" / "grid.png"
     fig = plots.plot_samples_grid(
-        shapes.images[0], shapes.annotations[0], samples,
-        class_names=["background", "class A", "class B"], max_columns=max_columns, path=path,
+        shapes.images[0],
+        shapes.annotations[0],
+        samples,
+        class_names=["background", "class A", "class B"],
+        max_columns=max_columns,
+        path=path,
     )
     assert len(fig.axes) == 1 + 4 + 5
     titles = [ax.get_title() for ax in fig.axes]
@@ -83,16 +87,22 @@ def test_uncertainty_maps_panels_colourbars_and_png(tmp_path, shapes, rng):
     mean = probs.mean(0)
     path = tmp_path / "unc.png"
     fig = plots.plot_uncertainty_maps(
-        shapes.images[0], mean, predictive_entropy(probs), mutual_information(probs), path=path,
+        shapes.images[0],
+        mean,
+        predictive_entropy(probs),
+        mutual_information(probs),
+        path=path,
     )
     # image + P(class 1), P(class 2) + entropy + MI, and a colourbar for each map.
     assert len(fig.axes) == 5 + 4
     panels = {ax.get_title(): ax for ax in fig.axes if ax.images and ax.get_title()}
-    np.testing.assert_allclose(np.asarray(panels["P(class 2)"].images[0].get_array()),
-                               mean[..., 2], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(panels["P(class 2)"].images[0].get_array()), mean[..., 2], rtol=1e-6
+    )
     assert panels["P(class 1)"].images[0].get_clim() == (0.0, 1.0)
-    assert panels["predictive entropy\n(total uncertainty)"].images[0].get_clim()[1] == \
-        pytest.approx(np.log(3))
+    assert panels["predictive entropy\n(total uncertainty)"].images[0].get_clim()[
+        1
+    ] == pytest.approx(np.log(3))
     _assert_png(path)
     # Binary problems may pass the foreground probability [H, W].
     fig = plots.plot_uncertainty_maps(shapes.images[0], mean[..., 1], mean[..., 0], mean[..., 0])
@@ -176,8 +186,9 @@ def test_importing_tfp_seg_chooses_no_backend():
     )
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().lower() == "agg"
 
@@ -191,16 +202,28 @@ def _fake_report():
     report = {key: 0.1 + 0.01 * i for i, key in enumerate(reporting.METRICS)}
     for key in ("ged", "hm_iou", "diversity", "nll"):
         report[f"oracle_{key}"] = report[key] / 3
-    report.update({"num_images": 32, "num_samples": 16, "run": "tiny", "head": "low_rank",
-                   "custom_score": 0.4321, "oracle_custom_score": 0.9876, "params": 12345})
+    report.update(
+        {
+            "num_images": 32,
+            "num_samples": 16,
+            "run": "tiny",
+            "head": "low_rank",
+            "custom_score": 0.4321,
+            "oracle_custom_score": 0.9876,
+            "params": 12345,
+        }
+    )
     return report
 
 
 def test_render_markdown_has_every_metric_with_model_and_oracle():
     report = _fake_report()
     md = reporting.render_markdown(report, config={"epochs": 3, "head": "low_rank"})
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines()
-            if line.startswith("| ") and "`" in line.split("|")[1]}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in md.splitlines()
+        if line.startswith("| ") and "`" in line.split("|")[1]
+    }
     for key in list(reporting.METRICS) + ["custom_score"]:
         row = next(r for label, r in rows.items() if f"(`{key}`)" in label or label == f"`{key}`")
         cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -239,12 +262,19 @@ def test_write_report_creates_all_files(tmp_path, shapes, monkeypatch):
     out = tmp_path / "run"
     (out).mkdir()
     (out / "config.json").write_text(json.dumps({"name": "run", "rank": 2}))
-    written = reporting.write_report(out, report, model, shapes, num_samples=4, seed=3,
-                                     num_images=2)
+    written = reporting.write_report(
+        out, report, model, shapes, num_samples=4, seed=3, num_images=2
+    )
     names = sorted(os.path.relpath(p, out) for p in written["figures"])
-    assert names == sorted(["figures/reliability.png", "figures/samples_0.png",
-                            "figures/samples_1.png", "figures/uncertainty_0.png",
-                            "figures/uncertainty_1.png"])
+    assert names == sorted(
+        [
+            "figures/reliability.png",
+            "figures/samples_0.png",
+            "figures/samples_1.png",
+            "figures/uncertainty_0.png",
+            "figures/uncertainty_1.png",
+        ]
+    )
     for path in written["figures"]:
         _assert_png(path)
     stored = json.loads((out / "report.json").read_text())
@@ -278,18 +308,41 @@ def test_write_report_without_figures_and_errors(tmp_path, shapes):
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     keras.utils.set_random_seed(0)
-    argv = ["train", "--epochs", "1", "--num-images", "24", "--image-size", "32",
-            "--base-filters", "4", "--depth", "2", "--eval-samples", "4", "--rank", "2",
-            "--num-samples", "4", "--no-export", "--quiet", "--output-dir", str(out),
-            "--name", "t"]
+    argv = [
+        "train",
+        "--epochs",
+        "1",
+        "--num-images",
+        "24",
+        "--image-size",
+        "32",
+        "--base-filters",
+        "4",
+        "--depth",
+        "2",
+        "--eval-samples",
+        "4",
+        "--rank",
+        "2",
+        "--num-samples",
+        "4",
+        "--no-export",
+        "--quiet",
+        "--output-dir",
+        str(out),
+        "--name",
+        "t",
+    ]
     assert cli.main(argv) == 0
     return out / "t"
 
 
 def test_cli_evaluate_writes_report_markdown_and_figures(tiny_run, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert cli.main(["evaluate", str(tiny_run), "--num-samples", "4", "--output", str(out),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(["evaluate", str(tiny_run), "--num-samples", "4", "--output", str(out), "--quiet"])
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["num_samples"] == 4 and report["run"] == "t"
     md = (out / "report.md").read_text()
@@ -297,13 +350,33 @@ def test_cli_evaluate_writes_report_markdown_and_figures(tiny_run, tmp_path, cap
     assert f"| {report['ged']:.4f} | {report['oracle_ged']:.4f} |" in md
     assert "| `base_filters` | 4 |" in md  # the run's config
     pngs = sorted(os.listdir(out / "figures"))
-    assert pngs == ["reliability.png", "samples_0.png", "samples_1.png", "samples_2.png",
-                    "uncertainty_0.png", "uncertainty_1.png", "uncertainty_2.png"]
+    assert pngs == [
+        "reliability.png",
+        "samples_0.png",
+        "samples_1.png",
+        "samples_2.png",
+        "uncertainty_0.png",
+        "uncertainty_1.png",
+        "uncertainty_2.png",
+    ]
     for name in pngs:
         _assert_png(out / "figures" / name)
     assert "report.md" in capsys.readouterr().out
 
     bare = tmp_path / "bare"
-    assert cli.main(["evaluate", str(tiny_run), "--num-samples", "2", "--output", str(bare),
-                     "--quiet", "--no-figures"]) == 0
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                str(tiny_run),
+                "--num-samples",
+                "2",
+                "--output",
+                str(bare),
+                "--quiet",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     assert (bare / "report.md").is_file() and not (bare / "figures").exists()

@@ -58,8 +58,10 @@ def test_kl_equals_numpy_closed_form(rng):
     p_params = rng.normal(scale=2.0, size=(3, 10)).astype("float32")
     kl = ELBO.kl_divergence(enc.distribution(q_params), enc.distribution(p_params)).numpy()
     expected = _np_kl_diag(
-        q_params[:, :5], _np_scale(q_params[:, 5:], 1e-4),
-        p_params[:, :5], _np_scale(p_params[:, 5:], 1e-4),
+        q_params[:, :5],
+        _np_scale(q_params[:, 5:], 1e-4),
+        p_params[:, :5],
+        _np_scale(p_params[:, 5:], 1e-4),
     )
     np.testing.assert_allclose(kl, expected, rtol=1e-4, atol=1e-4)
     assert np.all(kl > 0)
@@ -82,9 +84,7 @@ def test_elbo_terms_equal_numpy(rng, reconstruction):
     kl = _np_kl_diag(q[:, :3], _np_scale(q[:, 3:], 1e-4), p[:, :3], _np_scale(p[:, 3:], 1e-4))
     np.testing.assert_allclose(terms["reconstruction"].numpy(), rec.mean(), rtol=1e-5)
     np.testing.assert_allclose(terms["kl"].numpy(), kl.mean(), rtol=1e-4)
-    np.testing.assert_allclose(
-        terms["loss"].numpy(), rec.mean() + 0.7 * kl.mean(), rtol=1e-5
-    )
+    np.testing.assert_allclose(terms["loss"].numpy(), rec.mean() + 0.7 * kl.mean(), rtol=1e-5)
 
 
 def test_ignore_label_and_config_round_trip(rng):
@@ -106,8 +106,13 @@ def test_extreme_encoder_outputs_give_finite_kl_elbo_and_gradients():
     """The NaN problem: exp(log sigma) overflows for raw > 88; softplus + eps stays finite."""
     enc = LatentEncoder(latent_dim=2, filters=(4,))
     extremes = np.array(
-        [[1e4, -1e4, 1e4, -1e4], [-1e4, 1e4, -1e4, 1e4], [1e4, 1e4, 1e4, 1e4],
-         [-1e4, -1e4, -1e4, -1e4], [0.0, 0.0, 0.0, 0.0]],
+        [
+            [1e4, -1e4, 1e4, -1e4],
+            [-1e4, 1e4, -1e4, 1e4],
+            [1e4, 1e4, 1e4, 1e4],
+            [-1e4, -1e4, -1e4, -1e4],
+            [0.0, 0.0, 0.0, 0.0],
+        ],
         "float32",
     )
     q = tf.constant(np.repeat(extremes, len(extremes), axis=0))
@@ -191,7 +196,8 @@ def test_latent_encoder_layer_contract():
     )
     mirrored = layer.sample(params, 4, seed=1, antithetic=True).numpy()
     np.testing.assert_allclose(
-        mirrored[:2] + mirrored[2:], 2 * np.broadcast_to(layer.mean(params), (2, 2, 3)),
+        mirrored[:2] + mirrored[2:],
+        2 * np.broadcast_to(layer.mean(params), (2, 2, 3)),
         atol=1e-5,
     )
 

@@ -51,8 +51,8 @@ def test_losses_and_samples_stay_finite(head_name, kind):
     head = HEADS[head_name]()
     params = tf.Variable(_extreme_params(head, kind, rng))
     labels = rng.integers(0, 3, size=(2, 4, 4))
-    loss_fn = head.default_loss(num_samples=4) if head_name != "deterministic" else (
-        head.default_loss()
+    loss_fn = (
+        head.default_loss(num_samples=4) if head_name != "deterministic" else (head.default_loss())
     )
     with tf.GradientTape() as tape:
         loss = loss_fn(labels, params)
@@ -232,10 +232,31 @@ def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
 
     run = tmp_path / "runs" / "interrupted"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tfp_seg.cli", "train", "--epochs", "50", "--num-images", "40",
-         "--image-size", "32", "--base-filters", "4", "--depth", "2", "--no-export", "--quiet",
-         "--output-dir", str(tmp_path / "runs"), "--name", "interrupted"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tfp_seg.cli",
+            "train",
+            "--epochs",
+            "50",
+            "--num-images",
+            "40",
+            "--image-size",
+            "32",
+            "--base-filters",
+            "4",
+            "--depth",
+            "2",
+            "--no-export",
+            "--quiet",
+            "--output-dir",
+            str(tmp_path / "runs"),
+            "--name",
+            "interrupted",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     try:

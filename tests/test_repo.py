@@ -21,9 +21,20 @@ def test_readme_opens_with_train_and_test_commands():
 
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert _readme_commands()[1] in ci.splitlines()[ci.splitlines().index(
-        next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
-    )]
+    assert (
+        _readme_commands()[1]
+        in ci.splitlines()[
+            ci.splitlines().index(
+                next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
+            )
+        ]
+    )
+
+
+def test_ci_runs_the_readme_main_command_as_written():
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    main_command = _readme_commands()[0]
+    assert any(line.strip().startswith(main_command) for line in ci), main_command
 
 
 def test_constraints_pin_the_stack():

@@ -43,9 +43,7 @@ def positive_int(
             what = f"None or {what}"
         if message is None:
             message = "`{name}` must be {what}; got {value}."
-        raise ValueError(
-            message.format(name=name, value=repr(value), minimum=minimum, what=what)
-        )
+        raise ValueError(message.format(name=name, value=repr(value), minimum=minimum, what=what))
     return int(value)
 
 

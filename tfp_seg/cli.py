@@ -121,15 +121,24 @@ def _add_train(sub):
     for field, (ftype, help_text) in _TRAIN_FLAGS.items():
         p.add_argument("--" + field.replace("_", "-"), dest=field, type=ftype, help=help_text)
     p.add_argument(
-        "--no-export", dest="export", action="store_false", default=None,
+        "--no-export",
+        dest="export",
+        action="store_false",
+        default=None,
         help="do not export a SavedModel to <savedmodels-dir>/<name>/<version>",
     )
     p.add_argument(
-        "--quiet", dest="progress", action="store_false", default=None,
+        "--quiet",
+        dest="progress",
+        action="store_false",
+        default=None,
         help="no progress bars",
     )
     p.add_argument(
-        "--resume", dest="resume", action="store_true", default=None,
+        "--resume",
+        dest="resume",
+        action="store_true",
+        default=None,
         help="back up every epoch to <run>/backup and, if a backup is there, continue from it "
         "(needs --name; rerun the same command after an interruption)",
     )
@@ -168,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
     p.add_argument(
-        "--figures", action=argparse.BooleanOptionalAction, default=True,
+        "--figures",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="write the PNG figures (default: yes)",
     )
 
@@ -190,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_arg(p)
     p.add_argument(
-        "--format", choices=("saved_model", "onnx"), default="saved_model",
+        "--format",
+        choices=("saved_model", "onnx"),
+        default="saved_model",
         help="export format (default: saved_model)",
     )
     p.add_argument(
@@ -255,8 +268,14 @@ def cmd_evaluate(args) -> int:
     has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
     report["run"] = os.path.basename(os.path.normpath(run_dir))
     written = write_report(
-        out_dir, report, model, test, num_samples=args.num_samples, seed=args.seed,
-        config=dataclasses.asdict(config) if has_config else None, figures=args.figures,
+        out_dir,
+        report,
+        model,
+        test,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        config=dataclasses.asdict(config) if has_config else None,
+        figures=args.figures,
         progress=None if args.progress else False,
     )
     print(format_report(report))

@@ -63,4 +63,3 @@ class _NonFiniteGuard:
 def atomic_write_json(path: str, payload: Any) -> None:
     """Write JSON (indent 2, sorted keys) to `path` atomically: `tfp_seg._io.atomic_write_json`."""
     _io.atomic_write_json(path, payload)
-

@@ -144,8 +144,9 @@ def _class_names(class_names: Optional[Sequence[str]], num_classes: int) -> list
 def _show_image(ax, img: np.ndarray) -> None:
     lo, hi = float(img.min()), float(img.max())
     if img.ndim == 2:
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1.0,
-                  interpolation="nearest")
+        ax.imshow(
+            img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1.0, interpolation="nearest"
+        )
     else:
         scaled = (img - lo) / (hi - lo) if hi > lo else np.zeros_like(img)
         ax.imshow(scaled, interpolation="nearest")
@@ -208,8 +209,10 @@ def plot_samples_grid(
     img = _check_image(image)
     hw = img.shape[:2]
     stacks = {}
-    for name, value, form in (("annotations", annotations, "[K, H, W]"),
-                              ("samples", samples, "[N, H, W]")):
+    for name, value, form in (
+        ("annotations", annotations, "[K, H, W]"),
+        ("samples", samples, "[N, H, W]"),
+    ):
         if value is not None:
             stacks[name] = _check_label_stack(value, name, form, hw)
     max_columns = _checks.positive_int(max_columns, "max_columns", minimum=2)
@@ -260,10 +263,16 @@ def plot_samples_grid(
             ax.set_title(label, fontsize=10)
             if c == 1 and group is not None:
                 ax.set_ylabel(group, fontsize=11, fontweight="bold")
-    handles = [Patch(facecolor=colors[c], edgecolor="black", label=names[c])
-               for c in range(num_classes)]
-    fig.legend(handles=handles, loc="outside lower center", ncols=min(num_classes, 6),
-               frameon=False, fontsize=10)
+    handles = [
+        Patch(facecolor=colors[c], edgecolor="black", label=names[c]) for c in range(num_classes)
+    ]
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncols=min(num_classes, 6),
+        frameon=False,
+        fontsize=10,
+    )
     if title is None:
         parts = []
         if len(top):
@@ -383,11 +392,16 @@ def _check_reliability(data: Mapping[str, Any]) -> dict:
         raise ValueError(
             f"`reliability_data` lacks {missing} (use tfp_seg.metrics.reliability_diagram_data)."
         )
-    out = {k: np.asarray(data[k], np.float64) for k in ("confidence", "accuracy", "counts",
-                                                        "edges")}
+    out = {
+        k: np.asarray(data[k], np.float64) for k in ("confidence", "accuracy", "counts", "edges")
+    }
     m = out["counts"].shape
-    if len(m) != 1 or out["confidence"].shape != m or out["accuracy"].shape != m \
-            or out["edges"].shape != (m[0] + 1,):
+    if (
+        len(m) != 1
+        or out["confidence"].shape != m
+        or out["accuracy"].shape != m
+        or out["edges"].shape != (m[0] + 1,)
+    ):
         raise ValueError(
             "`reliability_data` must hold `confidence`, `accuracy`, `counts` of shape [M] and "
             f"`edges` of shape [M + 1]; got confidence {out['confidence'].shape}, accuracy "
@@ -427,26 +441,54 @@ def plot_reliability_diagram(
     left, width = edges[:-1], np.diff(edges)
     nonempty = d["counts"] > 0
     fig, (ax, ax_n) = plt.subplots(
-        2, 1, figsize=(5.6, 6.6), sharex=True, layout="constrained",
+        2,
+        1,
+        figsize=(5.6, 6.6),
+        sharex=True,
+        layout="constrained",
         gridspec_kw={"height_ratios": [3, 1]},
     )
-    ax.bar(left[nonempty], d["accuracy"][nonempty], width=width[nonempty], align="edge",
-           color="#4C72B0", edgecolor="black", linewidth=0.6, label="accuracy")
+    ax.bar(
+        left[nonempty],
+        d["accuracy"][nonempty],
+        width=width[nonempty],
+        align="edge",
+        color="#4C72B0",
+        edgecolor="black",
+        linewidth=0.6,
+        label="accuracy",
+    )
     gap = d["confidence"][nonempty] - d["accuracy"][nonempty]
     # Outline + hatch only: the accuracy bars keep their colour where the gap overlaps them.
-    ax.bar(left[nonempty], gap, bottom=d["accuracy"][nonempty], width=width[nonempty],
-           align="edge", facecolor="none", edgecolor="#CC2222", hatch="///", linewidth=0.8,
-           label="gap: accuracy to mean confidence")
+    ax.bar(
+        left[nonempty],
+        gap,
+        bottom=d["accuracy"][nonempty],
+        width=width[nonempty],
+        align="edge",
+        facecolor="none",
+        edgecolor="#CC2222",
+        hatch="///",
+        linewidth=0.8,
+        label="gap: accuracy to mean confidence",
+    )
     ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1.2, label="perfect calibration")
-    ax.plot(d["confidence"][nonempty], d["accuracy"][nonempty], "o", color="black",
-            markersize=3.5, label="bin (mean confidence, accuracy)")
+    ax.plot(
+        d["confidence"][nonempty],
+        d["accuracy"][nonempty],
+        "o",
+        color="black",
+        markersize=3.5,
+        label="bin (mean confidence, accuracy)",
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy in bin")
     ax.grid(alpha=0.3)
     counts = np.where(nonempty, d["counts"], np.nan)
-    ax_n.bar(left, counts, width=width, align="edge", color="#888888", edgecolor="black",
-             linewidth=0.6)
+    ax_n.bar(
+        left, counts, width=width, align="edge", color="#888888", edgecolor="black", linewidth=0.6
+    )
     if nonempty.any():
         ax_n.set_yscale("log")
         ax_n.set_ylim(0.5, float(np.nanmax(counts)) * 3)
@@ -455,8 +497,12 @@ def plot_reliability_diagram(
     ax_n.grid(alpha=0.3)
     total = int(d["counts"].sum())
     head = title or "Reliability diagram"
-    fig.suptitle(f"{head}\nECE = {d['ece']:.4f}  ({total:,} pixels, {len(left)} bins)",
-                 fontsize=11)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2,
-               fontsize=8.5, frameon=False)
+    fig.suptitle(f"{head}\nECE = {d['ece']:.4f}  ({total:,} pixels, {len(left)} bins)", fontsize=11)
+    fig.legend(
+        *ax.get_legend_handles_labels(),
+        loc="outside lower center",
+        ncols=2,
+        fontsize=8.5,
+        frameon=False,
+    )
     return _finish(fig, path, dpi)

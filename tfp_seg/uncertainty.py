@@ -129,9 +129,9 @@ def _decomposition(p: tf.Tensor, log_p: tf.Tensor) -> Dict[str, tf.Tensor]:
     aleatoric = tf.reduce_mean(-tf.reduce_sum(p * log_p, axis=-1), axis=0)
     n = tf.cast(tf.shape(p)[0], p.dtype)
     class_axis = p.shape.rank - 1 if p.shape.rank is not None else -1
-    variance = tf.reduce_sum(
-        tf.square(p - mean_p[tf.newaxis]), axis=[0, class_axis]
-    ) / tf.maximum(n - 1.0, 1.0)
+    variance = tf.reduce_sum(tf.square(p - mean_p[tf.newaxis]), axis=[0, class_axis]) / tf.maximum(
+        n - 1.0, 1.0
+    )
     return {
         "predictive_entropy": total,
         "expected_entropy": aleatoric,

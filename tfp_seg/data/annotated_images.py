@@ -99,8 +99,9 @@ class AnnotatedImages(AnnotatedSet):
         parts are as close to `fractions` as whole groups allow. Images keep their order.
         """
         f = check_fractions(fractions)
-        names, inverse = np.unique(np.asarray(self.groups, dtype=object).astype(str),
-                                   return_inverse=True)
+        names, inverse = np.unique(
+            np.asarray(self.groups, dtype=object).astype(str), return_inverse=True
+        )
         sizes = np.bincount(inverse, minlength=len(names))
         order = np.random.default_rng(seed).permutation(len(names))
         targets = f * len(self)

@@ -24,8 +24,11 @@ def _natural_key(text: str):
 
 def _list_images(folder: str, extensions: Sequence[str]) -> list:
     return sorted(
-        (f for f in os.listdir(folder)
-         if os.path.isfile(os.path.join(folder, f)) and f.lower().endswith(tuple(extensions))),
+        (
+            f
+            for f in os.listdir(folder)
+            if os.path.isfile(os.path.join(folder, f)) and f.lower().endswith(tuple(extensions))
+        ),
         key=_natural_key,
     )
 
@@ -129,8 +132,10 @@ def _resize(arr: np.ndarray, size: tuple, nearest: bool) -> np.ndarray:
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     if arr.ndim == 2:
         return np.asarray(Image.fromarray(arr).resize((w, h), resample))
-    planes = [np.asarray(Image.fromarray(arr[..., c]).resize((w, h), resample))
-              for c in range(arr.shape[-1])]
+    planes = [
+        np.asarray(Image.fromarray(arr[..., c]).resize((w, h), resample))
+        for c in range(arr.shape[-1])
+    ]
     return np.stack(planes, axis=-1)
 
 
@@ -235,8 +240,11 @@ def load_image_folder(
     if strict:
         used = {os.path.relpath(p, masks_dir) for p in claimed}
         stray = [f for f in listing if f not in used]
-        stray += [d + os.sep for d in sorted(os.listdir(masks_dir), key=_natural_key)
-                  if os.path.isdir(os.path.join(masks_dir, d)) and d not in stems]
+        stray += [
+            d + os.sep
+            for d in sorted(os.listdir(masks_dir), key=_natural_key)
+            if os.path.isdir(os.path.join(masks_dir, d)) and d not in stems
+        ]
         if stray:
             raise ValueError(
                 f"mask files without an image in {masks_dir!r}: {stray[:10]}"
@@ -279,8 +287,11 @@ def load_image_folder(
     elif binarize and num_classes != 2:
         raise ValueError(f"binarize=True gives 2 classes; got num_classes={num_classes}.")
     if class_names is None:
-        class_names = (("background", "foreground") if num_classes == 2
-                       else ("background",) + tuple(f"class {c}" for c in range(1, num_classes)))
+        class_names = (
+            ("background", "foreground")
+            if num_classes == 2
+            else ("background",) + tuple(f"class {c}" for c in range(1, num_classes))
+        )
     return AnnotatedImages(
         images=np.stack(images),
         annotations=annotations,

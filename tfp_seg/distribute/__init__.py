@@ -72,6 +72,7 @@ stateful RNG, which restarts with the process: a resumed SSN run is statisticall
 to an uninterrupted one, not bit-identical (a deterministic head, with
 `enable_op_determinism`, is).
 """
+
 from tfp_seg._seeds import replica_seed  # re-exported: `tfp_seg.distribute.replica_seed`
 from tfp_seg.distribute.backup import BackupAndRestore
 from tfp_seg.distribute.losses import average_loss

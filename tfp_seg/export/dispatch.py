@@ -84,4 +84,3 @@ def as_adapter(
         "`sample_logits_tensor(images, num_samples, seed=None)` and "
         "`mean_logits_tensor(images)`); or pass tfp_seg.export.ExportAdapter.from_functions(...)."
     )
-

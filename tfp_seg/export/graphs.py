@@ -14,6 +14,7 @@ from tfp_seg.export import _common, adapters
 
 __all__ = ["ServingModule", "uncertainty_maps"]
 
+
 def uncertainty_maps(logit_samples: tf.Tensor) -> Dict[str, tf.Tensor]:
     """Uncertainty maps `[B, H, W]` (nats) from logit samples `[N, B, H, W, C]`.
 

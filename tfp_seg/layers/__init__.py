@@ -6,5 +6,11 @@ from tfp_seg.layers.heteroscedastic_logits import HeteroscedasticLogits
 from tfp_seg.layers.latent import LatentEncoder, LatentInjection
 from tfp_seg.layers.low_rank_logits import LowRankLogits
 
-__all__ = ["DistributionHead", "CategoricalLogits", "LowRankLogits", "HeteroscedasticLogits",
-           "LatentEncoder", "LatentInjection"]
+__all__ = [
+    "DistributionHead",
+    "CategoricalLogits",
+    "LowRankLogits",
+    "HeteroscedasticLogits",
+    "LatentEncoder",
+    "LatentInjection",
+]

@@ -188,4 +188,3 @@ class DistributionHead(keras.layers.Layer):
             }
         )
         return config
-

@@ -385,7 +385,7 @@ class LatentInjection(keras.layers.Layer):
         h = first.activation(shared[tf.newaxis] + per_latent[:, :, tf.newaxis, tf.newaxis, :])
         n = tf.shape(z_samples)[0]
         h = tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0))  # [N*B, H, W, out]
-        for conv in (self.convs[1:] if self.convs else []):
+        for conv in self.convs[1:] if self.convs else []:
             h = conv(h)
         logits = self.logits(h) if self.convs else tf.cast(h, tf.float32)
         return tf.reshape(logits, tf.concat([[n], fshape[:3], [self.num_classes]], 0))

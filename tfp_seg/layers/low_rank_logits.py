@@ -244,4 +244,3 @@ class LowRankLogits(DistributionHead):
             }
         )
         return config
-

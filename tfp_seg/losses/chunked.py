@@ -53,9 +53,7 @@ def check_chunk_size(chunk_size, num_samples: int, antithetic: bool) -> Optional
     if chunk_size is None:
         return None
     if num_samples % chunk_size:
-        raise ValueError(
-            f"`chunk_size` ({chunk_size}) must divide `num_samples` ({num_samples})."
-        )
+        raise ValueError(f"`chunk_size` ({chunk_size}) must divide `num_samples` ({num_samples}).")
     if antithetic and chunk_size % 2:
         raise ValueError(
             f"`chunk_size` must be even with antithetic sampling (mirrored pairs stay in one "

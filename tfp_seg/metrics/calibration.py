@@ -252,9 +252,7 @@ def expected_calibration_error_soft(
 # ================================================================================================
 
 
-def _scoring_inputs(
-    probs: Any, labels: Any, ignore_label: Any
-) -> tuple[np.ndarray, np.ndarray]:
+def _scoring_inputs(probs: Any, labels: Any, ignore_label: Any) -> tuple[np.ndarray, np.ndarray]:
     """(probs [n, C], targets [n, C]) with targets one-hot for integer labels."""
     if _is_soft(probs, labels):
         if ignore_label is not None:
@@ -302,9 +300,7 @@ def negative_log_likelihood(
     return float(np.mean(-np.sum(t * logp, axis=-1)))
 
 
-def brier_score(
-    probs: ArrayLike, labels: ArrayLike, ignore_label: Optional[int] = None
-) -> float:
+def brier_score(probs: ArrayLike, labels: ArrayLike, ignore_label: Optional[int] = None) -> float:
     """Mean per-pixel multi-class Brier score.
 
     Args:

@@ -115,9 +115,7 @@ def mean_iou(
     return (miou, per_class) if return_per_class else miou
 
 
-def pixel_accuracy(
-    pred: ArrayLike, labels: ArrayLike, ignore_label: Optional[int] = None
-) -> float:
+def pixel_accuracy(pred: ArrayLike, labels: ArrayLike, ignore_label: Optional[int] = None) -> float:
     """Fraction of (non-ignored) pixels whose predicted label equals the true label.
 
     Args:

@@ -39,8 +39,10 @@ def _check_label_sets(
     """Validates `samples`/`references`; returns them flattened to [B,N,P], [B,K,P]."""
     s = _common.check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
     r = _common.check_int_labels(references, "references", num_classes, "[K,H,W] or [B,K,H,W]")
-    for name, arr, form in (("samples", s, "[N,H,W] or [B,N,H,W]"),
-                            ("references", r, "[K,H,W] or [B,K,H,W]")):
+    for name, arr, form in (
+        ("samples", s, "[N,H,W] or [B,N,H,W]"),
+        ("references", r, "[K,H,W] or [B,K,H,W]"),
+    ):
         if arr.ndim not in (3, 4):
             raise ValueError(
                 f"`{name}` must have rank 3 or 4 ({form}); got {_common.describe(arr)}."
@@ -68,9 +70,7 @@ def _check_label_sets(
     return s.reshape(b, s.shape[1], -1), r.reshape(b, r.shape[1], -1), batched
 
 
-def _check_set_weights(
-    weights: Any, name: str, batch: int, size: int, batched: bool
-) -> np.ndarray:
+def _check_set_weights(weights: Any, name: str, batch: int, size: int, batched: bool) -> np.ndarray:
     """Returns weights as [B, size] float64 (uniform when None)."""
     if weights is None:
         return np.full((batch, size), 1.0 / size)
@@ -154,9 +154,7 @@ def iou_distance(a: ArrayLike, b: ArrayLike, num_classes: int) -> float:
             f"`a` and `b` must have the same shape; got a {_common.describe(a_arr)} and "
             f"b {_common.describe(b_arr)}."
         )
-    return float(
-        _pairwise_distance(a_arr.reshape(1, -1), b_arr.reshape(1, -1), num_classes)[0, 0]
-    )
+    return float(_pairwise_distance(a_arr.reshape(1, -1), b_arr.reshape(1, -1), num_classes)[0, 0])
 
 
 def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.ndarray:

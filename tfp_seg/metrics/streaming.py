@@ -116,9 +116,7 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
                     f"{type(self.head).__name__} head, [B,H,W,{self.head.params_size}]; got "
                     f"shape {tuple(y_pred.shape)}."
                 )
-            if y_pred.shape.rank < 1 or (
-                y_pred.shape[-1] is not None and y_pred.shape[-1] < c
-            ):
+            if y_pred.shape.rank < 1 or (y_pred.shape[-1] is not None and y_pred.shape[-1] < c):
                 raise ValueError(
                     f"`y_pred` must have at least num_classes={c} channels in its last axis "
                     f"([B,H,W,P], P >= C; the first C channels are used); got shape "
@@ -153,9 +151,7 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
             labels = tf.where(valid, labels, tf.zeros_like(labels))
         checks = [
             tf.debugging.assert_non_negative(labels, message="`y_true` has negative labels"),
-            tf.debugging.assert_less(
-                labels, c, message=f"`y_true` has labels >= num_classes={c}"
-            ),
+            tf.debugging.assert_less(labels, c, message=f"`y_true` has labels >= num_classes={c}"),
         ]
         with tf.control_dependencies(checks):
             labels = tf.identity(labels)
@@ -233,8 +229,15 @@ class StreamingMeanIoU(_StreamingSegmentationMetric):
         predictive: bool = True,
     ) -> None:
         super().__init__(
-            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
-            num_samples=num_samples, seed=seed, predictive=predictive,
+            num_classes,
+            from_logits,
+            ignore_label,
+            name=name,
+            dtype=dtype,
+            head=head,
+            num_samples=num_samples,
+            seed=seed,
+            predictive=predictive,
         )
         c = self.num_classes
         self.total_cm = self.add_variable(
@@ -290,8 +293,15 @@ class StreamingECE(_StreamingSegmentationMetric):
         predictive: bool = True,
     ) -> None:
         super().__init__(
-            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
-            num_samples=num_samples, seed=seed, predictive=predictive,
+            num_classes,
+            from_logits,
+            ignore_label,
+            name=name,
+            dtype=dtype,
+            head=head,
+            num_samples=num_samples,
+            seed=seed,
+            predictive=predictive,
         )
         self.num_bins = _checks.positive_int(num_bins, "num_bins")
         shape = (self.num_bins,)
@@ -386,8 +396,15 @@ class StreamingNLL(_StreamingMean):
         predictive: bool = True,
     ) -> None:
         super().__init__(
-            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
-            num_samples=num_samples, seed=seed, predictive=predictive,
+            num_classes,
+            from_logits,
+            ignore_label,
+            name=name,
+            dtype=dtype,
+            head=head,
+            num_samples=num_samples,
+            seed=seed,
+            predictive=predictive,
         )
         self.eps = _common.check_eps(eps)
 
@@ -429,8 +446,15 @@ class StreamingBrier(_StreamingMean):
         predictive: bool = True,
     ) -> None:
         super().__init__(
-            num_classes, from_logits, ignore_label, name=name, dtype=dtype, head=head,
-            num_samples=num_samples, seed=seed, predictive=predictive,
+            num_classes,
+            from_logits,
+            ignore_label,
+            name=name,
+            dtype=dtype,
+            head=head,
+            num_samples=num_samples,
+            seed=seed,
+            predictive=predictive,
         )
 
     def _per_pixel(self, labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:

@@ -12,6 +12,15 @@ from tfp_seg.models.segmenter import ProbabilisticSegmenter
 from tfp_seg.models.unet import UNet
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
 
-__all__ = ["UNet", "ProbabilisticSegmenter", "ProbabilisticUNet", "BackboneAdapter",
-           "from_keras_hub", "from_keras_cv", "build_backbone", "BACKBONE_NAMES",
-           "MCDropout", "DeepEnsemble"]
+__all__ = [
+    "UNet",
+    "ProbabilisticSegmenter",
+    "ProbabilisticUNet",
+    "BackboneAdapter",
+    "from_keras_hub",
+    "from_keras_cv",
+    "build_backbone",
+    "BACKBONE_NAMES",
+    "MCDropout",
+    "DeepEnsemble",
+]

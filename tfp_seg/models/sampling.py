@@ -77,8 +77,7 @@ def _check_images(x):
         x = np.asarray(x)
     if len(x.shape) != 4:
         raise ValueError(
-            "`x` must have rank 4 ([B, H, W, channels] images); "
-            f"got shape {_checks.shape_str(x)}."
+            f"`x` must have rank 4 ([B, H, W, channels] images); got shape {_checks.shape_str(x)}."
         )
     if x.shape[0] == 0:
         raise ValueError("`x` is an empty batch (0 images).")

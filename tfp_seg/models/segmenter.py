@@ -148,4 +148,3 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
         backbone = keras.saving.deserialize_keras_object(config.pop("backbone"))
         head = keras.saving.deserialize_keras_object(config.pop("head"))
         return cls(backbone, head, **config)
-

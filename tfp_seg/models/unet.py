@@ -182,4 +182,3 @@ def _groups_for(filters: int) -> int:
         if filters % groups == 0:
             return groups
     return 1
-

@@ -109,8 +109,7 @@ class TrainConfig:
             _checks.positive_int(getattr(self, field), field)
         if self.image_size % (2**self.depth):
             raise ValueError(
-                f"`image_size` ({self.image_size}) must be divisible by 2**depth "
-                f"({2**self.depth})."
+                f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
             )
         if not self.beta >= 0:
             raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")

@@ -52,8 +52,12 @@ def _check_data(data: Any) -> tuple:
             f"(AmbiguousShapes, AnnotatedImages); got {type(data).__name__}."
         )
     images, annotations = np.asarray(images), np.asarray(annotations)
-    if images.ndim != 4 or annotations.ndim != 4 or images.shape[0] != annotations.shape[0] \
-            or images.shape[1:3] != annotations.shape[2:]:
+    if (
+        images.ndim != 4
+        or annotations.ndim != 4
+        or images.shape[0] != annotations.shape[0]
+        or images.shape[1:3] != annotations.shape[2:]
+    ):
         raise ValueError(
             "`data.images` must be [B, H, W, channels] and `data.annotations` [B, K, H, W] with "
             f"the same B, H, W; got images {images.shape} and annotations {annotations.shape}."
@@ -158,27 +162,40 @@ def draw_figures(
     for i, ps in enumerate(kept):
         samples = ps.argmax(axis=-1)
         fig = plots.plot_samples_grid(
-            images[i], annotations[i], samples, num_classes=num_classes, class_names=names,
+            images[i],
+            annotations[i],
+            samples,
+            num_classes=num_classes,
+            class_names=names,
             title=f"Test image {i}: {annotations.shape[1]} annotations and "
-                  f"{num_samples} model samples",
+            f"{num_samples} model samples",
         )
         _save_figure(fig, os.path.join(fig_dir, f"samples_{i}.png"), dpi)
-        written.append((f"Test image {i}: annotations and model samples",
-                        f"figures/samples_{i}.png"))
+        written.append(
+            (f"Test image {i}: annotations and model samples", f"figures/samples_{i}.png")
+        )
         fig = plots.plot_uncertainty_maps(
-            images[i], ps.mean(axis=0), predictive_entropy(ps), mutual_information(ps),
+            images[i],
+            ps.mean(axis=0),
+            predictive_entropy(ps),
+            mutual_information(ps),
             class_names=names,
             title=f"Test image {i}: predictive probabilities and uncertainty "
-                  f"({num_samples} samples)",
+            f"({num_samples} samples)",
         )
         _save_figure(fig, os.path.join(fig_dir, f"uncertainty_{i}.png"), dpi)
-        written.append((f"Test image {i}: mean probability, predictive entropy, mutual "
-                        "information", f"figures/uncertainty_{i}.png"))
+        written.append(
+            (
+                f"Test image {i}: mean probability, predictive entropy, mutual information",
+                f"figures/uncertainty_{i}.png",
+            )
+        )
     fig = plots.plot_reliability_diagram(
         _reliability_result(rel),
         title=f"Reliability vs the annotations ({n} images, {num_samples} samples)",
     )
     _save_figure(fig, os.path.join(fig_dir, "reliability.png"), dpi)
-    written.append(("Reliability diagram of the predictive probabilities",
-                    "figures/reliability.png"))
+    written.append(
+        ("Reliability diagram of the predictive probabilities", "figures/reliability.png")
+    )
     return written

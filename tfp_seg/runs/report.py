@@ -220,9 +220,7 @@ def render_markdown(
             name, direction, meaning = METRICS.get(key, (key, "-", ""))
             oracle = report.get(f"oracle_{key}")
             label = f"{name}{_ARROWS[direction]} (`{key}`)" if name != key else f"`{key}`"
-            lines.append(
-                f"| {label} | {_fmt(report[key])} | {_fmt(oracle)} | {_fmt(meaning)} |"
-            )
+            lines.append(f"| {label} | {_fmt(report[key])} | {_fmt(oracle)} | {_fmt(meaning)} |")
         lines += [
             "",
             "*Oracle*: the same metric for the true label distribution — a sampler that draws "
@@ -319,8 +317,12 @@ def write_report(
       `{"json": path, "markdown": path, "figures": [paths]}`.
     """
     out_dir = os.fspath(out_dir)
-    for name, value, low in (("num_samples", num_samples, 1), ("num_images", num_images, 0),
-                             ("num_bins", num_bins, 1), ("batch_size", batch_size, 1)):
+    for name, value, low in (
+        ("num_samples", num_samples, 1),
+        ("num_images", num_images, 0),
+        ("num_bins", num_bins, 1),
+        ("batch_size", batch_size, 1),
+    ):
         _checks.positive_int(
             value, name, minimum=low, message="`{name}` must be an int >= {minimum}; got {value}."
         )
@@ -328,8 +330,13 @@ def write_report(
         if model is None or data is None:
             raise ValueError("`report` is None: pass a report dict, or `model` and `data`.")
         report = evaluate_ambiguous(
-            model, data, num_samples=num_samples, seed=seed, batch_size=batch_size,
-            progress=bool(progress), num_bins=num_bins,
+            model,
+            data,
+            num_samples=num_samples,
+            seed=seed,
+            batch_size=batch_size,
+            progress=bool(progress),
+            num_bins=num_bins,
         )
     if not isinstance(report, Mapping):
         raise ValueError(f"`report` must be a mapping; got {type(report).__name__}.")
@@ -348,18 +355,26 @@ def write_report(
     figure_list = []
     if figures and model is not None and data is not None:
         figure_list = draw_figures(
-            out_dir, model, data, num_samples, seed, num_images, num_bins, batch_size,
-            progress, dpi,
+            out_dir,
+            model,
+            data,
+            num_samples,
+            seed,
+            num_images,
+            num_bins,
+            batch_size,
+            progress,
+            dpi,
         )
     json_path = os.path.join(out_dir, "report.json")
     atomic_write_json(json_path, report)
     md_path = os.path.join(out_dir, "report.md")
     atomic_write_text(
-        md_path, render_markdown(report, config=config, figures=figure_list, title=title),
+        md_path,
+        render_markdown(report, config=config, figures=figure_list, title=title),
     )
     return {
         "json": json_path,
         "markdown": md_path,
         "figures": [os.path.join(out_dir, rel) for _, rel in figure_list],
     }
-

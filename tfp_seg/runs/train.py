@@ -166,8 +166,11 @@ def train(config: TrainConfig, log=print) -> dict:
             steps = -(-len(train_data) // config.batch_size)
             member_ds = distribute.seeded_stream(
                 lambda seed=config.seed + i: train_data.to_dataset(
-                    batch_size=config.batch_size, shuffle=True, annotation="random",
-                    seed=seed, repeat=True,
+                    batch_size=config.batch_size,
+                    shuffle=True,
+                    annotation="random",
+                    seed=seed,
+                    repeat=True,
                 )
             )
             if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

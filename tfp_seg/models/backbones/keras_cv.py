@@ -183,12 +183,20 @@ def build(name, image_shape, size, preset, overrides) -> adapter.BackboneAdapter
             features = SegmenterFeatures(encoder, name=f"{encoder.name}_features")
             return adapter.BackboneAdapter(features, None, input_channels=image_shape[-1])
     elif name == "keras_cv_deeplabv3plus_resnet":
-        config = dict(
-            stackwise_filters=[64, 32, 32, 32], stackwise_blocks=[1, 1, 1, 1],
-            stackwise_strides=[1, 2, 2, 2], block_type="basic_block",
-        ) if size == "small" else dict(
-            stackwise_filters=[64, 128, 256, 512], stackwise_blocks=[3, 4, 6, 3],
-            stackwise_strides=[1, 2, 2, 2], block_type="block",
+        config = (
+            dict(
+                stackwise_filters=[64, 32, 32, 32],
+                stackwise_blocks=[1, 1, 1, 1],
+                stackwise_strides=[1, 2, 2, 2],
+                block_type="basic_block",
+            )
+            if size == "small"
+            else dict(
+                stackwise_filters=[64, 128, 256, 512],
+                stackwise_blocks=[3, 4, 6, 3],
+                stackwise_strides=[1, 2, 2, 2],
+                block_type="block",
+            )
         )
         config.update(overrides)
         encoder = keras_cv.models.ResNetBackbone(

@@ -157,10 +157,18 @@ def _mobilenetv3_config(size: str) -> dict:
         return dict(
             stackwise_num_blocks=[2, 3, 4, 2, 3],
             stackwise_expansion=[
-                [64, 72], [72, 120, 120], [240, 200, 184, 184], [480, 672], [672, 960, 960]
+                [64, 72],
+                [72, 120, 120],
+                [240, 200, 184, 184],
+                [480, 672],
+                [672, 960, 960],
             ],
             stackwise_num_filters=[
-                [24, 24], [40, 40, 40], [80, 80, 80, 80], [112, 112], [160, 160, 160]
+                [24, 24],
+                [40, 40, 40],
+                [80, 80, 80, 80],
+                [112, 112],
+                [160, 160, 160],
             ],
             stackwise_kernel_size=[[3, 3], [5, 5, 5], [3, 3, 3, 3], [3, 3], [5, 5, 5]],
             stackwise_num_strides=[[2, 1], [2, 1, 1], [2, 1, 1, 1], [1, 1], [2, 1, 1]],
@@ -196,8 +204,12 @@ def _mobilenetv3_config(size: str) -> dict:
         stackwise_kernel_size=[[3, 3], [5, 5, 5], [5, 5], [5, 5, 5]],
         stackwise_num_strides=[[2, 1], [2, 1, 1], [1, 1], [2, 1, 1]],
         stackwise_se_ratio=[[None, None], [0.25] * 3, [0.25] * 2, [0.25] * 3],
-        stackwise_activation=[["relu", "relu"], ["hard_swish"] * 3, ["hard_swish"] * 2,
-                              ["hard_swish"] * 3],
+        stackwise_activation=[
+            ["relu", "relu"],
+            ["hard_swish"] * 3,
+            ["hard_swish"] * 2,
+            ["hard_swish"] * 3,
+        ],
         stackwise_padding=[[1, 1], [2, 2, 2], [2, 2], [2, 2, 2]],
         output_num_filters=1024,
         input_num_filters=16,

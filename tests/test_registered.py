@@ -117,7 +117,8 @@ def _tiny_cnn():
 
 def _backbone_adapter():
     # The smallest keras-hub ResNet (its first stage must have 64 filters): P2 and P3, FPN.
-    keras_hub = pytest.importorskip("keras_hub")
+    import keras_hub  # a test dependency: missing, it fails
+
     resnet = keras_hub.models.ResNetBackbone(
         input_conv_filters=[64],
         input_conv_kernel_sizes=[3],
@@ -133,7 +134,8 @@ def _backbone_adapter():
 
 
 def _segmenter_features():
-    keras_cv = pytest.importorskip("keras_cv")
+    import keras_cv  # a test dependency: missing, it fails
+
     resnet = keras_cv.models.ResNetBackbone(
         stackwise_filters=[64, 8, 8, 8],
         stackwise_blocks=[1, 1, 1, 1],

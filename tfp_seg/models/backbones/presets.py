@@ -26,7 +26,7 @@ def import_keras_hub():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "keras-hub backbones need the optional `keras-hub` package: "
-            "pip install 'tfp_seg[keras-hub]' (keras-hub==0.32.0)."
+            "pip install 'tfp_seg[keras-hub]' (keras-hub 0.29.1 to 0.32)."
         ) from e
     return keras_hub
 

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import keras
 import numpy as np
 
-from tfp_seg import __version__, export
+from tfp_seg import __version__, _interrupt, export
 from tfp_seg._io import atomic_path
 from tfp_seg.evaluation import evaluate_ambiguous, format_report
 from tfp_seg.export import ExportError
@@ -365,9 +365,11 @@ class _InterruptFlag:
 
     def _handler(self, signum, frame):
         self.interrupted = True
+        _interrupt.request()  # for a KeyboardInterrupt that library code swallows
         raise KeyboardInterrupt
 
     def __enter__(self) -> "_InterruptFlag":
+        _interrupt.clear()
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGINT)
             if previous is not signal.SIG_IGN:

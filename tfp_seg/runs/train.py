@@ -23,7 +23,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfp_seg import distribute
+from tfp_seg import _interrupt, distribute
 from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
 from tfp_seg.runs.config import TrainConfig
 from tfp_seg.runs.data import make_data
@@ -53,6 +53,17 @@ class NonFiniteGuard(keras.callbacks.Callback):
                 )
                 self.model.stop_training = True
                 return
+
+
+class InterruptGuard(keras.callbacks.Callback):
+    """Raises `KeyboardInterrupt` at the next batch once a Ctrl-C was recorded (`_interrupt`),
+    even when the `KeyboardInterrupt` raised where the signal landed was swallowed."""
+
+    def _check(self, *args, **kwargs):
+        if _interrupt.requested():
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_test_batch_end = on_epoch_end = _check
 
 
 def atomic_save_model(model, path: str) -> None:
@@ -151,7 +162,7 @@ def train(config: TrainConfig, log=print) -> dict:
         if len(members) > 1:
             log(f"ensemble member {i + 1}/{len(members)}")
         guard = NonFiniteGuard()
-        callbacks = [guard]
+        callbacks = [guard, InterruptGuard()]
         member_ds, steps = train_ds, None
         if config.resume:
             backup_dir = os.path.join(run_dir, "backup")

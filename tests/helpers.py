@@ -271,3 +271,44 @@ def run_model_saving_test(model, x, directory, atol: float = 1e-6):
         lambda a, e: np.testing.assert_allclose(a, e, atol=atol, rtol=0), actual, expected
     )
     return loaded
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path) -> None:
+    """`path` is a PNG file with some content (more than a blank canvas's few bytes)."""
+    assert os.path.isfile(path), path
+    with open(path, "rb") as f:
+        head = f.read(8)
+    assert head == PNG_MAGIC and os.path.getsize(path) > 2000, path
+
+
+# --- tiny `tfp-seg train` runs -------------------------------------------------------------------
+#: The flags of a `tfp-seg train` run that takes seconds (every CLI test starts from these).
+TINY_TRAIN = {
+    "epochs": 2,
+    "num_images": 40,
+    "image_size": 32,
+    "base_filters": 4,
+    "depth": 2,
+    "eval_samples": 4,
+    "rank": 2,
+    "num_samples": 4,
+    "no_export": True,
+    "quiet": True,
+}
+
+
+def tiny_train_args(**overrides) -> list:
+    """`tfp-seg train` arguments: `TINY_TRAIN` updated by `overrides` (`flag_name=value`;
+    `True` gives a switch, `None` or `False` drops the flag), e.g.
+    `tiny_train_args(head="heteroscedastic", epochs=1)`."""
+    args = []
+    for key, value in {**TINY_TRAIN, **overrides}.items():
+        if value is None or value is False:
+            continue
+        args.append("--" + key.replace("_", "-"))
+        if value is not True:
+            args.append(str(value))
+    return args

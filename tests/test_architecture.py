@@ -187,3 +187,39 @@ def test_library_does_not_import_the_application():
 def test_library_modules_stay_small(module):
     lines = MODULES[module].read_text().count("\n")
     assert lines <= MAX_LINES, f"{module} has {lines} lines: split it by concept"
+
+
+# --- the test tree mirrors the source tree ------------------------------------------------------
+TESTS = ROOT / "tests"
+# Top-level test modules that test the project as a whole rather than one library module.
+CROSS_CUTTING = {
+    "test_architecture",  # this file
+    "test_benchmarks",  # benchmarks/
+    "test_examples",  # examples/
+    "test_registered",  # every registered class through one harness
+    "test_reliability",  # numerical extremes, properties, unsafe files, interrupts
+    "test_repo",  # README, .ci/run, packaging
+    "test_saved_files",  # `.keras` files of earlier versions
+}
+
+
+def test_tests_mirror_the_source_tree():
+    """Tests of `tfp_seg/<pkg>/...` live in `tests/<pkg>/` (a top-level module with several
+    test files may have its folder too); a top-level `tests/test_<name>.py` tests the
+    top-level module `tfp_seg/<name>.py` (or is one of `CROSS_CUTTING`); every
+    subpackage has its folder of tests, and test basenames are unique (pytest imports them by
+    basename: the folders have no `__init__.py`)."""
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    top_modules = {p.stem for p in PACKAGE.glob("*.py")}
+    folders = {p.name for p in TESTS.iterdir() if p.is_dir() and any(p.glob("test_*.py"))}
+    unknown = folders - packages - top_modules
+    assert not unknown, f"test folders that mirror no tfp_seg package or module: {unknown}"
+    assert packages <= folders, f"subpackages without tests/<name>/: {packages - folders}"
+    stray = {
+        p.stem
+        for p in TESTS.glob("test_*.py")
+        if p.stem.removeprefix("test_") not in top_modules and p.stem not in CROSS_CUTTING
+    }
+    assert not stray, f"top-level test modules that mirror no top-level module: {stray}"
+    names = [p.name for p in TESTS.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

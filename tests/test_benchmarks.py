@@ -62,6 +62,10 @@ def test_bench_inference_runs(bench_path, tmp_path):
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
 
 
+# The two scripts below measure peak memory in a fresh child process per variant (~20 children
+# of a few seconds each): over the marker's 20 s, so in the slow suite, which CI runs with
+# oneDNN off.
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["low_rank", "heteroscedastic"])
 def test_bench_loss_memory_runs(bench_path, tmp_path, head):
     import bench_loss_memory
@@ -105,6 +109,7 @@ def test_bench_loss_memory_runs(bench_path, tmp_path, head):
             assert r["ms_vs_fused"] > 0
 
 
+@pytest.mark.slow
 def test_bench_heads_runs(bench_path, tmp_path):
     import bench_heads
 

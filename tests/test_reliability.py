@@ -11,6 +11,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import tiny_train_args
 from tfp_seg import cli, losses, metrics
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
 from tfp_seg.models import ProbabilisticSegmenter, UNet
@@ -237,18 +238,7 @@ def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
             "-m",
             "tfp_seg.cli",
             "train",
-            "--epochs",
-            "50",
-            "--num-images",
-            "40",
-            "--image-size",
-            "32",
-            "--base-filters",
-            "4",
-            "--depth",
-            "2",
-            "--no-export",
-            "--quiet",
+            *tiny_train_args(epochs=50, eval_samples=None, rank=None, num_samples=None),
             "--output-dir",
             str(tmp_path / "runs"),
             "--name",
@@ -339,24 +329,7 @@ def test_interrupt_swallowed_by_library_code_still_stops_training(monkeypatch, t
     monkeypatch.setattr(train_module.NonFiniteGuard, "on_train_batch_end", swallowing)
     argv = [
         "train",
-        "--epochs",
-        "50",
-        "--num-images",
-        "40",
-        "--image-size",
-        "16",
-        "--base-filters",
-        "4",
-        "--depth",
-        "1",
-        "--eval-samples",
-        "2",
-        "--rank",
-        "2",
-        "--num-samples",
-        "2",
-        "--no-export",
-        "--quiet",
+        *tiny_train_args(epochs=50, image_size=16, depth=1, eval_samples=2, num_samples=2),
         "--output-dir",
         str(tmp_path),
         "--name",

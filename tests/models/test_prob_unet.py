@@ -19,7 +19,7 @@ from tfp_seg.losses import ELBO, GECO
 from tfp_seg.models import ProbabilisticSegmenter, ProbabilisticUNet, UNet
 
 tfd = tfp.distributions
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _np_scale(raw, eps):

@@ -24,11 +24,11 @@ import pytest
 import tensorflow as tf
 
 import tfp_seg
-from tests.helpers import OrderRecorder, RecordBatches
+from tests.helpers import OrderRecorder, RecordBatches, tiny_train_args
 from tfp_seg import distribute
 from tfp_seg.experiment import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- subprocess helpers ------------------------------------------------------------------------
@@ -777,26 +777,17 @@ _RESUME_ARGS = [
     "--name",
     "run",
     "--resume",
-    "--head",
-    "deterministic",
-    "--epochs",
-    "6",
-    "--image-size",
-    "32",
-    "--num-images",
-    "100",
-    "--batch-size",
-    "8",
-    "--base-filters",
-    "8",
-    "--depth",
-    "2",
-    "--eval-samples",
-    "2",
-    "--no-export",
-    "--quiet",
-    "--strategy",
-    "default",
+    *tiny_train_args(
+        head="deterministic",
+        epochs=6,
+        num_images=100,
+        batch_size=8,
+        base_filters=8,
+        eval_samples=2,
+        rank=None,
+        num_samples=None,
+        strategy="default",
+    ),
 ]
 
 

@@ -7,36 +7,15 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import tiny_train_args
 from tfp_seg import cli
 
-TINY = [
-    "--epochs",
-    "2",
-    "--num-images",
-    "40",
-    "--image-size",
-    "32",
-    "--base-filters",
-    "4",
-    "--depth",
-    "2",
-    "--eval-samples",
-    "4",
-    "--rank",
-    "2",
-    "--num-samples",
-    "4",
-    "--no-export",
-    "--quiet",
-]
+TINY = tiny_train_args()
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    keras.utils.set_random_seed(0)
-    assert cli.main(["train", *TINY, "--output-dir", str(out), "--name", "tiny"]) == 0
-    return out / "tiny"
+@pytest.fixture
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def test_train_writes_run_files(run_dir):
@@ -127,15 +106,7 @@ def test_other_heads_train_evaluate_and_sample(tmp_path, head):
         cli.main(
             [
                 "train",
-                *TINY,
-                "--epochs",
-                "1",
-                "--num-images",
-                "24",
-                "--head",
-                head,
-                "--ensemble-size",
-                "2",
+                *tiny_train_args(epochs=1, num_images=24, head=head, ensemble_size=2),
                 "--output-dir",
                 str(tmp_path),
                 "--name",
@@ -167,22 +138,16 @@ def test_train_with_a_keras_hub_backbone(tmp_path):
         cli.main(
             [
                 "train",
-                "--backbone",
-                "resnet_fpn",
-                "--epochs",
-                "1",
-                "--num-images",
-                "16",
-                "--image-size",
-                "64",
-                "--eval-samples",
-                "2",
-                "--rank",
-                "2",
-                "--num-samples",
-                "2",
-                "--no-export",
-                "--quiet",
+                *tiny_train_args(
+                    backbone="resnet_fpn",
+                    epochs=1,
+                    num_images=16,
+                    image_size=64,
+                    eval_samples=2,
+                    num_samples=2,
+                    base_filters=None,
+                    depth=None,
+                ),
                 "--output-dir",
                 str(tmp_path),
                 "--name",
@@ -207,23 +172,17 @@ def test_sample_command_hands_out_independent_draws(run_dir, tmp_path):
     np.testing.assert_array_equal(samples, model.sample(images, 4, seed=0, antithetic=False))
 
 
-EXPORT_TINY = [
-    "--epochs",
-    "1",
-    "--num-images",
-    "16",
-    "--image-size",
-    "16",
-    "--base-filters",
-    "4",
-    "--depth",
-    "1",
-    "--eval-samples",
-    "2",
-    "--ensemble-size",
-    "2",
-    "--quiet",
-]
+EXPORT_TINY = tiny_train_args(
+    epochs=1,
+    num_images=16,
+    image_size=16,
+    depth=1,
+    eval_samples=2,
+    ensemble_size=2,
+    rank=None,
+    num_samples=None,
+    no_export=False,
+)
 
 
 @pytest.mark.parametrize("head", ["mc_dropout", "ensemble"])

@@ -203,10 +203,12 @@ class StreamingMeanIoU(_StreamingSegmentationMetric):
     `result()` equals `mean_iou(argmax(probs), y_true, C, ignore_label)` on the concatenation of
     all batches seen since the last `reset_state()` (with the same draws: a fixed `seed`).
 
-    Args:
+    Args (the other streaming metrics take the same keyword arguments):
       num_classes: C.
       ignore_label: label whose pixels are not counted.
       from_logits: whether the first C channels are logits (no head; no effect on the argmax).
+      name: the metric's name.
+      dtype: the dtype of `result()`.
       head: a `tfp_seg.layers.DistributionHead` (a weightless copy is kept; also its
         serialized config), or None.
       num_samples: Monte Carlo samples of `head.mean_probabilities` per batch.
@@ -222,23 +224,9 @@ class StreamingMeanIoU(_StreamingSegmentationMetric):
         ignore_label: Optional[int] = None,
         from_logits: bool = False,
         name: str = "mean_iou",
-        dtype: Any = None,
-        head: Any = None,
-        num_samples: int = 16,
-        seed: Optional[int] = None,
-        predictive: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            from_logits,
-            ignore_label,
-            name=name,
-            dtype=dtype,
-            head=head,
-            num_samples=num_samples,
-            seed=seed,
-            predictive=predictive,
-        )
+        super().__init__(num_classes, from_logits, ignore_label, name=name, **kwargs)
         c = self.num_classes
         self.total_cm = self.add_variable(
             shape=(c, c), initializer="zeros", dtype="float64", name="total_confusion_matrix"
@@ -286,23 +274,9 @@ class StreamingECE(_StreamingSegmentationMetric):
         from_logits: bool = False,
         ignore_label: Optional[int] = None,
         name: str = "ece",
-        dtype: Any = None,
-        head: Any = None,
-        num_samples: int = 16,
-        seed: Optional[int] = None,
-        predictive: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            from_logits,
-            ignore_label,
-            name=name,
-            dtype=dtype,
-            head=head,
-            num_samples=num_samples,
-            seed=seed,
-            predictive=predictive,
-        )
+        super().__init__(num_classes, from_logits, ignore_label, name=name, **kwargs)
         self.num_bins = _checks.positive_int(num_bins, "num_bins")
         shape = (self.num_bins,)
         self.bin_counts = self.add_variable(
@@ -349,10 +323,9 @@ class _StreamingMean(_StreamingSegmentationMetric):
         from_logits: bool,
         ignore_label: Optional[int],
         name: Optional[str],
-        dtype: Any,
         **kwargs: Any,
     ) -> None:
-        super().__init__(num_classes, from_logits, ignore_label, name=name, dtype=dtype, **kwargs)
+        super().__init__(num_classes, from_logits, ignore_label, name=name, **kwargs)
         self.total = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="total")
         self.count = self.add_variable(shape=(), initializer="zeros", dtype="float64", name="count")
 
@@ -389,23 +362,9 @@ class StreamingNLL(_StreamingMean):
         ignore_label: Optional[int] = None,
         eps: float = 1e-12,
         name: str = "nll",
-        dtype: Any = None,
-        head: Any = None,
-        num_samples: int = 16,
-        seed: Optional[int] = None,
-        predictive: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            from_logits,
-            ignore_label,
-            name=name,
-            dtype=dtype,
-            head=head,
-            num_samples=num_samples,
-            seed=seed,
-            predictive=predictive,
-        )
+        super().__init__(num_classes, from_logits, ignore_label, name=name, **kwargs)
         self.eps = _common.check_eps(eps)
 
     def _per_pixel(self, labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
@@ -439,23 +398,9 @@ class StreamingBrier(_StreamingMean):
         from_logits: bool = False,
         ignore_label: Optional[int] = None,
         name: str = "brier",
-        dtype: Any = None,
-        head: Any = None,
-        num_samples: int = 16,
-        seed: Optional[int] = None,
-        predictive: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes,
-            from_logits,
-            ignore_label,
-            name=name,
-            dtype=dtype,
-            head=head,
-            num_samples=num_samples,
-            seed=seed,
-            predictive=predictive,
-        )
+        super().__init__(num_classes, from_logits, ignore_label, name=name, **kwargs)
 
     def _per_pixel(self, labels: tf.Tensor, scores: tf.Tensor) -> tf.Tensor:
         probs = tf.cast(self._probs(scores), tf.float64)

@@ -143,6 +143,17 @@ class Sampler:
             (x[start : start + batch_size], _batch_seed(seed, k)) for k, start in enumerate(starts)
         )
 
+    def _read_out(self, read, x, num_samples, seed, batch_size, antithetic=False, axis=1):
+        """Check the arguments (all before anything runs), then `read(images, n, seed=...,
+        antithetic=...)` per batch of `x`, joined along `axis` as one numpy array."""
+        antithetic = bool(antithetic)
+        n = self._num_samples_arg(num_samples, antithetic)
+        out = [
+            np.asarray(read(xb, n, seed=s, antithetic=antithetic))
+            for xb, s in self._batches(x, batch_size, seed)
+        ]
+        return np.concatenate(out, axis=axis)
+
     # --- read-outs -----------------------------------------------------------------------------
     def sample_logits(
         self,
@@ -157,13 +168,9 @@ class Sampler:
         Independent samples by default (what a person looking at plausible segmentations
         wants); `antithetic=True` gives mirrored pairs, a variance reduction for estimators.
         """
-        antithetic = bool(antithetic)
-        n = self._num_samples_arg(num_samples, antithetic)
-        out = [
-            np.asarray(self._sample_logits_tensor(xb, n, seed=s, antithetic=antithetic))
-            for xb, s in self._batches(x, batch_size, seed)
-        ]
-        return np.concatenate(out, axis=1)
+        return self._read_out(
+            self._sample_logits_tensor, x, num_samples, seed, batch_size, antithetic
+        )
 
     def sample(
         self,
@@ -181,13 +188,9 @@ class Sampler:
         then not the arg max of `sample_logits` with the same seed, though they have its
         distribution.
         """
-        antithetic = bool(antithetic)
-        n = self._num_samples_arg(num_samples, antithetic)
-        out = [
-            np.asarray(self._sample_labels_tensor(xb, n, seed=s, antithetic=antithetic))
-            for xb, s in self._batches(x, batch_size, seed)
-        ]
-        return np.concatenate(out, axis=1)
+        return self._read_out(
+            self._sample_labels_tensor, x, num_samples, seed, batch_size, antithetic
+        )
 
     def probability_samples(
         self,
@@ -200,12 +203,12 @@ class Sampler:
 
         The softmax of `sample_logits(x, num_samples, seed, batch_size)`: the same draws.
         """
-        n = self._num_samples_arg(num_samples)
-        out = [
-            tf.nn.softmax(self._sample_logits_tensor(xb, n, seed=s, antithetic=False), -1).numpy()
-            for xb, s in self._batches(x, batch_size, seed)
-        ]
-        return np.concatenate(out, axis=1)
+
+        def softmax_of_samples(images, n, seed, antithetic):
+            samples = self._sample_logits_tensor(images, n, seed=seed, antithetic=antithetic)
+            return tf.nn.softmax(samples, -1)
+
+        return self._read_out(softmax_of_samples, x, num_samples, seed, batch_size)
 
     def predict_proba(
         self,
@@ -218,9 +221,8 @@ class Sampler:
 
         The model's own Monte Carlo estimator (see the module docstring).
         """
-        n = self._num_samples_arg(num_samples)
-        out = [
-            np.asarray(self._mean_probabilities(xb, n, seed=s))
-            for xb, s in self._batches(x, batch_size, seed)
-        ]
-        return np.concatenate(out, axis=0)
+
+        def mean_probabilities(images, n, seed, antithetic):
+            return self._mean_probabilities(images, n, seed=seed)
+
+        return self._read_out(mean_probabilities, x, num_samples, seed, batch_size, axis=0)

@@ -312,3 +312,61 @@ def tiny_train_args(**overrides) -> list:
         if value is not True:
             args.append(str(value))
     return args
+
+
+# --- users' data on disk ---------------------------------------------------------------------
+def fake_lidc_entries(rng, n=5, size=16, k=4, series=("s1", "s1", "s2", "s3", "s3")) -> dict:
+    """Entries in the exact layout of `data_lidc.pickle`: `{id: {"image": float32 [H, W],
+    "masks": [K x uint8 [H, W]], "series_uid": str}}`, with a lesion-like disc per image
+    whose radius differs between raters (so the raters disagree at its boundary)."""
+    yy, xx = np.mgrid[:size, :size]
+    data = {}
+    for i in range(n):
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, size=2)
+        radius = rng.uniform(size * 0.1, size * 0.25)
+        dist = np.hypot(yy - cy, xx - cx)
+        image = np.clip(1.0 - dist / (2 * radius), 0, 1) + 0.1 * rng.random((size, size))
+        masks = [(dist <= radius * rng.uniform(0.8, 1.2)).astype(np.uint8) for _ in range(k)]
+        data[f"LIDC-IDRI-{i:04d}_slice_{i}"] = {
+            "image": image.astype(np.float32),
+            "masks": masks,
+            "series_uid": series[i % len(series)],
+        }
+    return data
+
+
+def write_lidc_pickle(path, entries: dict, parts: int = 1):
+    """Write `entries` as one pickle file (`parts=1`, returns its path) or as `parts` files
+    `part_<j>.pickle` in the folder `path` (returns the folder), as the data are shipped."""
+    import pickle
+
+    path = str(path)
+    if parts == 1:
+        with open(path, "wb") as f:
+            pickle.dump(entries, f)
+        return path
+    os.makedirs(path, exist_ok=True)
+    keys = sorted(entries)
+    for j in range(parts):
+        with open(os.path.join(path, f"part_{j}.pickle"), "wb") as f:
+            pickle.dump({key: entries[key] for key in keys[j::parts]}, f)
+    return path
+
+
+def write_image_folder(root, rng, num_images=6, k=3, size=16) -> tuple:
+    """`root/images/case<i>.png` and `root/masks/case<i>_<j>.png` (K binary masks, 0/255);
+    returns `(images_dir, masks_dir, {stem: [K masks]})`."""
+    from PIL import Image
+
+    images, masks = os.path.join(str(root), "images"), os.path.join(str(root), "masks")
+    os.makedirs(images, exist_ok=True)
+    os.makedirs(masks, exist_ok=True)
+    entries = fake_lidc_entries(rng, n=num_images, size=size, k=k)
+    truth = {}
+    for i, entry in enumerate(entries.values()):
+        stem = f"case{i}"
+        Image.fromarray((entry["image"] * 200).astype(np.uint8)).save(f"{images}/{stem}.png")
+        truth[stem] = entry["masks"]
+        for j, m in enumerate(entry["masks"]):
+            Image.fromarray(m * 255).save(f"{masks}/{stem}_{j}.png")
+    return images, masks, truth

@@ -1,5 +1,5 @@
-"""Synthetic data with an exactly known label distribution, and loaders of local copies of real
-multi-annotator data (no downloads)."""
+"""Synthetic data with an exactly known label distribution, loaders of local copies of real
+multi-annotator data (no downloads), and data sources by name (`load(spec)`)."""
 
 from tfp_seg.data.ambiguous_shapes import (
     AmbiguousShapes,
@@ -8,13 +8,31 @@ from tfp_seg.data.ambiguous_shapes import (
     sample_annotations,
 )
 from tfp_seg.data.loaders import AnnotatedImages, load_image_folder, load_lidc_crops
+from tfp_seg.data.sources import (
+    SOURCE_KINDS,
+    SPLIT_PARTS,
+    DataSpec,
+    load,
+    parse_spec,
+    select_split,
+    split_data,
+    split_record,
+)
 
 __all__ = [
+    "SOURCE_KINDS",
+    "SPLIT_PARTS",
     "AmbiguousShapes",
     "AnnotatedImages",
+    "DataSpec",
     "ShapeObject",
     "ambiguous_shapes",
+    "load",
     "load_image_folder",
     "load_lidc_crops",
+    "parse_spec",
     "sample_annotations",
+    "select_split",
+    "split_data",
+    "split_record",
 ]

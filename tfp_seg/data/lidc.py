@@ -35,13 +35,17 @@ _SAFE_GLOBALS = {
 }
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """The pickle names a global outside `_SAFE_GLOBALS`."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only numpy arrays and plain containers (no code execution)."""
 
     def find_class(self, module, name):
         if (module, name) in _SAFE_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
+        raise _RefusedGlobal(
             f"refusing to load `{module}.{name}` from the pickle: only numpy arrays, lists and "
             "dicts are expected in the LIDC crops file. If you trust the file, pass trusted=True."
         )
@@ -54,9 +58,9 @@ def _read_pickle(path: str, trusted: bool) -> Any:
         if trusted:
             return pickle.loads(raw, encoding="latin1")
         return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except pickle.UnpicklingError as exc:
+    except _RefusedGlobal as exc:
         raise pickle.UnpicklingError(f"{path}: {exc}") from exc
-    except Exception as exc:  # truncated / not a pickle: say which file
+    except Exception as exc:  # truncated / corrupt / not a pickle: say which file
         raise ValueError(f"could not read pickle {path}: {type(exc).__name__}: {exc}") from exc
 
 

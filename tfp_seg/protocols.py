@@ -20,6 +20,9 @@ Who uses which protocol:
                            (`with_temperature`, `scale_class_covariance`,
                            `TemperatureScaling.scale_params`).
   `PlanarLowRankLogits`    `losses/chunked.py` (the fused class-planar sampling-and-scoring path).
+  `MixtureHead`            `losses/mixture.py` (the mixture NLL scores every component),
+                           export (`export/adapters.py`: `mixture_logits` / `component_*`
+                           outputs), calibration (the SSN controls per component).
   `Sampler`                model-level read-outs (`models/sampling.py`, wrappers: MC dropout,
                            ensembles), evaluation and metrics that take "a model that samples".
   `GraphSampler`           export (`export/dispatch.py`: a model that samples itself in
@@ -40,6 +43,7 @@ __all__ = [
     "Head",
     "CovarianceHead",
     "PlanarLowRankLogits",
+    "MixtureHead",
     "Sampler",
     "GraphSampler",
     "GraphParams",
@@ -208,6 +212,48 @@ class PlanarLowRankLogits(Head, Protocol):
     def planar_low_rank_parts(self, params: tf.Tensor) -> list:
         """`[loc [B,C,1,X], factor [B,C,R,X], scale [B,C,1,X]]` (float32; `scale = sqrt(D)`),
         differentiable in `params`."""
+        ...
+
+
+@runtime_checkable
+class MixtureHead(Head, Protocol):
+    """A head whose logits are a mixture of K components with image-level weights: every
+    image draws ONE component `k ~ Categorical(softmax(mixture_logits))`, then logits from that
+    component's distribution, which is a head of its own (`component_head`) with parameters
+    `component_params(params)`.
+
+    ```none
+    mixture_logits(params)          [B, K]      unnormalised log weights (image-level)
+    component_params(params)        [B*K, H, W, P_c]   component k of image b at row b*K + k,
+                                                in `component_head`'s packed layout
+    pack_mixture_params(cp, logits) [B, H, W, P]   the inverse of the two
+    p(eta | x) = sum_k pi_k p_k(eta | component_params[b*K + k])
+    ```
+    """
+
+    @property
+    def num_components(self) -> int:
+        """K, the number of mixture components."""
+        ...
+
+    @property
+    def component_head(self) -> Head:
+        """The (weightless) head of one component: `component_params` are its parameters."""
+        ...
+
+    def mixture_logits(self, params: tf.Tensor) -> tf.Tensor:
+        """Unnormalised log weights of the components `[B, K]`, differentiable in `params`."""
+        ...
+
+    def component_params(self, params: tf.Tensor) -> tf.Tensor:
+        """The components' packed parameters `[B*K, H, W, P_c]` (row `b*K + k`)."""
+        ...
+
+    def pack_mixture_params(
+        self, component_params: tf.Tensor, mixture_logits: tf.Tensor
+    ) -> tf.Tensor:
+        """Packed mixture parameters `[B, H, W, P]` from `component_params [B*K, H, W, P_c]` and
+        `mixture_logits [B, K]` (the inverse of `component_params` / `mixture_logits`)."""
         ...
 
 

@@ -13,10 +13,15 @@ HeteroscedasticLogits     N(mu, diag(exp(s)))                                   
   (low_rank_classes=K)    N(mu, blockdiag_pixels(V V^T + diag(exp(s))))          K > 0, C x C
 CategoricalLogits         point mass at the logits: Sigma = 0; log p = 0 at mu, -inf elsewhere
 LatentEncoder             N(mu, diag((softplus(raw + log(e - 1)) + epsilon)^2))  event [L]
+MixtureLowRankLogits      sum_k pi_k N(mu_k, P_k P_k^T + diag(D_k))   pi = softmax(mean_pixels a)
 
 sample moments of n = 20000 draws (fixed seed), k = 5, n_eff = n, or n / 2 antithetic pairs:
   |mean_hat_i - mu_i| <= k sqrt(Sigma_ii / n)         antithetic: mean_hat == mu (rounding only)
   |S_ij - Sigma_ij|   <= k sqrt((Sigma_ii Sigma_jj + Sigma_ij^2) / n_eff)   (Gaussian Var S_ij)
+mixtures: Var S_ij = E[(x_i - mu_i)^2 (x_j - mu_j)^2] - Sigma_ij^2, the fourth moment summed over
+  components (a = mu_k - mu, S = Sigma_k): a_i^2 a_j^2 + a_i^2 S_jj + a_j^2 S_ii + 4 a_i a_j S_ij
+  + S_ii S_jj + 2 S_ij^2 (Isserlis); antithetic pairs share a component, so their mean is not
+  exact: |mean_hat_i - mu_i| <= k sqrt(Sigma_ii / n_eff), and n_eff = n / 2 bounds Var S_ij
 ```
 
 Sizes are tiny (3 x 4 pixels, 3 classes, rank 2: a 36-dimensional event) so that the dense
@@ -32,6 +37,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 import scipy.stats
 
 import tfp_seg
@@ -44,13 +50,45 @@ SAMPLING = {"independent": False, "antithetic": True, "default": None}
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """A dense reference: `mean [B, E]`, `cov [B, E, E]` over the flattened event (float64)."""
+    """A dense reference: `mean [B, E]`, `cov [B, E, E]` over the flattened event (float64);
+    for a mixture also its `components`: weights `[B, K]`, means `[B, K, E]`, covariances
+    `[B, K, E, E]`."""
 
     mean: np.ndarray
     cov: np.ndarray
+    components: Optional[tuple] = None
+
+    def cov_estimator_variance(self) -> np.ndarray:
+        """`Var[(x_i - mu_i)(x_j - mu_j)]` `[B, E, E]`: n times the variance of `S_ij`."""
+        if self.components is None:  # Gaussian (or a point mass)
+            variance = np.diagonal(self.cov, axis1=-2, axis2=-1)
+            return variance[:, :, None] * variance[:, None, :] + self.cov**2
+        weights, means, covs = self.components
+        a = means - self.mean[:, None]  # [B, K, E]
+        s = np.diagonal(covs, axis1=-2, axis2=-1)  # [B, K, E]
+        a2 = a**2
+        fourth = (
+            a2[..., :, None] * a2[..., None, :]
+            + a2[..., :, None] * s[..., None, :]
+            + s[..., :, None] * a2[..., None, :]
+            + 4.0 * a[..., :, None] * a[..., None, :] * covs
+            + s[..., :, None] * s[..., None, :]
+            + 2.0 * covs**2
+        )
+        return np.einsum("bk,bkij->bij", weights, fourth) - self.cov**2
 
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         """`log p(x)` for points `x [K, B, E]` -> `[K, B]`."""
+        if self.components is not None:
+            weights, means, covs = self.components
+            out = np.empty(x.shape[:2])
+            for b in range(x.shape[1]):
+                terms = [
+                    np.log(w) + scipy.stats.multivariate_normal(m, c).logpdf(x[:, b])
+                    for w, m, c in zip(weights[b], means[b], covs[b], strict=True)
+                ]
+                out[:, b] = scipy.special.logsumexp(np.stack(terms), axis=0)
+            return out
         out = np.empty(x.shape[:2])
         for b in range(x.shape[1]):
             if not np.any(self.cov[b]):  # a point mass
@@ -98,6 +136,24 @@ def _categorical_reference(head, params) -> Reference:
     return Reference(mu, np.zeros(mu.shape + mu.shape[-1:]))
 
 
+def _mixture_reference(head, params) -> Reference:
+    # params[b, h, w] = [ component 0 (S) | ... | component K-1 (S) | a (K) ],  S = C (2 + R),
+    # component k in the LowRankLogits layout; mixture logits = the mean over pixels of a.
+    p = params.astype(np.float64)
+    k, s = head.num_components, head.num_classes * (2 + head.rank)
+    gate = p[..., k * s :].reshape(p.shape[0], -1, k).mean(axis=1)  # [B, K]
+    weights = np.exp(gate - scipy.special.logsumexp(gate, axis=-1, keepdims=True))
+    parts = [_low_rank_reference(head, p[..., j * s : (j + 1) * s]) for j in range(k)]
+    means = np.stack([r.mean for r in parts], axis=1)  # [B, K, E]
+    covs = np.stack([r.cov for r in parts], axis=1)  # [B, K, E, E]
+    mean = np.einsum("bk,bke->be", weights, means)
+    centred = means - mean[:, None]
+    cov = np.einsum("bk,bkij->bij", weights, covs) + np.einsum(
+        "bk,bki,bkj->bij", weights, centred, centred
+    )
+    return Reference(mean, cov, components=(weights, means, covs))
+
+
 def _latent_reference(encoder, params) -> Reference:
     # params[b] = [ mu (L) | raw (L) ],  sigma = softplus(raw + log(e - 1)) + epsilon
     p = params.astype(np.float64)
@@ -135,6 +191,22 @@ def _heteroscedastic_params(head, seed):
 
 def _categorical_params(head, seed):
     return _rng(seed).normal(size=(B, H, W, C)).astype("float32")
+
+
+def _mixture_params(head, seed):
+    rng = _rng(seed)
+    shape = (B, H, W)
+    parts = []
+    for k in range(head.num_components):
+        # Components apart (by 1.5 per component), so that the mixture is far from Gaussian.
+        parts += [
+            rng.normal(1.5 * (k - 0.5 * (head.num_components - 1)), 1.0, size=shape + (C,)),
+            rng.normal(-0.5, 0.5, size=shape + (C,)),  # d_raw
+            rng.normal(0.0, 0.5, size=shape + (C * head.rank,)),  # P
+        ]
+    gate = rng.normal(0.0, 0.7, size=(B, 1, 1, head.num_components))  # image-level, as the layer
+    parts.append(np.broadcast_to(gate, shape + (head.num_components,)))
+    return np.concatenate(parts, -1).astype("float32")
 
 
 def _latent_params(encoder, seed):
@@ -204,6 +276,8 @@ class Equivalence:
     default_antithetic: Callable[[Any], bool] = lambda head: head.antithetic
     parts_covariance: Optional[Callable[[Any, np.ndarray], np.ndarray]] = None
     event_shape: tuple = (H, W, C)
+    antithetic_mean_exact: bool = True  # False for mixtures: a pair shares a random component
+    mean_atol: float = 0.0  # > 0 where the mean is computed (float32 rounding), not a parameter
 
 
 CASES = {
@@ -238,6 +312,13 @@ CASES = {
         _categorical_params,
         _categorical_reference,
         default_antithetic=lambda head: False,  # a point mass: every sample is the mean
+    ),
+    "MixtureLowRankLogits": Equivalence(
+        lambda: tfp_seg.layers.MixtureLowRankLogits(C, num_components=3, rank=R),
+        _mixture_params,
+        _mixture_reference,
+        antithetic_mean_exact=False,
+        mean_atol=2e-6,  # sum_k pi_k mu_k in float32
     ),
     "LatentEncoder": Equivalence(
         lambda: tfp_seg.layers.LatentEncoder(latent_dim=L, filters=(4,), epsilon=1e-3),
@@ -285,7 +366,9 @@ def test_distribution_matches_dense_reference(name, sampling):
     )
 
     # mean, variance, covariance.
-    np.testing.assert_allclose(np.asarray(dist.mean()).reshape(B, -1), ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(dist.mean()).reshape(B, -1), ref.mean, rtol=1e-6, atol=case.mean_atol
+    )
     ref_variance = np.diagonal(ref.cov, axis1=-2, axis2=-1)
     np.testing.assert_allclose(
         np.asarray(dist.variance()).reshape(B, -1), ref_variance, rtol=1e-5, atol=1e-7
@@ -308,19 +391,18 @@ def test_distribution_matches_dense_reference(name, sampling):
     samples = samples.astype(np.float64).reshape(NUM_SAMPLES, B, event_size)
     mean_hat = samples.mean(axis=0)
     rounding = 1e-5 * (1.0 + np.abs(ref.mean) + np.sqrt(ref_variance))
-    if antithetic:  # mirrored pairs: the sample mean is the mean
+    n_eff = NUM_SAMPLES // 2 if antithetic else NUM_SAMPLES
+    if antithetic and case.antithetic_mean_exact:  # mirrored pairs: the sample mean is the mean
         mean_bound = rounding
     else:
-        mean_bound = K_SIGMA * np.sqrt(ref_variance / NUM_SAMPLES) + rounding
+        mean_bound = K_SIGMA * np.sqrt(ref_variance / n_eff) + rounding
     mean_error = np.abs(mean_hat - ref.mean)
     assert np.all(mean_error <= mean_bound), (
         f"sample mean off by up to {np.max(mean_error / mean_bound):.2f} x its bound"
     )
-    n_eff = NUM_SAMPLES // 2 if antithetic else NUM_SAMPLES
     deviations = samples - mean_hat
     cov_hat = np.einsum("nbi,nbj->bij", deviations, deviations) / (NUM_SAMPLES - 1)
-    outer = ref_variance[:, :, None] * ref_variance[:, None, :]
-    cov_bound = K_SIGMA * np.sqrt((outer + ref.cov**2) / n_eff) + cov_atol
+    cov_bound = K_SIGMA * np.sqrt(ref.cov_estimator_variance() / n_eff) + cov_atol
     cov_error = np.abs(cov_hat - ref.cov)
     assert np.all(cov_error <= cov_bound), (
         f"sample covariance off by up to {np.max(cov_error / cov_bound):.2f} x its bound"

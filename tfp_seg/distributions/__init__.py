@@ -28,6 +28,8 @@ low_rank    LowRankLogitsDistribution, low_rank_logits, sample_low_rank
 diagonal    diagonal_logits, sample_diagonal           (independent normal logits)
 noise       standard_normal                            (Box-Muller, export-safe)
 planar      sample_low_rank_labels, low_rank_mean_probabilities   (class-planar samplers)
+mixture     MixtureLowRankLogitsDistribution, mixture_low_rank_logits, sample_mixture_low_rank,
+            mixture_components                 (K low-rank components, image-level weights)
 readouts    argmax_classes, mean_softmax, prefers_planar_sampling
 ```
 
@@ -44,6 +46,12 @@ from tfp_seg.distributions.low_rank import (
     LowRankLogitsDistribution,
     low_rank_logits,
     sample_low_rank,
+)
+from tfp_seg.distributions.mixture import (
+    MixtureLowRankLogitsDistribution,
+    mixture_components,
+    mixture_low_rank_logits,
+    sample_mixture_low_rank,
 )
 from tfp_seg.distributions.noise import standard_normal
 from tfp_seg.distributions.planar import low_rank_mean_probabilities, sample_low_rank_labels
@@ -62,4 +70,8 @@ __all__ = [
     "mean_softmax",
     "prefers_planar_sampling",
     "check_num_samples",
+    "MixtureLowRankLogitsDistribution",
+    "mixture_low_rank_logits",
+    "sample_mixture_low_rank",
+    "mixture_components",
 ]

@@ -7,6 +7,7 @@ from tfp_seg.models.backbones import (
     from_keras_cv,
     from_keras_hub,
 )
+from tfp_seg.models.ensembles import EnsembleSegmenter
 from tfp_seg.models.prob_unet import ProbabilisticUNet
 from tfp_seg.models.segmenter import ProbabilisticSegmenter
 from tfp_seg.models.unet import UNet
@@ -23,4 +24,5 @@ __all__ = [
     "BACKBONE_NAMES",
     "MCDropout",
     "DeepEnsemble",
+    "EnsembleSegmenter",
 ]

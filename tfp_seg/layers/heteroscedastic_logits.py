@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -53,6 +55,19 @@ class HeteroscedasticBiasInitializer(keras.initializers.Initializer):
         }
 
 
+def _check_temperature(temperature) -> float:
+    """`temperature` as a finite float > 0 (Python / NumPy real, not bool), else `ValueError`."""
+    real = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(
+        temperature, (bool, np.bool_)
+    )
+    if not real or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"`temperature` must be a finite float > 0 (the softmax temperature tau); "
+            f"got {temperature!r}."
+        )
+    return float(temperature)
+
+
 @keras.saving.register_keras_serializable(package="tfp_seg")
 class HeteroscedasticLogits(DistributionHead):
     """Per-pixel normal logits: aleatoric noise independent across pixels.
@@ -65,8 +80,22 @@ class HeteroscedasticLogits(DistributionHead):
     K = 0 (Kendall & Gal 2017):    u_i ~ N(mu_i, diag(sigma_i^2))
     K > 0 (Collier et al. 2021):   u_i ~ N(mu_i, V_i V_i^T + diag(sigma_i^2))  (over classes)
     sample: u_i = mu_i + V_i z_i + sigma_i * eps_i,  z_i ~ N(0, I_K), eps_i ~ N(0, I_C)
-    p(y_i | x) = E_u[ softmax(u_i)[y_i] ]   independently for every pixel i
+    logits: eta_i = u_i / tau                          (softmax temperature tau > 0)
+    p(y_i | x) = E_u[ softmax(u_i / tau)[y_i] ]   independently for every pixel i
     ```
+
+    **Temperature** (Collier et al. 2021, Sec. 3): the packed parameters describe latent
+    utilities `u`; the head's logits are `eta = u / tau`, so every softmax of the head's samples
+    is the tempered `softmax(u / tau)`. `distribution`, `sample_logits`, `mean_logits`,
+    `covariance_parts` and `scale` describe `eta` (mean `mu / tau`, covariance
+    `Sigma / tau^2`); the parameter interface (`split_params`, `pack_params`, `diag_from_raw`,
+    `raw_from_diag`) stays in the space of `u`, so the controls of `tfp_seg.calibration`
+    (which rescale `u`) commute with `tau`. The losses (`HeteroscedasticNLL`, through
+    `sample_logits`), `mean_probabilities`, the evaluation and the exported signatures all see
+    the tempered logits. Limits: `tau -> 0` turns `softmax(u / tau)` into the one-hot arg max of
+    `u` (the latent-utility model `y = argmax u` that the tempered softmax smooths); large
+    `tau` makes it uniform, `1 / C`. Label samples are `argmax eta = argmax u`, the same for
+    every `tau` (the `tau -> 0` model). `tau = 1` (the default) leaves every output as it was.
 
     Pixels are independent (unlike `LowRankLogits`, whose covariance couples all pixels);
     `K = low_rank_classes > 0` adds a per-pixel low-rank covariance between classes. The
@@ -82,6 +111,8 @@ class HeteroscedasticLogits(DistributionHead):
       num_classes: C.
       low_rank_classes: K >= 0, rank of the per-pixel class covariance factor (0: diagonal).
       antithetic: default for `sample_logits` and the loss: mirrored pairs `mu +/- noise`.
+      temperature: the softmax temperature `tau`, a finite float > 0 (default 1.0); the head's
+        logits are `u / tau`.
       kernel_size, kernel_initializer, validate_args: see `DistributionHead`.
 
     #### Examples
@@ -112,6 +143,7 @@ class HeteroscedasticLogits(DistributionHead):
         kernel_size: int = 1,
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
+        temperature: float = 1.0,
         **kwargs,
     ):
         super().__init__(
@@ -123,10 +155,12 @@ class HeteroscedasticLogits(DistributionHead):
         )
         self.low_rank_classes = _checks.positive_int(low_rank_classes, "low_rank_classes", 0)
         self.antithetic = bool(antithetic)
+        self.temperature = _check_temperature(temperature)
         self.projection = self._make_projection()
 
     @staticmethod
     def params_size_for(num_classes: int, low_rank_classes: int = 0) -> int:
+        """Parameter channels per pixel: `C * (2 + K)` (mean, log-variance, factor)."""
         return num_classes * (2 + low_rank_classes)
 
     @property
@@ -183,15 +217,33 @@ class HeteroscedasticLogits(DistributionHead):
         """Inverse of `diag_from_raw` on its range: `log sigma^2`."""
         return tf.math.log(tf.maximum(variance, 1e-30))
 
+    def _tempered(self, x, power: int = 1):
+        """`x / tau^power` (`x` itself at `tau = 1`, so the default changes no bit)."""
+        if self.temperature == 1.0:
+            return x
+        return x / tf.constant(self.temperature**power, x.dtype)
+
     def covariance_parts(self, params):
-        """`(loc, cov_factor [B,H,W,C,K], variance [B,H,W,C])`."""
+        """`(loc, cov_factor [B,H,W,C,K], variance [B,H,W,C])` of the logits `u / tau`:
+        `(mu / tau, V / tau, sigma^2 / tau^2)`."""
         loc, log_variance, factor = self.split_params(params)
-        return loc, factor, self.diag_from_raw(log_variance)
+        return (
+            self._tempered(loc),
+            self._tempered(factor),
+            self._tempered(self.diag_from_raw(log_variance), 2),
+        )
 
     def scale(self, params):
-        """Per-class standard deviations `sigma` `[B, H, W, C]` (diagonal part only)."""
+        """Per-class standard deviations `sigma / tau` `[B, H, W, C]` of the logits (diagonal
+        part only)."""
         _, log_variance, _ = self.split_params(params)
-        return tf.exp(0.5 * tf.clip_by_value(log_variance, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
+        return self._tempered(
+            tf.exp(0.5 * tf.clip_by_value(log_variance, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
+        )
+
+    def mean_logits(self, params) -> tf.Tensor:
+        """The mean of the logits distribution, `mu / tau` `[B, H, W, C]`."""
+        return self._tempered(super().mean_logits(params))
 
     # --- distribution interface ---------------------------------------------------------------
     def distribution(self, params):
@@ -215,7 +267,8 @@ class HeteroscedasticLogits(DistributionHead):
         antithetic: Optional[bool] = None,
         noise=None,
     ):
-        """Samples `[N, B, H, W, C]`: `mu + V z + sigma * eps` in plain (export-safe) ops.
+        """Samples `[N, B, H, W, C]`: `(mu + V z + sigma * eps) / tau` in plain (export-safe)
+        ops.
 
         Args:
           params: `[B, H, W, params_size]`.
@@ -229,8 +282,10 @@ class HeteroscedasticLogits(DistributionHead):
         loc, log_variance, factor = self.split_params(params)
         scale = tf.exp(0.5 * tf.clip_by_value(log_variance, LOG_VARIANCE_MIN, LOG_VARIANCE_MAX))
         if not self.low_rank_classes:
-            return dists.sample_diagonal(
-                loc, scale, num_samples, seed=seed, antithetic=antithetic, noise=noise
+            return self._tempered(
+                dists.sample_diagonal(
+                    loc, scale, num_samples, seed=seed, antithetic=antithetic, noise=noise
+                )
             )
         num_samples = _checks.check_num_samples(num_samples, antithetic)
         n = num_samples // 2 if antithetic else num_samples
@@ -251,25 +306,31 @@ class HeteroscedasticLogits(DistributionHead):
         deviation = tf.einsum("bhwck,nbhwk->nbhwc", factor, z) + scale[tf.newaxis] * eps
         if antithetic:
             deviation = tf.concat([deviation, -deviation], axis=0)
-        return loc[tf.newaxis] + deviation
+        return self._tempered(loc[tf.newaxis] + deviation)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
         """Label maps `[N, B, H, W]` distributed as `argmax` of logit samples. Without class
         factors and up to 8 classes they are drawn from the C - 1 logit differences
         (`tfp_seg.distributions.sample_low_rank_labels`), which is cheaper than the arg max of
-        `sample_logits` but not the same draws for the same seed."""
+        `sample_logits` but not the same draws for the same seed. The temperature does not
+        change them: `argmax(u / tau) = argmax(u)`."""
         if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):
             return super().sample_labels(params, num_samples, seed=seed, antithetic=antithetic)
         antithetic = self.antithetic if antithetic is None else bool(antithetic)
-        loc, _, variance = self.covariance_parts(params)
+        loc, log_variance, _ = self.split_params(params)  # of u: the same maps for every tau
         return dists.sample_low_rank_labels(
-            loc, None, variance, num_samples, seed=seed, antithetic=antithetic
+            loc,
+            None,
+            self.diag_from_raw(log_variance),
+            num_samples,
+            seed=seed,
+            antithetic=antithetic,
         )
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
-        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
-        pairs when the head's default is antithetic and `num_samples` is even; on class planes
-        without class factors and up to 8 classes."""
+        """Monte Carlo predictive probabilities `E[softmax(u / tau)]`, `[B, H, W, C]`:
+        antithetic pairs when the head's default is antithetic and `num_samples` is even; on
+        class planes without class factors and up to 8 classes."""
         if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):
             return super().mean_probabilities(params, num_samples, seed=seed)
         num_samples, antithetic = self.mean_sampling(num_samples)
@@ -284,6 +345,7 @@ class HeteroscedasticLogits(DistributionHead):
             {
                 "low_rank_classes": self.low_rank_classes,
                 "antithetic": self.antithetic,
+                "temperature": self.temperature,
             }
         )
         return config

@@ -1,33 +1,24 @@
-"""Post-hoc calibration and control of the logits distribution of a trained model.
-
-- `TemperatureScaling` (Guo et al., 2017): one temperature `T`, fitted on validation logits
-  (`fit`) or on Monte Carlo predictive probabilities of logit samples (`fit_samples`), and the
-  packed head parameters of the calibrated distribution (`scale_params`).
-- Control of a low-rank (SSN) or heteroscedastic logits distribution after inference:
-  `scale_class_covariance` (per class) and `with_temperature` (whole covariance) return new
-  packed parameters (Monteiro et al., 2020, Sec. 5).
-
-These work on logits and head parameters, so they sit above the models in the package's
-layering (DESIGN section 4); `tfp_seg.uncertainty` keeps compatibility aliases of them.
+"""`TemperatureScaling` (Guo et al., 2017): post-hoc temperature scaling of logits, fitted on
+validation logits or on Monte Carlo predictive probabilities of logit samples.
 
 #### References
 
 [1] Guo et al. On Calibration of Modern Neural Networks. ICML 2017.
-[2] Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 from scipy import optimize, special
 
 from tfp_seg import protocols
+from tfp_seg.calibration.sample_control import _check_head, _control_components, with_temperature
 
-__all__ = ["TemperatureScaling", "scale_class_covariance", "with_temperature"]
+__all__ = ["TemperatureScaling"]
 
 
 # ================================================================================================
@@ -115,6 +106,7 @@ class TemperatureScaling:
 
     @property
     def fitted(self) -> bool:
+        """Whether a temperature has been fitted (`fit` or `fit_samples`)."""
         return self._temperature is not None
 
     def _search(self, objective) -> "TemperatureScaling":
@@ -173,10 +165,16 @@ class TemperatureScaling:
     def scale_params(self, params, head) -> tf.Tensor:
         """Packed head parameters whose logit samples are the original samples divided by T.
 
-        Low-rank / heteroscedastic heads: mean `mu / T`, covariance `/ T^2`. Heads whose params
-        are the logits (`CategoricalLogits`): `params / T`.
+        Low-rank / heteroscedastic heads: mean `mu / T`, covariance `/ T^2`; a mixture head
+        (`MixtureLowRankLogits`): the same for every component, weights unchanged. Heads whose
+        params are the logits (`CategoricalLogits`): `params / T`.
         """
         t = self.temperature
+        if isinstance(head, protocols.MixtureHead):
+            _check_head(head)
+            k, c = head.num_components, head.num_classes
+            ones = np.ones((k, c))
+            return _control_components(params, head, ones / t, ones / t**2, ones / t)
         if isinstance(head, protocols.CovarianceHead):
             loc, raw, factor = head.split_params(params)
             rescaled = head.pack_params(loc / t, raw, factor)
@@ -191,100 +189,3 @@ class TemperatureScaling:
 
     def __repr__(self):
         return f"TemperatureScaling(temperature={self.temperature:.4g}, fitted={self.fitted})"
-
-
-# ================================================================================================
-# Control of low-rank (SSN) samples
-# ================================================================================================
-def _check_head(head):
-    if not isinstance(head, protocols.CovarianceHead):
-        raise ValueError(
-            "`head` must be a covariance head (tfp_seg.protocols.CovarianceHead: a "
-            "tfp_seg.layers.LowRankLogits or HeteroscedasticLogits); got "
-            f"{type(head).__name__}."
-        )
-
-
-def _class_scale_vector(class_scales, num_classes: int) -> np.ndarray:
-    if isinstance(class_scales, Mapping):
-        scales = np.ones(num_classes)
-        for key, value in class_scales.items():
-            if isinstance(key, bool) or not isinstance(key, (int, np.integer)):
-                raise ValueError(f"`class_scales` keys must be class ids; got {key!r}.")
-            if not 0 <= key < num_classes:
-                raise ValueError(
-                    f"`class_scales` key {key} is outside [0, {num_classes}) (num_classes)."
-                )
-            scales[int(key)] = float(value)
-    else:
-        try:
-            scales = np.asarray(class_scales, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"`class_scales` must be {num_classes} numbers or a {{class: scale}} dict; "
-                f"got {class_scales!r}."
-            ) from None
-        if scales.shape != (num_classes,):
-            raise ValueError(
-                f"`class_scales` must have one entry per class ({num_classes}); "
-                f"got shape {scales.shape}."
-            )
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise ValueError(f"`class_scales` must be finite and >= 0; got {scales.tolist()}.")
-    return scales
-
-
-def scale_class_covariance(params, head, class_scales) -> tf.Tensor:
-    """New packed params whose logit covariance is rescaled per class (SSN sample control).
-
-    ```none
-    P'[.., c, :] = s_c P[.., c, :]        D'_c = s_c^2 D_c
-    Sigma' = S Sigma S,  S = diag(s_class(k))   block (c, c) x s_c^2, block (c, c') x s_c s_c'
-    ```
-
-    The mean is unchanged. Larger `s_c` makes class `c`'s logit vary more across samples, so
-    its sampled area grows where it is not already the mean's argmax (and shrinks where it is).
-    The diagonal `D` includes the head's `epsilon`; the new diagonal is floored at `epsilon`
-    (a scale that would bring `D'_c` below it leaves `D'_c = epsilon`).
-
-    Args:
-      params: packed `LowRankLogits` (or `HeteroscedasticLogits`) params `[B, H, W, P]`.
-      head: the head that produced `params` (its configuration only).
-      class_scales: `C` non-negative scales, or a dict `{class_id: scale}` (others 1).
-
-    Returns:
-      float32 `[B, H, W, P]` packed params.
-    """
-    _check_head(head)
-    scales = _class_scale_vector(class_scales, head.num_classes)
-    loc, raw, factor = head.split_params(params)
-    s = tf.constant(scales, tf.float32)
-    diag = head.diag_from_raw(raw) * tf.square(s)
-    return head.pack_params(loc, head.raw_from_diag(diag), factor * s[:, tf.newaxis])
-
-
-def with_temperature(params, head, t: float) -> tf.Tensor:
-    """New packed params whose whole logit covariance is multiplied by `t` (mean unchanged).
-
-    ```none
-    P' = sqrt(t) P,   D' = t D    =>   Sigma' = t Sigma
-    ```
-
-    `t > 1` diversifies samples, `t < 1` concentrates them (`D'` is floored at the head's
-    `epsilon`). Not the calibration temperature of `TemperatureScaling`, which divides logits.
-
-    Args:
-      params: packed `LowRankLogits` (or `HeteroscedasticLogits`) params `[B, H, W, P]`.
-      head: the head that produced `params`.
-      t: finite, > 0.
-    """
-    _check_head(head)
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise ValueError(f"`t` must be a positive number; got {t!r}.") from None
-    if not (math.isfinite(t) and t > 0):
-        raise ValueError(f"`t` must be finite and > 0; got {t!r}.")
-    loc, raw, factor = head.split_params(params)
-    diag = head.diag_from_raw(raw) * t
-    return head.pack_params(loc, head.raw_from_diag(diag), factor * math.sqrt(t))

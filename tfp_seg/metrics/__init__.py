@@ -28,11 +28,15 @@ Conventions (shared with the rest of `tfp_seg`):
 Modules, by family (the names are all importable from `tfp_seg.metrics`):
 
 * `sets`: `iou_distance`, `pairwise_iou_distance`, `generalized_energy_distance`, `diversity`,
-  `hungarian_matched_iou`.
+  `hungarian_matched_iou`; each takes `ignore_label` / `mask`: one set of valid pixels per
+  image, shared by every pair of maps compared.
 * `segmentation`: `confusion_matrix`, `per_class_iou`, `mean_iou`, `pixel_accuracy`.
 * `calibration`: `expected_calibration_error(_soft)`, `reliability_diagram_data`,
   `negative_log_likelihood`, `brier_score`.
 * `ood`: `ood_scores`.
+* `selective`: `risk_coverage_curve`, `aurc`, `e_aurc`, `augrc`, `selective_scores`,
+  `risk_at_coverage`, `coverage_at_risk`, and their inputs at the pixel and image level
+  (`pixel_confidence_errors`, `image_confidence_risks`).
 * `streaming`: the Keras metrics and `bind_head`.
 """
 
@@ -45,6 +49,17 @@ from tfp_seg.metrics.calibration import (
 )
 from tfp_seg.metrics.ood import ood_scores
 from tfp_seg.metrics.segmentation import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
+from tfp_seg.metrics.selective import (
+    augrc,
+    aurc,
+    coverage_at_risk,
+    e_aurc,
+    image_confidence_risks,
+    pixel_confidence_errors,
+    risk_at_coverage,
+    risk_coverage_curve,
+    selective_scores,
+)
 from tfp_seg.metrics.sets import (
     diversity,
     generalized_energy_distance,
@@ -65,14 +80,19 @@ __all__ = [
     "StreamingECE",
     "StreamingMeanIoU",
     "StreamingNLL",
+    "augrc",
+    "aurc",
     "bind_head",
     "brier_score",
     "confusion_matrix",
+    "coverage_at_risk",
     "diversity",
+    "e_aurc",
     "expected_calibration_error",
     "expected_calibration_error_soft",
     "generalized_energy_distance",
     "hungarian_matched_iou",
+    "image_confidence_risks",
     "iou_distance",
     "mean_iou",
     "negative_log_likelihood",
@@ -80,5 +100,9 @@ __all__ = [
     "pairwise_iou_distance",
     "per_class_iou",
     "pixel_accuracy",
+    "pixel_confidence_errors",
     "reliability_diagram_data",
+    "risk_at_coverage",
+    "risk_coverage_curve",
+    "selective_scores",
 ]

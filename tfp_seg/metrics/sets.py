@@ -5,12 +5,31 @@ Set metrics take one image as `samples [N,H,W]`, `references [K,H,W]`, or a batc
 `[B,N,H,W]` / `[B,K,H,W]` and average over `B`. The set distance is `d(a, b) = 1 - IoU` over the
 foreground classes `1..C-1`, averaged over the classes present in `a` or `b`; two masks without
 any foreground have `d = 0` (Kohl et al., 2018; Monteiro et al., 2020).
+
+Unlabelled pixels (`ignore_label`, `mask`): every function takes an optional `ignore_label` (an
+int outside the class range `[0, C)`, e.g. 255) and an optional boolean `mask` of valid pixels.
+They define ONE set of valid pixels per image, shared by every map of the image and every pair
+of maps compared (sample-reference, sample-sample, reference-reference):
+
+```none
+valid(p) = mask(p)  and  no map of the image (sample or reference) has label ignore_label at p
+```
+
+Every distance of the image is then the IoU distance of the maps restricted to their valid
+pixels (the conventions above apply there: a class is averaged if it occurs in a valid pixel of
+either map). A model's samples hold labels in `[0, C)`, so in practice the ignored pixels are
+those an annotator left unlabelled; to restrict the samples' own diversity to the annotators'
+valid region, pass it as `mask`. One region for all pairs keeps `D_GED^2` a comparison of two
+distributions of label maps on the same pixels, and identical sets at distance 0. This is what
+the Probabilistic U-Net's Cityscapes evaluation does (one ignore mask per image, from the
+ground truth's void pixels, applied to all three distance matrices of the energy distance).
+An image without any valid pixel is an error.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Literal, Optional, Union, overload
 
 import numpy as np
 import scipy.optimize
@@ -18,6 +37,13 @@ import scipy.optimize
 from tfp_seg import _checks
 from tfp_seg.metrics import _common
 from tfp_seg.metrics._common import ArrayLike
+from tfp_seg.metrics._set_inputs import (
+    check_ignore,
+    check_label_sets,
+    check_set_weights,
+    restrict,
+    valid_pixels,
+)
 
 __all__ = [
     "diversity",
@@ -26,71 +52,6 @@ __all__ = [
     "iou_distance",
     "pairwise_iou_distance",
 ]
-
-
-# ================================================================================================
-# Input validation of sets
-# ================================================================================================
-
-
-def _check_label_sets(
-    samples: Any, references: Any, num_classes: int
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """Validates `samples`/`references`; returns them flattened to [B,N,P], [B,K,P]."""
-    s = _common.check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
-    r = _common.check_int_labels(references, "references", num_classes, "[K,H,W] or [B,K,H,W]")
-    for name, arr, form in (
-        ("samples", s, "[N,H,W] or [B,N,H,W]"),
-        ("references", r, "[K,H,W] or [B,K,H,W]"),
-    ):
-        if arr.ndim not in (3, 4):
-            raise ValueError(
-                f"`{name}` must have rank 3 or 4 ({form}); got {_common.describe(arr)}."
-            )
-    if s.ndim != r.ndim:
-        raise ValueError(
-            "`samples` and `references` must both be single images ([N,H,W] / [K,H,W]) or both "
-            f"batches ([B,N,H,W] / [B,K,H,W]); got samples {_common.describe(s)} and references "
-            f"{_common.describe(r)}."
-        )
-    batched = s.ndim == 4
-    if not batched:
-        s, r = s[None], r[None]
-    if s.shape[0] != r.shape[0]:
-        raise ValueError(
-            f"`samples` and `references` must have the same batch size B; got samples "
-            f"{_common.describe(s)} and references {_common.describe(r)}."
-        )
-    if s.shape[2:] != r.shape[2:]:
-        raise ValueError(
-            f"`samples` and `references` must have the same spatial shape [H,W]; got samples "
-            f"{_common.describe(s)} and references {_common.describe(r)}."
-        )
-    b = s.shape[0]
-    return s.reshape(b, s.shape[1], -1), r.reshape(b, r.shape[1], -1), batched
-
-
-def _check_set_weights(weights: Any, name: str, batch: int, size: int, batched: bool) -> np.ndarray:
-    """Returns weights as [B, size] float64 (uniform when None)."""
-    if weights is None:
-        return np.full((batch, size), 1.0 / size)
-    w = _common.as_array(weights, name)
-    form = f"[{size}] or [B, {size}] with B={batch}" if batched else f"[{size}]"
-    if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
-        raise ValueError(f"`{name}` must be a real array ({form}); got {_common.describe(w)}.")
-    w = w.astype(np.float64)
-    if w.shape == (size,):
-        w = np.broadcast_to(w, (batch, size))
-    elif not (batched and w.shape == (batch, size)):
-        raise ValueError(f"`{name}` must have shape {form}; got {_common.describe(w)}.")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"`{name}` must be finite and non-negative; got {w.tolist()}.")
-    sums = w.sum(axis=-1)
-    if np.any(np.abs(sums - 1.0) > 1e-5):
-        raise ValueError(
-            f"`{name}` must sum to 1 (per image); got sums {np.round(sums, 6).tolist()}."
-        )
-    return w / sums[:, None]
 
 
 # ================================================================================================
@@ -107,7 +68,7 @@ def _pairwise_distance(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.nda
     present = np.zeros((n, k))
     for c in range(1, num_classes):  # loop over classes only; every pair at once per class
         xc = (x == c).astype(dtype)
-        yc = (y == c).astype(dtype)
+        yc = xc if y is x else (y == c).astype(dtype)  # within one set: one indicator
         inter = (xc @ yc.T).astype(np.float64)
         union = xc.sum(axis=1, dtype=np.float64)[:, None] + yc.sum(axis=1, dtype=np.float64)
         union = union - inter
@@ -117,22 +78,33 @@ def _pairwise_distance(x: np.ndarray, y: np.ndarray, num_classes: int) -> np.nda
     return np.where(present > 0, 1.0 - iou_sum / np.maximum(present, 1.0), 0.0)
 
 
-def iou_distance(a: ArrayLike, b: ArrayLike, num_classes: int) -> float:
+def iou_distance(
+    a: ArrayLike,
+    b: ArrayLike,
+    num_classes: int,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> float:
     """IoU distance `1 - IoU` between two label maps, over the foreground classes.
 
     Args:
       a: Integer label map, shape `[H, W]` (any non-empty shape is accepted, e.g. `[D,H,W]`).
       b: Integer label map of the same shape as `a`.
       num_classes: Number of classes `C` (labels in `[0, C)`; class 0 is background).
+      ignore_label: Optional label of unlabelled pixels, outside `[0, C)` (e.g. 255): a pixel
+        where `a` or `b` has it is left out (see the module docstring).
+      mask: Optional boolean map of valid pixels, the shape of `a`.
 
     Returns:
       The distance as a Python float in `[0, 1]`.
 
     #### Mathematical Details
 
+    Over the valid pixels `V` (all pixels without `ignore_label` and `mask`):
+
     ```none
-    IoU_c(a, b) = |{a = c} ∩ {b = c}| / |{a = c} ∪ {b = c}|
-    P(a, b)     = {c in 1..C-1 : c occurs in a or in b}
+    IoU_c(a, b) = |{a = c} ∩ {b = c} ∩ V| / |({a = c} ∪ {b = c}) ∩ V|
+    P(a, b)     = {c in 1..C-1 : c occurs in a or in b (in V)}
     d(a, b)     = 1 - (1 / |P|) sum_{c in P} IoU_c(a, b)      if P is not empty
                 = 0                                          if neither map has foreground
     ```
@@ -143,8 +115,9 @@ def iou_distance(a: ArrayLike, b: ArrayLike, num_classes: int) -> float:
          NeurIPS 2018. https://arxiv.org/abs/1806.05034
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    a_arr = _common.check_int_labels(a, "a", num_classes, "[H,W] label map")
-    b_arr = _common.check_int_labels(b, "b", num_classes, "[H,W] label map")
+    ignore_label = check_ignore(ignore_label, num_classes)
+    a_arr = _common.check_int_labels(a, "a", num_classes, "[H,W] label map", ignore_label)
+    b_arr = _common.check_int_labels(b, "b", num_classes, "[H,W] label map", ignore_label)
     if a_arr.ndim < 1:
         raise ValueError(
             f"`a` must be a label map of rank >= 1 ([H,W]); got {_common.describe(a_arr)}."
@@ -154,10 +127,19 @@ def iou_distance(a: ArrayLike, b: ArrayLike, num_classes: int) -> float:
             f"`a` and `b` must have the same shape; got a {_common.describe(a_arr)} and "
             f"b {_common.describe(b_arr)}."
         )
-    return float(_pairwise_distance(a_arr.reshape(1, -1), b_arr.reshape(1, -1), num_classes)[0, 0])
+    x, y = a_arr.reshape(1, 1, -1), b_arr.reshape(1, 1, -1)
+    keep = valid_pixels((a_arr[None, None], b_arr[None, None]), ignore_label, mask, False)
+    x, y = restrict(x, keep, 0), restrict(y, keep, 0)
+    return float(_pairwise_distance(x, y, num_classes)[0, 0])
 
 
-def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.ndarray:
+def pairwise_iou_distance(
+    x: ArrayLike,
+    y: ArrayLike,
+    num_classes: int,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> np.ndarray:
     """Matrix of IoU distances between two sets of label maps.
 
     Vectorised over pairs: for every foreground class the intersections of all pairs come from
@@ -167,9 +149,13 @@ def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.nd
       x: Integer label maps, shape `[N, H, W]` (any spatial rank >= 1: `[N, ...]`).
       y: Integer label maps, shape `[K, H, W]` (same spatial shape as `x`).
       num_classes: Number of classes `C`.
+      ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
+        map of `x` or `y` has it is left out of every entry (one valid region for all pairs).
+      mask: Optional boolean map of valid pixels `[H, W]`, shared by all pairs.
 
     Returns:
-      float64 array `[N, K]` with entry `(n, k) = d(x[n], y[k])` (see `iou_distance`).
+      float64 array `[N, K]` with entry `(n, k) = d(x[n], y[k])` (see `iou_distance`), over
+      the valid pixels.
 
     #### Mathematical Details
 
@@ -180,8 +166,9 @@ def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.nd
     ```
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    x_arr = _common.check_int_labels(x, "x", num_classes, "[N,H,W]")
-    y_arr = _common.check_int_labels(y, "y", num_classes, "[K,H,W]")
+    ignore_label = check_ignore(ignore_label, num_classes)
+    x_arr = _common.check_int_labels(x, "x", num_classes, "[N,H,W]", ignore_label)
+    y_arr = _common.check_int_labels(y, "y", num_classes, "[K,H,W]", ignore_label)
     for name, arr, form in (("x", x_arr, "[N,H,W]"), ("y", y_arr, "[K,H,W]")):
         if arr.ndim < 2:
             raise ValueError(
@@ -193,14 +180,55 @@ def pairwise_iou_distance(x: ArrayLike, y: ArrayLike, num_classes: int) -> np.nd
             f"`x` and `y` must have the same spatial shape; got x {_common.describe(x_arr)} and "
             f"y {_common.describe(y_arr)}."
         )
-    return _pairwise_distance(
-        x_arr.reshape(x_arr.shape[0], -1), y_arr.reshape(y_arr.shape[0], -1), num_classes
-    )
+    keep = valid_pixels((x_arr[None], y_arr[None]), ignore_label, mask, False)
+    xs = restrict(x_arr.reshape(1, x_arr.shape[0], -1), keep, 0)
+    ys = restrict(y_arr.reshape(1, y_arr.shape[0], -1), keep, 0)
+    return _pairwise_distance(xs, ys, num_classes)
 
 
 # ================================================================================================
 # Set metrics: GED, diversity, Hungarian-matched IoU
 # ================================================================================================
+
+
+@overload
+def generalized_energy_distance(
+    samples: ArrayLike,
+    references: ArrayLike,
+    num_classes: int,
+    reference_weights: Optional[ArrayLike] = None,
+    sample_weights: Optional[ArrayLike] = None,
+    return_terms: Literal[False] = False,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> float: ...
+
+
+@overload
+def generalized_energy_distance(
+    samples: ArrayLike,
+    references: ArrayLike,
+    num_classes: int,
+    reference_weights: Optional[ArrayLike] = None,
+    sample_weights: Optional[ArrayLike] = None,
+    *,
+    return_terms: Literal[True],
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> dict[str, float]: ...
+
+
+@overload
+def generalized_energy_distance(
+    samples: ArrayLike,
+    references: ArrayLike,
+    num_classes: int,
+    reference_weights: Optional[ArrayLike] = None,
+    sample_weights: Optional[ArrayLike] = None,
+    return_terms: bool = False,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> Union[float, dict[str, float]]: ...
 
 
 def generalized_energy_distance(
@@ -210,6 +238,8 @@ def generalized_energy_distance(
     reference_weights: Optional[ArrayLike] = None,
     sample_weights: Optional[ArrayLike] = None,
     return_terms: bool = False,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
 ) -> Union[float, dict[str, float]]:
     """Squared generalized energy distance `D_GED^2` between sampled and reference label maps.
 
@@ -225,6 +255,10 @@ def generalized_energy_distance(
         `tfp_seg.data.ambiguous_shapes`), and its expectations are weighted. Default: uniform.
       sample_weights: Optional weights of the samples, `[N]` or `[B, N]`, same rules.
       return_terms: If True return a dict with the three terms as well.
+      ignore_label: Optional label of unlabelled pixels, outside `[0, C)` (e.g. 255): a pixel
+        where any map of the image (in practice, any reference) has it is left out of all
+        three terms (see the module docstring).
+      mask: Optional boolean valid pixels, `[H, W]` (shared by the batch) or `[B, H, W]`.
 
     Returns:
       `D_GED^2` averaged over the batch as a float, or (if `return_terms`) a dict
@@ -252,7 +286,9 @@ def generalized_energy_distance(
     V-statistic is biased: for `N` i.i.d. samples `E[u^T D_SS u] = (N - 1) / N E[d(S, S')]`
     (the `N` self-pairs have `d = 0`), so even a perfect sampler scores `E[d(S, S')] / N` on
     average. `tfp_seg.evaluation.evaluate_ambiguous`, whose reference side is exact, uses the
-    unbiased U-statistic over pairs of distinct samples instead.
+    unbiased U-statistic over pairs of distinct samples instead; against raters
+    (`tfp_seg.evaluation.evaluate_annotations`) this V-statistic is reported, as in the
+    published LIDC tables (Kohl et al., 2018; Baumgartner et al., 2019; Monteiro et al., 2020).
 
     #### Examples
 
@@ -273,18 +309,19 @@ def generalized_energy_distance(
          Aleatoric Uncertainty. NeurIPS 2020. https://arxiv.org/abs/2006.06015
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    s, r, batched = _check_label_sets(samples, references, num_classes)
+    s, r, batched, keep = check_label_sets(samples, references, num_classes, ignore_label, mask)
     batch = s.shape[0]
-    w_ref = _check_set_weights(reference_weights, "reference_weights", batch, r.shape[1], batched)
-    w_smp = _check_set_weights(sample_weights, "sample_weights", batch, s.shape[1], batched)
+    w_ref = check_set_weights(reference_weights, "reference_weights", batch, r.shape[1], batched)
+    w_smp = check_set_weights(sample_weights, "sample_weights", batch, s.shape[1], batched)
     cross = np.empty(batch)
     sample_div = np.empty(batch)
     reference_div = np.empty(batch)
     for i in range(batch):
         u, w = w_smp[i], w_ref[i]
-        cross[i] = u @ _pairwise_distance(s[i], r[i], num_classes) @ w
-        sample_div[i] = u @ _pairwise_distance(s[i], s[i], num_classes) @ u
-        reference_div[i] = w @ _pairwise_distance(r[i], r[i], num_classes) @ w
+        si, ri = restrict(s, keep, i), restrict(r, keep, i)
+        cross[i] = u @ _pairwise_distance(si, ri, num_classes) @ w
+        sample_div[i] = u @ _pairwise_distance(si, si, num_classes) @ u
+        reference_div[i] = w @ _pairwise_distance(ri, ri, num_classes) @ w
     ged = 2.0 * cross - sample_div - reference_div
     if not return_terms:
         return float(ged.mean())
@@ -296,12 +333,22 @@ def generalized_energy_distance(
     }
 
 
-def diversity(samples: ArrayLike, num_classes: int) -> float:
+def diversity(
+    samples: ArrayLike,
+    num_classes: int,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> float:
     """Mean pairwise IoU distance `E[d(S, S')]` within a set of label maps.
 
     Args:
       samples: Integer label maps, `[N, H, W]` for one image or `[B, N, H, W]` for a batch.
       num_classes: Number of classes `C`.
+      ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
+        map of the image's set has it is left out of every pair (for the diversity of a set
+        of annotations, e.g. `reference_diversity`).
+      mask: Optional boolean valid pixels, `[H, W]` or `[B, H, W]`: e.g. the annotators'
+        valid region, to measure a model's sample diversity where the references are defined.
 
     Returns:
       The sample diversity (the `E[d(S,S')]` term of `generalized_energy_distance`), averaged
@@ -319,24 +366,45 @@ def diversity(samples: ArrayLike, num_classes: int) -> float:
     reports as `diversity`.
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    s = _common.check_int_labels(samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]")
+    ignore_label = check_ignore(ignore_label, num_classes)
+    s = _common.check_int_labels(
+        samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]", ignore_label
+    )
     if s.ndim not in (3, 4):
         raise ValueError(
             f"`samples` must have rank 3 or 4 ([N,H,W] or [B,N,H,W]); got {_common.describe(s)}."
         )
-    if s.ndim == 3:
+    batched = s.ndim == 4
+    if not batched:
         s = s[None]
+    keep = valid_pixels((s,), ignore_label, mask, batched)
     s = s.reshape(s.shape[0], s.shape[1], -1)
-    return float(np.mean([_pairwise_distance(x, x, num_classes).mean() for x in s]))
+    return float(
+        np.mean(
+            [
+                _pairwise_distance(x, x, num_classes).mean()
+                for x in (restrict(s, keep, i) for i in range(s.shape[0]))
+            ]
+        )
+    )
 
 
-def hungarian_matched_iou(samples: ArrayLike, references: ArrayLike, num_classes: int) -> float:
+def hungarian_matched_iou(
+    samples: ArrayLike,
+    references: ArrayLike,
+    num_classes: int,
+    ignore_label: Optional[int] = None,
+    mask: Optional[ArrayLike] = None,
+) -> float:
     """Mean IoU of an optimal one-to-one matching between samples and references.
 
     Args:
       samples: Integer label maps, `[N, H, W]` or `[B, N, H, W]`.
       references: Integer label maps, `[K, H, W]` or `[B, K, H, W]`.
       num_classes: Number of classes `C`.
+      ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
+        map of the image (in practice, any reference) has it is left out of every IoU.
+      mask: Optional boolean valid pixels, `[H, W]` (shared by the batch) or `[B, H, W]`.
 
     Returns:
       The Hungarian-matched IoU averaged over the batch, a float in `[0, 1]`.
@@ -362,14 +430,15 @@ def hungarian_matched_iou(samples: ArrayLike, references: ArrayLike, num_classes
     [2]: Miguel Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    s, r, _ = _check_label_sets(samples, references, num_classes)
+    s, r, _, keep = check_label_sets(samples, references, num_classes, ignore_label, mask)
     n, k = s.shape[1], r.shape[1]
     size = math.lcm(n, k)
     rows = np.repeat(np.arange(n), size // n)
     cols = np.repeat(np.arange(k), size // k)
     scores = []
     for i in range(s.shape[0]):
-        cost = _pairwise_distance(s[i], r[i], num_classes)[np.ix_(rows, cols)]
+        cost = _pairwise_distance(restrict(s, keep, i), restrict(r, keep, i), num_classes)
+        cost = cost[np.ix_(rows, cols)]
         row_idx, col_idx = scipy.optimize.linear_sum_assignment(cost)
         scores.append(np.mean(1.0 - cost[row_idx, col_idx]))
     return float(np.mean(scores))

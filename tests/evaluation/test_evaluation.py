@@ -48,7 +48,8 @@ class ModeSampler:
     """A fake model: logit samples whose arg max is mode k of image i with probability v_k.
 
     `v = weights_fn(w)` for the true weights `w` of the image (`weights_fn=None`: v = w, a
-    perfect sampler). Only `sample_logits` is used by `evaluate_ambiguous`.
+    perfect sampler). Only `sample_logits` is used by `evaluate_ambiguous`, which is called
+    with `batch_size=None` (one batch): this fake draws all images in one call.
     """
 
     def __init__(self, data, weights_fn=None):
@@ -109,7 +110,7 @@ def _standard_error(values, expected):
 
 def test_perfect_sampler_matches_oracle(data):
     sampler = ModeSampler(data)
-    report = evaluate_ambiguous(sampler, data, num_samples=NUM_SAMPLES, seed=11)
+    report = evaluate_ambiguous(sampler, data, num_samples=NUM_SAMPLES, seed=11, batch_size=None)
     exact = _closed_form(sampler)
     np.testing.assert_allclose(exact["ged"], 0.0, atol=1e-12)
     cross, div_s = _per_image(sampler, NUM_SAMPLES, 11)
@@ -144,7 +145,7 @@ def test_perfect_sampler_matches_oracle(data):
 
 def test_wrong_mode_weights_give_closed_form_ged(data):
     sampler = ModeSampler(data, weights_fn=_tilted)
-    report = evaluate_ambiguous(sampler, data, num_samples=NUM_SAMPLES, seed=12)
+    report = evaluate_ambiguous(sampler, data, num_samples=NUM_SAMPLES, seed=12, batch_size=None)
     exact = _closed_form(sampler)
     cross, div_s = _per_image(sampler, NUM_SAMPLES, 12)
     ged = 2 * cross - div_s - exact["div_y"]
@@ -166,7 +167,9 @@ def test_wrong_mode_weights_give_closed_form_ged(data):
 
 
 def test_ged_terms_are_consistent(data):
-    report = evaluate_ambiguous(ModeSampler(data, _tilted), data, num_samples=3, seed=1)
+    report = evaluate_ambiguous(
+        ModeSampler(data, _tilted), data, num_samples=3, seed=1, batch_size=None
+    )
     assert report["ged"] == pytest.approx(
         2 * report["ged_cross"]
         - report["ged_sample_diversity"]
@@ -183,7 +186,7 @@ def test_deterministic_model_has_zero_diversity(data):
             first = np.stack([self.data.modes_of(i)[0][0] for i in range(len(self.data))])
             return np.repeat(first[None], num_samples, axis=0)
 
-    report = evaluate_ambiguous(Fixed(data), data, num_samples=2, seed=0)
+    report = evaluate_ambiguous(Fixed(data), data, num_samples=2, seed=0, batch_size=None)
     assert report["diversity"] == 0.0 and report["ged_sample_diversity"] == 0.0
     assert report["oracle_diversity"] > 0.1
 

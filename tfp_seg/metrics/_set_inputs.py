@@ -1,0 +1,128 @@
+"""Input validation of the set metrics (`tfp_seg.metrics.sets`): label sets, set weights, and
+the valid pixels of an image defined by `ignore_label` and `mask`."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from tfp_seg.metrics import _common
+
+
+def check_ignore(ignore_label: Any, num_classes: int) -> Optional[int]:
+    ignore_label = _common.check_ignore_label(ignore_label)
+    if ignore_label is not None and 0 <= ignore_label < num_classes:
+        raise ValueError(
+            f"`ignore_label` must lie outside the class range [0, {num_classes}) (e.g. 255): a "
+            f"class label {ignore_label} could not be told from an unlabelled pixel; got "
+            f"{ignore_label}."
+        )
+    return ignore_label
+
+
+def valid_pixels(
+    sets: tuple[np.ndarray, ...], ignore_label: Optional[int], mask: Any, batched: bool
+) -> Optional[np.ndarray]:
+    """The valid pixels `[B, P]` of sets of label maps `[B, n, *S]` (None: all pixels)."""
+    if ignore_label is None and mask is None:
+        return None
+    batch, spatial = sets[0].shape[0], tuple(sets[0].shape[2:])
+    keep = np.ones((batch, int(np.prod(spatial))), bool)
+    if mask is not None:
+        m = _common.as_array(mask, "mask")
+        shapes = [spatial] + ([(batch,) + spatial] if batched else [])
+        form = " or ".join(str(shape) for shape in shapes)
+        if m.dtype != np.bool_ or m.shape not in shapes:
+            raise ValueError(
+                f"`mask` must be a boolean array of valid pixels (True = valid), shape {form}; "
+                f"got {_common.describe(m)}."
+            )
+        keep &= m.reshape(-1 if m.shape == spatial else batch, keep.shape[1])
+    if ignore_label is not None:
+        for x in sets:
+            keep &= ~np.any(x.reshape(batch, x.shape[1], -1) == ignore_label, axis=1)
+    empty = np.flatnonzero(~keep.any(axis=1))
+    if empty.size:
+        where = f"image {int(empty[0])} of the batch" if batched else "the image"
+        causes = (["`mask` is False"] if mask is not None else []) + (
+            [f"some map has ignore_label={ignore_label}"] if ignore_label is not None else []
+        )
+        raise ValueError(f"{where} has no valid pixels: {' or '.join(causes)} at every pixel.")
+    return keep
+
+
+def restrict(x: np.ndarray, keep: Optional[np.ndarray], i: int) -> np.ndarray:
+    """Maps `x[i]` `[n, P]` at the valid pixels of image `i`."""
+    return x[i] if keep is None else x[i][:, keep[i]]
+
+
+def check_label_sets(
+    samples: Any,
+    references: Any,
+    num_classes: int,
+    ignore_label: Any = None,
+    mask: Any = None,
+) -> tuple[np.ndarray, np.ndarray, bool, Optional[np.ndarray]]:
+    """Validates `samples`/`references`; returns them flattened to [B,N,P], [B,K,P], whether
+    they were batched, and the valid pixels [B,P] (None: all)."""
+    ignore_label = check_ignore(ignore_label, num_classes)
+    s = _common.check_int_labels(
+        samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]", ignore_label
+    )
+    r = _common.check_int_labels(
+        references, "references", num_classes, "[K,H,W] or [B,K,H,W]", ignore_label
+    )
+    for name, arr, form in (
+        ("samples", s, "[N,H,W] or [B,N,H,W]"),
+        ("references", r, "[K,H,W] or [B,K,H,W]"),
+    ):
+        if arr.ndim not in (3, 4):
+            raise ValueError(
+                f"`{name}` must have rank 3 or 4 ({form}); got {_common.describe(arr)}."
+            )
+    if s.ndim != r.ndim:
+        raise ValueError(
+            "`samples` and `references` must both be single images ([N,H,W] / [K,H,W]) or both "
+            f"batches ([B,N,H,W] / [B,K,H,W]); got samples {_common.describe(s)} and references "
+            f"{_common.describe(r)}."
+        )
+    batched = s.ndim == 4
+    if not batched:
+        s, r = s[None], r[None]
+    if s.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"`samples` and `references` must have the same batch size B; got samples "
+            f"{_common.describe(s)} and references {_common.describe(r)}."
+        )
+    if s.shape[2:] != r.shape[2:]:
+        raise ValueError(
+            f"`samples` and `references` must have the same spatial shape [H,W]; got samples "
+            f"{_common.describe(s)} and references {_common.describe(r)}."
+        )
+    keep = valid_pixels((s, r), ignore_label, mask, batched)
+    b = s.shape[0]
+    return s.reshape(b, s.shape[1], -1), r.reshape(b, r.shape[1], -1), batched, keep
+
+
+def check_set_weights(weights: Any, name: str, batch: int, size: int, batched: bool) -> np.ndarray:
+    """Returns weights as [B, size] float64 (uniform when None)."""
+    if weights is None:
+        return np.full((batch, size), 1.0 / size)
+    w = _common.as_array(weights, name)
+    form = f"[{size}] or [B, {size}] with B={batch}" if batched else f"[{size}]"
+    if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+        raise ValueError(f"`{name}` must be a real array ({form}); got {_common.describe(w)}.")
+    w = w.astype(np.float64)
+    if w.shape == (size,):
+        w = np.broadcast_to(w, (batch, size))
+    elif not (batched and w.shape == (batch, size)):
+        raise ValueError(f"`{name}` must have shape {form}; got {_common.describe(w)}.")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"`{name}` must be finite and non-negative; got {w.tolist()}.")
+    sums = w.sum(axis=-1)
+    if np.any(np.abs(sums - 1.0) > 1e-5):
+        raise ValueError(
+            f"`{name}` must sum to 1 (per image); got sums {np.round(sums, 6).tolist()}."
+        )
+    return w / sums[:, None]

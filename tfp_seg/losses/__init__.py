@@ -1,6 +1,6 @@
 """Losses: negative log-likelihoods of the heads' distributions, usable in `model.compile`.
 
-Every loss takes label maps `y_true [B, H, W]` and the head's packed parameters `y_pred`, and
+Every loss takes labels `y_true` (below) and the head's packed parameters `y_pred`, and
 rebuilds the head's distribution (or samples from it) to score the labels. Losses know heads
 only through `tfp_seg.protocols` (`Head`, and the fused-path capability
 `PlanarLowRankLogits`).
@@ -14,14 +14,23 @@ base            HeadLoss, SampledHeadLoss, default_loss, register_default_loss
 pixelwise       mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood (kernels)
 monte_carlo     StochasticSegmentationNLL (SSN), SegmentationCrossEntropy
 heteroscedastic HeteroscedasticNLL
+mixture         MixtureNLL, mixture_nll_terms (mixture heads: logsumexp over components)
 elbo            ELBO, GECO (Probabilistic U-Net)
 chunked         sampled_nll_terms: Monte Carlo NLL terms in sample chunks, fused SSN path
+planar          the fused class-planar SSN kernels (sampling, label pick, hand-written VJP)
+targets         what y_true holds: label maps, label sets [B, K, H, W], soft labels
 ```
+
+`y_true` may be label maps `[B, H, W]`, label sets `[B, K, H, W]` (K raters of each image,
+scored under one shared set of samples; the loss is the mean over raters) or, for the
+per-pixel losses (`HeteroscedasticNLL`, `SegmentationCrossEntropy`), soft labels
+`[B, H, W, C]`; the joint losses (SSN, mixture) reject soft labels (`tfp_seg.losses.targets`).
 """
 
 from tfp_seg.losses.base import default_loss, register_default_loss
 from tfp_seg.losses.elbo import ELBO, GECO
 from tfp_seg.losses.heteroscedastic import HeteroscedasticNLL
+from tfp_seg.losses.mixture import MixtureNLL, mixture_nll_terms
 from tfp_seg.losses.monte_carlo import SegmentationCrossEntropy, StochasticSegmentationNLL
 from tfp_seg.losses.pixelwise import mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood
 
@@ -32,6 +41,8 @@ __all__ = [
     "StochasticSegmentationNLL",
     "SegmentationCrossEntropy",
     "HeteroscedasticNLL",
+    "MixtureNLL",
+    "mixture_nll_terms",
     "ELBO",
     "GECO",
     "default_loss",

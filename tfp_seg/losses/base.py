@@ -20,13 +20,12 @@ import keras
 import tensorflow as tf
 
 from tfp_seg import _checks, _registry, protocols
-from tfp_seg.losses import chunked, pixelwise
+from tfp_seg._registry import register_default_loss  # re-exported (an alias the docs follow)
+from tfp_seg.losses import chunked, pixelwise, targets
 
 __all__ = ["HeadLoss", "SampledHeadLoss", "default_loss", "register_default_loss"]
 
 _NORMALIZE = ("pixels", "none")
-
-register_default_loss = _registry.register_default_loss
 
 
 def default_loss(head: protocols.Head, **kwargs) -> keras.losses.Loss:
@@ -37,6 +36,7 @@ def default_loss(head: protocols.Head, **kwargs) -> keras.losses.Loss:
     "low_rank_normal_logits"          LowRankLogits         -> StochasticSegmentationNLL
     "heteroscedastic_normal_logits"   HeteroscedasticLogits -> HeteroscedasticNLL
     "categorical"                     CategoricalLogits     -> SegmentationCrossEntropy
+    "mixture_low_rank_normal_logits"  MixtureLowRankLogits  -> MixtureNLL
     ```
 
     Raises `ValueError` for an object that is not a `tfp_seg.protocols.Head` or whose
@@ -77,10 +77,23 @@ class HeadLoss(keras.losses.Loss):
         """The loss for `head`'s parameters (`default_loss`): here sized by its classes."""
         return cls(num_classes=head.num_classes, **kwargs)
 
-    def _normalize(self, nll, labels):
+    def _normalize(self, nll, labels, y_pred=None):
+        """`nll [B]` per scored pixel (`normalize="pixels"`) or unchanged (`"none"`).
+
+        The count is `targets.valid_pixel_count`: the non-ignored pixels of one label map;
+        for a label set `[B, K, H, W]` (told from labels by `y_pred`'s shape) those of each
+        rater's map averaged over the K raters, `n_b = (1/K) sum_k n_{b,k}`, so that
+        `nll_b / n_b = sum_k nll_{b,k} / sum_k n_{b,k}` with `nll_b` the mean over raters; for
+        soft labels all H*W pixels. At least 1 (an image with every pixel ignored adds 0).
+        """
         if self.normalize == "none":
             return nll
-        count = pixelwise.valid_pixel_count(labels, self.ignore_label)
+        if y_pred is None:
+            count = pixelwise.valid_pixel_count(labels, self.ignore_label)
+        else:
+            classes = self.num_classes or tf.TensorShape(y_pred.shape)[-1]
+            prepared = targets.prepare_targets(labels, y_pred, classes, validate_args=False)
+            count = targets.valid_pixel_count(prepared, self.ignore_label)
         return nll / tf.maximum(count, 1.0)
 
     def get_config(self):
@@ -144,7 +157,8 @@ class SampledHeadLoss(HeadLoss):
         return cls(head, **kwargs)
 
     def _nll_terms(self, y_true, y_pred):
-        """Joint and marginal Monte Carlo NLL `([B], [B])` (`chunked.sampled_nll_terms`)."""
+        """Joint and marginal Monte Carlo NLL `([B], [B])` (`chunked.sampled_nll_terms`): of
+        label maps, or the means over the raters of a label set (one shared set of samples)."""
         return chunked.sampled_nll_terms(
             self.head,
             y_true,
@@ -155,6 +169,7 @@ class SampledHeadLoss(HeadLoss):
             ignore_label=self.ignore_label,
             class_weights=self.class_weights,
             validate_args=self.validate_args,
+            name="y_true",
         )
 
     def get_config(self):

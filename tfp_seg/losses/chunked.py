@@ -2,14 +2,21 @@
 
 `StochasticSegmentationNLL` scores labels under `M` logit samples. Materialising all samples
 costs memory proportional to `M * B * H * W * C` (several such tensors are kept for the
-backward pass). With `chunk_size=K` the samples are drawn, scored and discarded `K` at a time
+backward pass). With `chunk_size=S` the samples are drawn, scored and discarded `S` at a time
 inside a `tf.while_loop`, and the two reductions over samples are carried online:
 
 ```none
 joint:     loglik[b, m] = sum_i w_i log p(y_i | eta_i^m)             ([B, M]: kept, tiny)
 marginal:  lse[b, i]    = logsumexp_m log p(y_i | eta_i^m)            (running max + sum)
-           chunk k:  hi = max(hi, max_k lp);  s = s * exp(hi_old - hi) + sum_k exp(lp - hi)
+           chunk s:  hi = max(hi, max_s lp);  t = t * exp(hi_old - hi) + sum_s exp(lp - hi)
 ```
+
+Label sets `[B, K, H, W]` (K raters of each image): the samples depend on the image only, so
+each chunk's samples of image b are drawn once and scored against its K label maps (each
+sample's log-softmax computed once, the K maps picked from it); the rows `b*K + k` then go
+through the same reductions, and the drivers average the K raters' terms
+(`sampled_nll_terms`). The label pick costs K x `[B, M, X]` without chunks and K x
+`[B, S, X]` per chunk (memory still flat in M).
 
 The backward pass redraws each chunk from the same stateless seed (or slices the same fixed
 noise), recomputes its log-probabilities and applies the exact vector-Jacobian product
@@ -24,12 +31,12 @@ the samples (sampling noise included) in the backward pass.
 
 For heads with the SSN covariance that offer their parameters class-planar
 (`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) the samples are drawn and scored in
-a class-planar layout (`[B, C, K, H*W]`) straight from the parameters (noise by Box-Muller
+a class-planar layout (`[B, C, S, H*W]`) straight from the parameters (noise by Box-Muller
 from stateless uniforms), with a hand-written gradient through the softmax, the sampling and,
 without chunks, the two reductions: on CPU this is several times faster than sampling
 `[M, B, H, W, C]` and scoring with a softmax over the trailing class axis (measurements in
 `benchmarks/README.md`). Other heads (any `tfp_seg.protocols.Head`) are sampled through
-their own `sample_logits`.
+their own `sample_logits`. The planar kernels are `tfp_seg.losses.planar`.
 """
 
 from __future__ import annotations
@@ -42,9 +49,14 @@ import tensorflow as tf
 
 from tfp_seg import _checks, _seeds, protocols
 from tfp_seg import distributions as dists
-from tfp_seg.losses import pixelwise
+from tfp_seg.losses import pixelwise, planar, targets
 
-__all__ = ["sampled_nll_terms", "check_chunk_size"]
+__all__ = [
+    "sampled_nll_terms",
+    "sampled_log_likelihoods",
+    "sampled_marginal_nll",
+    "check_chunk_size",
+]
 
 
 def check_chunk_size(chunk_size, num_samples: int, antithetic: bool) -> Optional[int]:
@@ -71,94 +83,10 @@ def _normal(shape, seed) -> tf.Tensor:
 
 # --- chunk scorers -------------------------------------------------------------------------------
 # A scorer maps (differentiable tensors `theta`, chunk index k) to the log-probabilities
-# `lp [B, K, H*W]` of the labels under the chunk's K samples; it is a pure function of k
-# (stateless noise or sliced fixed noise), so the backward pass can recompute it.
-
-
-def _low_rank_forward(loc, factor, scale, z, eps, mask_f, antithetic: bool):
-    """Label log-probabilities `lp [B, K, X]` of low-rank samples and their softmaxes.
-
-    ```none
-    eta^(+/-) = mu +/- (P z + sqrt(D) eps)      z [B,1,K',R], eps [B,C,K',X], K = 2K' or K'
-    lp = (eta - max_c eta)[y] - log sum_c exp(eta - max_c eta)
-    ```
-
-    The logits are finite (finite parameters), so the label is picked by a one-hot product.
-    """
-    deviation = tf.matmul(z, factor) + scale * eps  # [B, C, K', X]
-    etas = [loc + deviation, loc - deviation] if antithetic else [loc + deviation]
-    outs, probs = [], []
-    for eta in etas:
-        shifted = eta - tf.reduce_max(eta, axis=1, keepdims=True)
-        exps = tf.exp(shifted)
-        total = tf.reduce_sum(exps, axis=1, keepdims=True)
-        probs.append(exps / total)
-        outs.append(tf.reduce_sum(shifted * mask_f, axis=1) - tf.math.log(total[:, 0]))
-    return tf.concat(outs, axis=1), probs
-
-
-def _low_rank_vjp(g_lp, probs, z, eps, mask_f):
-    """Gradient of `sum(g_lp * lp)` w.r.t. `(loc, factor, scale)`:
-    `d lp / d eta_c = [c == y] - softmax(eta)_c`, then back through `eta = mu +/- dev`."""
-    parts = tf.split(g_lp, len(probs), axis=1) if len(probs) == 2 else [g_lp]
-    g_eta = [g[:, tf.newaxis] * (mask_f - p) for g, p in zip(parts, probs, strict=True)]
-    g_loc = tf.reduce_sum(tf.add_n(g_eta), axis=2, keepdims=True)
-    g_dev = g_eta[0] - g_eta[1] if len(probs) == 2 else g_eta[0]
-    g_factor = tf.matmul(z, g_dev, transpose_a=True)  # [B, C, R, X]
-    g_scale = tf.reduce_sum(g_dev * eps, axis=2, keepdims=True)
-    return [g_loc, g_factor, g_scale]
-
-
-def _low_rank_log_probs(loc, factor, scale, z, eps, mask, antithetic: bool):
-    """`lp [B, K, X]` with the fused gradient (a chunk scorer: recomputed per chunk)."""
-    mask_f = tf.cast(mask, loc.dtype)
-
-    @tf.custom_gradient
-    def score(*theta):
-        # Unwatched inputs: in eager mode outer tapes would otherwise also record (and keep)
-        # the forward ops, whose gradient is given by `grad` anyway.
-        loc_, factor_, scale_ = (tf.stop_gradient(t) for t in theta)
-        lp, probs = _low_rank_forward(loc_, factor_, scale_, z, eps, mask_f, antithetic)
-
-        def grad(upstream):
-            return _low_rank_vjp(upstream, probs, z, eps, mask_f)
-
-        return lp, grad
-
-    return score(loc, factor, scale)
-
-
-def _low_rank_reductions(theta, z, eps, mask, weights, antithetic: bool):
-    """All samples at once: `loglik [B, M]`, `logsumexp_m lp [B, X]`, one fused gradient."""
-    mask_f = tf.cast(mask, theta[0].dtype)
-
-    @tf.custom_gradient
-    def run(*theta):
-        loc, factor, scale = (tf.stop_gradient(t) for t in theta)  # see `_low_rank_log_probs`
-        lp, probs = _low_rank_forward(loc, factor, scale, z, eps, mask_f, antithetic)
-        loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
-        high = tf.reduce_max(lp, axis=1)
-        pixel_lse = high + tf.math.log(tf.reduce_sum(tf.exp(lp - high[:, tf.newaxis]), axis=1))
-
-        def grad(g_loglik, g_lse):
-            g_lp = _reductions_vjp(g_loglik, g_lse, lp, pixel_lse, weights)
-            return _low_rank_vjp(g_lp, probs, z, eps, mask_f)
-
-        return (loglik, pixel_lse), grad
-
-    return run(*theta)
-
-
-def _reductions_vjp(g_loglik, g_lse, lp, pixel_lse, weights):
-    """`dL/dlp [B, K, X]` from the gradients of `loglik [B, K]` and `pixel_lse [B, X]`."""
-    g_lp = 0.0
-    if g_loglik is not None:
-        g_lp = g_loglik[:, :, tf.newaxis] * weights[:, tf.newaxis]
-    if g_lse is not None:
-        g_lp = g_lp + g_lse[:, tf.newaxis] * tf.exp(lp - pixel_lse[:, tf.newaxis])
-    if isinstance(g_lp, float):
-        g_lp = tf.zeros_like(lp)
-    return g_lp
+# `lp [B*K, M_k, H*W]` of the K label maps of each image (row b*K + k) under the chunk's M_k
+# samples of that image; it is a pure function of k (stateless noise or sliced fixed noise),
+# so the backward pass can recompute it. The samples depend on the image only: its K raters
+# share them.
 
 
 def _slice_noise(noise, start, size: int):
@@ -177,8 +105,8 @@ def _slice_noise(noise, start, size: int):
 def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
     c = head.num_classes
     batch = tf.shape(labels)[0]
-    flat_labels = tf.reshape(labels, tf.stack([batch, -1]))
-    mask = tf.one_hot(flat_labels, c, on_value=True, off_value=False, axis=1)[:, :, tf.newaxis]
+    flat_labels = tf.reshape(labels, tf.stack([batch, tf.shape(labels)[1], -1]))  # [B, K, X]
+    mask = tf.one_hot(flat_labels, c, on_value=True, off_value=False, axis=2)  # [B, K, C, X]
     base = chunk // 2 if antithetic else chunk
     if noise is not None:
         z_all, eps_all = (tf.convert_to_tensor(t, tf.float32) for t in noise)
@@ -200,11 +128,11 @@ def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
     def scorer(theta, k):
         loc, factor, scale = theta
         z, eps = chunk_noise(theta, k)
-        return _low_rank_log_probs(loc, factor, scale, z, eps, mask, antithetic)
+        return planar.log_probs(loc, factor, scale, z, eps, mask, antithetic)
 
     def reductions(theta, weights):
         z, eps = chunk_noise(theta, tf.constant(0))
-        return _low_rank_reductions(theta, z, eps, mask, weights, antithetic)
+        return planar.reductions(theta, z, eps, mask, weights, antithetic)
 
     scorer.reductions = reductions  # type: ignore[attr-defined]
     return scorer
@@ -222,9 +150,10 @@ def _generic_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
         else:
             chunk_noise = _slice_noise(noise, k * base, base)
             samples = head.sample_logits(params, chunk, antithetic=antithetic, noise=chunk_noise)
-        log_p, _ = pixelwise.pixel_log_probs(labels, samples)  # [K, B, H, W]
+        log_p = pixelwise.label_set_log_probs(labels, samples)  # [M_k, B, K, H, W]
         shape = tf.shape(log_p)
-        return tf.transpose(tf.reshape(log_p, tf.stack([shape[0], shape[1], -1])), [1, 0, 2])
+        flat = tf.reshape(log_p, tf.stack([shape[0], shape[1] * shape[2], -1]))
+        return tf.transpose(flat, [1, 0, 2])
 
     return scorer
 
@@ -290,7 +219,7 @@ def _chunked_reductions(theta: List[tf.Tensor], scorer, num_chunks: int, weights
                 with tf.GradientTape() as tape:
                     tape.watch(theta)
                     lp = scorer(theta, k)
-                g_lp = _reductions_vjp(g_chunks[:, k], g_lse, lp, pixel_lse, weights)
+                g_lp = planar.reductions_vjp(g_chunks[:, k], g_lse, lp, pixel_lse, weights)
                 grads = tape.gradient(
                     lp,
                     theta,
@@ -327,34 +256,174 @@ def sampled_nll_terms(
     seed=None,
     noise=None,
     validate_args: bool = True,
+    name: str = "labels",
 ):
     """Joint and marginal Monte Carlo NLL `([B], [B])` of `labels` under `head`'s samples.
 
     ```none
-    joint_b    = -logsumexp_m( sum_i w_i lp[b, m, i] ) + log M
-    marginal_b = -sum_i w_i [ logsumexp_m lp[b, m, i] - log M ]
-    lp[b, m, i] = log softmax(eta_{b,i}^m)[y_{b,i}],   eta^m ~ head.distribution(params)
+    joint_b    = (1/K) sum_k [ -logsumexp_m( sum_i w_{b,k,i} lp[b, k, m, i] ) + log M ]
+    marginal_b = (1/K) sum_k [ -sum_i w_{b,k,i} ( logsumexp_m lp[b, k, m, i] - log M ) ]
+    lp[b, k, m, i] = log softmax(eta_{b,i}^m)[y_{b,k,i}],   eta^m ~ head.distribution(params)
     ```
+
+    For one label map (K = 1) these are the single-rater estimators of Monteiro et al.
+    For a label set (K raters of each image) the M samples `eta^1..eta^M` of an image are
+    drawn ONCE and shared by its K raters: the raters are draws from the label distribution
+    `p(y | x)`, so the expected NLL over raters, `E_y[-log p(y | x)]`, is estimated by the mean
+    over k, and with shared samples each term is exactly the single-rater estimator (the same
+    bias of the log of a Monte Carlo mean; the terms' errors are correlated across k). One
+    sampling pass serves all K raters, and K = 1 is the single-rater loss exactly (the same
+    samples and value for a label map `[B, H, W]` and a label set `[B, 1, H, W]`).
+
+    The two reductions it combines are `sampled_log_likelihoods` (same arguments).
 
     Args:
       head: a distribution head (`tfp_seg.protocols.Head`); one that offers its parameters
         class-planar (`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) takes the
         fused planar path.
-      labels: int `[B, H, W]` (or `[B, H, W, 1]`).
+      labels: int `[B, H, W]` (or `[B, H, W, 1]`) label maps, or a label set `[B, K, H, W]`
+        (told apart by their shape against `params`: `tfp_seg.losses.targets`). Soft labels
+        `[B, H, W, C]` are a `ValueError`: the joint likelihood of a soft map is not defined.
       params: the head's parameters `[B, H, W, params_size]`.
       num_samples: M (even with antithetic sampling).
-      chunk_size: None (all M samples at once) or K dividing M: draw, score and discard K
+      chunk_size: None (all M samples at once) or S dividing M: draw, score and discard S
         samples at a time and recompute them in the backward pass (memory flat in M).
       antithetic: mirrored pairs `mu +/- deviation` (kept within a chunk).
-      ignore_label, class_weights: as in `mc_categorical_nll`.
+      ignore_label, class_weights: as in `mc_categorical_nll`, per rater map.
       seed: None (a fresh seed from the stateful RNG at every call) or an int / shape-[2]
         seed. Chunk k draws from `fold_in(seed, k)`, so different chunk sizes draw different
         (equally distributed) samples from one seed.
       noise: fixed noise in the head's `sample_logits(noise=...)` format for all M samples
-        (N' = M/2 leading entries with antithetic sampling); chunk k uses entries
-        `[k K', (k+1) K')`. With fixed noise every chunk size sees the same samples.
+        (N' = M/2 leading entries with antithetic sampling); chunk s uses entries
+        `[s S', (s+1) S')`. With fixed noise every chunk size sees the same samples. The
+        noise is per image (`B` rows), shared by the raters of a label set.
       validate_args: run-time checks of labels (range) and parameters (NaN/Inf).
+      name: the name of `labels` in error messages (the losses pass "y_true").
     """
+    loglik, pixel_lse, weights = sampled_log_likelihoods(
+        head,
+        labels,
+        params,
+        num_samples,
+        chunk_size=chunk_size,
+        antithetic=antithetic,
+        ignore_label=ignore_label,
+        class_weights=class_weights,
+        seed=seed,
+        noise=noise,
+        validate_args=validate_args,
+        name=name,
+    )
+    joint, marginal = _terms(loglik, pixel_lse, weights, num_samples)
+    batch = tf.shape(params)[0]
+    return targets.rater_mean(joint, batch), targets.rater_mean(marginal, batch)
+
+
+def sampled_log_likelihoods(
+    head,
+    labels,
+    params,
+    num_samples: int,
+    chunk_size: Optional[int] = None,
+    antithetic: bool = False,
+    ignore_label: Optional[int] = None,
+    class_weights: Optional[Sequence[float]] = None,
+    seed=None,
+    noise=None,
+    validate_args: bool = True,
+    name: str = "labels",
+):
+    """The two Monte Carlo reductions of `sampled_nll_terms`, before they are combined:
+
+    ```none
+    loglik    [B*K, M]   sum_i w_{b,k,i} lp[b, k, m, i]     (joint log-likelihood of sample m)
+    pixel_lse [B*K, X]   logsumexp_m lp[b, k, m, i]         (X = H * W)
+    weights   [B*K, X]   w_{b,k,i} (0 for ignored pixels)
+    ```
+
+    one row per rater map (row `b*K + k`; K = 1 for label maps `[B, H, W]`: rows are the
+    images), all K rows of an image scored under the same M samples. Differentiable in
+    `params` (chunked: with the recomputing gradient). Arguments as in `sampled_nll_terms`.
+    Losses that combine several heads' samples (the mixture NLL, `tfp_seg.losses.mixture`)
+    reduce these further.
+    """
+    fused, num_samples, chunk, params = _check_sampling(
+        head, params, num_samples, chunk_size, antithetic
+    )
+    prepared = targets.prepare_targets(
+        labels,
+        params,
+        head.num_classes,
+        ignore_label,
+        validate_args=validate_args,
+        name=name,
+        soft=targets.soft_rejected(name, "the joint Monte Carlo NLL (sampled_nll_terms)"),
+    )
+    safe_labels, weights = pixelwise.pixel_weights(prepared.labels, ignore_label, class_weights)
+    weights = _fold_rows(weights)  # [B*K, X]
+    loglik, pixel_lse = _reductions(
+        head, safe_labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused
+    )
+    return loglik, pixel_lse, weights
+
+
+def sampled_marginal_nll(
+    head,
+    labels,
+    params,
+    num_samples: int,
+    chunk_size: Optional[int] = None,
+    antithetic: bool = False,
+    ignore_label: Optional[int] = None,
+    class_weights: Optional[Sequence[float]] = None,
+    seed=None,
+    noise=None,
+    validate_args: bool = True,
+    name: str = "labels",
+):
+    """The per-pixel (marginal) Monte Carlo NLL `[B]` of label maps, label sets or soft labels.
+
+    ```none
+    hard:  the marginal term of `sampled_nll_terms` (the mean over a label set's K raters)
+    soft:  -sum_i sum_c cw_c q_{b,i,c} [ logsumexp_m log softmax(eta^m_{b,i})_c - log M ]
+    ```
+
+    Soft labels `q [B, H, W, C]` (float, per-pixel class fractions) are scored as C constant
+    label maps (map c is class c everywhere) whose pixel weights are `cw_c q_{b,i,c}`, summed
+    over c: every class's log-probability under the same samples, with the same chunked and
+    fused paths (and memory) as a label set of C raters. Arguments as in `sampled_nll_terms`
+    (`ignore_label` does not apply to soft labels: they have no ignored pixels).
+    """
+    fused, num_samples, chunk, params = _check_sampling(
+        head, params, num_samples, chunk_size, antithetic
+    )
+    prepared = targets.prepare_targets(
+        labels, params, head.num_classes, ignore_label, validate_args=validate_args, name=name
+    )
+    batch = tf.shape(params)[0]
+    if prepared.kind != targets.SOFT:
+        safe_labels, weights = pixelwise.pixel_weights(prepared.labels, ignore_label, class_weights)
+        weights = _fold_rows(weights)
+    else:
+        c = head.num_classes
+        q = tf.transpose(prepared.labels, [0, 3, 1, 2])  # [B, C, H, W]
+        if class_weights is not None:
+            q = q * tf.reshape(tf.constant(class_weights, q.dtype), [1, c, 1, 1])
+        weights = _fold_rows(q)
+        classes = tf.reshape(tf.range(c, dtype=tf.int32), [1, c, 1, 1])
+        safe_labels = tf.broadcast_to(classes, tf.shape(q))
+        safe_labels.set_shape(q.shape)
+    loglik, pixel_lse = _reductions(
+        head, safe_labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused
+    )
+    marginal = _terms(loglik, pixel_lse, weights, num_samples)[1]  # [B*K]
+    if prepared.kind == targets.SOFT:
+        return tf.reduce_sum(tf.reshape(marginal, tf.stack([batch, -1])), axis=1)
+    return targets.rater_mean(marginal, batch)
+
+
+def _check_sampling(head, params, num_samples, chunk_size, antithetic):
+    """`(fused, num_samples, chunk, params)`: the checks shared by the drivers."""
     if not isinstance(head, protocols.Head):
         raise ValueError(
             "`head` must be a distribution head (tfp_seg.protocols.Head, e.g. a "
@@ -363,36 +432,33 @@ def sampled_nll_terms(
     fused = isinstance(head, protocols.PlanarLowRankLogits)
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     chunk = check_chunk_size(chunk_size, num_samples, antithetic) or num_samples
-    num_chunks = num_samples // chunk
     params = tf.convert_to_tensor(params)
     _checks.check_rank(params, 4, "params", f"[B, H, W, {head.params_size}]")
-    labels = _checks.prepare_labels(
-        labels, head.num_classes, ignore_label, validate_args=validate_args
-    )
-    if labels.shape.is_fully_defined() and params.shape[:3].is_fully_defined():
-        if labels.shape != params.shape[:3]:
-            raise ValueError(
-                f"`labels` shape {tuple(labels.shape)} must equal the [B, H, W] of `params` "
-                f"{tuple(params.shape)}."
-            )
-    safe_labels, weights = pixelwise.pixel_weights(labels, ignore_label, class_weights)
-    weights = tf.reshape(weights, tf.stack([tf.shape(weights)[0], -1]))  # [B, X]
+    return fused, num_samples, chunk, params
+
+
+def _fold_rows(t):
+    """`[B, K, H, W]` -> `[B*K, H*W]` (row b*K + k), static sizes kept where known."""
+    dims = [d if d is not None else tf.shape(t)[i] for i, d in enumerate(t.shape.as_list())]
+    return tf.reshape(t, tf.stack([dims[0] * dims[1], dims[2] * dims[3]]))
+
+
+def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused):
+    """`loglik [B*K, M]`, `pixel_lse [B*K, X]` of safe label maps `labels [B, K, H, W]`."""
+    num_chunks = num_samples // chunk
     if noise is None:
         seed = _seeds.draw_seed() if seed is None else _seeds.stateless_seed(seed)
-
     if fused:
         theta = typing.cast(protocols.PlanarLowRankLogits, head).planar_low_rank_parts(params)
-        scorer = _low_rank_scorer(head, safe_labels, chunk, antithetic, seed, noise)
+        scorer = _low_rank_scorer(head, labels, chunk, antithetic, seed, noise)
     else:
         theta = [params]
-        scorer = _generic_scorer(head, safe_labels, chunk, antithetic, seed, noise)
+        scorer = _generic_scorer(head, labels, chunk, antithetic, seed, noise)
 
     if num_chunks == 1 and fused:
-        loglik, pixel_lse = scorer.reductions(theta, weights)  # type: ignore[attr-defined]
-    elif num_chunks == 1:
-        lp = scorer(theta, tf.constant(0))  # [B, M, X], plain autodiff
+        return scorer.reductions(theta, weights)  # type: ignore[attr-defined]
+    if num_chunks == 1:
+        lp = scorer(theta, tf.constant(0))  # [B*K, M, X], plain autodiff
         loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
-        pixel_lse = tf.reduce_logsumexp(lp, axis=1)
-    else:
-        loglik, pixel_lse = _chunked_reductions(theta, scorer, num_chunks, weights)
-    return _terms(loglik, pixel_lse, weights, num_samples)
+        return loglik, tf.reduce_logsumexp(lp, axis=1)
+    return _chunked_reductions(theta, scorer, num_chunks, weights)

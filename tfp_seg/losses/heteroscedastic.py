@@ -6,27 +6,34 @@ Heteroscedastic heads model every pixel's logits independently, so the likelihoo
 the softmax per pixel (not over the whole label map as the SSN loss does):
 
 ```none
--log p(y | x) = -sum_i w_i log E_{u_i}[ softmax(u_i)[y_i] ]
-             ~= -sum_i w_i ( logsumexp_t log softmax(u_i^t)[y_i] - log T ),
+-log p(y | x) = -sum_i w_i log E_{u_i}[ softmax(u_i / tau)[y_i] ]
+             ~= -sum_i w_i ( logsumexp_t log softmax(u_i^t / tau)[y_i] - log T ),
                 u_i^t ~ N(mu_i, diag(sigma_i^2) (+ V_i V_i^T))
 ```
 
-with `w_i = class_weight[y_i]` and `w_i = 0` for ignored pixels. The log-mean-exp over samples
-is taken per pixel, in log space and in float32.
+with `w_i = class_weight[y_i]` and `w_i = 0` for ignored pixels and `tau` the head's softmax
+temperature (Collier et al., 2021; the head's logit samples are `u / tau`). The log-mean-exp
+over samples is taken per pixel, in log space and in float32.
 
 #### References
 
 [1] Kendall and Gal. What Uncertainties Do We Need in Bayesian Deep Learning for Computer
     Vision? NeurIPS 2017.
+[2] Collier et al. Correlated Input-Dependent Label Noise in Large-Scale Image
+    Classification. CVPR 2021.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import keras
+import numpy as np
+import tensorflow as tf
 
-from tfp_seg.losses import base, pixelwise
+from tfp_seg import _checks
+from tfp_seg.losses import base, chunked, pixelwise, targets
 
 __all__ = ["HeteroscedasticNLL"]
 
@@ -41,6 +48,24 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
     per example, divided by the number of non-ignored pixels when `normalize="pixels"` (the
     default: nats per pixel, comparable to a cross-entropy) or summed with `normalize="none"`.
 
+    `y_true` may also be (told apart by `tfp_seg.losses.targets`)
+
+    ```none
+    label sets [B, K, H, W]   nll_b = (1/K) sum_k [ -sum_i w_bki ( logsumexp_t lp_bkit - log T ) ]
+                              lp_bkit = log softmax(eta^t_bi)[y_bki], one set of T samples
+                              of each image shared by its K raters (annotation="all")
+    soft labels [B, H, W, C]  nll_b = -sum_i sum_c cw_c q_bic log( (1/T) sum_t softmax(eta^t_bi)_c )
+                              float per-pixel class fractions (annotation="marginal")
+    ```
+
+    A label set's loss is the mean over raters of the single-rater loss on the same samples
+    (K = 1 is the single-rater loss exactly); its count for `normalize="pixels"` is the
+    non-ignored pixels of one map averaged over the raters. Soft labels must be non-negative
+    and sum to 1 over the classes (checked with `validate_args`); they have no ignored pixels
+    (count H*W), and one-hot soft labels give the hard-label loss. Because the likelihood is
+    per pixel, the mean over K raters and the soft label of the raters' fractions give the
+    same value on the same samples (without ignored pixels).
+
     Args:
       head: a `HeteroscedasticLogits` (any `DistributionHead` works; weights are not used).
       num_samples: T Monte Carlo samples per pixel and step (even with antithetic sampling).
@@ -52,6 +77,10 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
         discard K samples at a time and recompute them in the backward pass
         (`tfp_seg.losses.chunked`), so the loss's memory stays flat as T grows; same
         estimator, different draws.
+      temperature: None (the default: the head's softmax temperature `tau`) or a finite
+        float > 0 that replaces it for this loss: the loss then scores
+        `softmax(u / temperature)` (it holds a copy of the head with that temperature,
+        `loss.head`). Only heads with a `temperature` (`HeteroscedasticLogits`) take one.
     """
 
     def __init__(
@@ -65,8 +94,11 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
         validate_args: bool = True,
         name: str = "heteroscedastic_nll",
         chunk_size: Optional[int] = None,
+        temperature: Optional[float] = None,
         **kwargs,
     ):
+        if temperature is not None:
+            head = _with_temperature(head, temperature)
         super().__init__(
             head,
             num_samples,
@@ -79,16 +111,66 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
             chunk_size=chunk_size,
             **kwargs,
         )
+        self.temperature = None if temperature is None else float(temperature)
 
     def call(self, y_true, y_pred):
         if self.chunk_size is not None:
-            return self._normalize(self._nll_terms(y_true, y_pred)[1], y_true)
-        samples = self.head.sample_logits(y_pred, self.num_samples, antithetic=self.antithetic)
-        nll = pixelwise.mc_marginal_nll(
+            nll = chunked.sampled_marginal_nll(
+                self.head,
+                y_true,
+                y_pred,
+                self.num_samples,
+                chunk_size=self.chunk_size,
+                antithetic=self.antithetic,
+                ignore_label=self.ignore_label,
+                class_weights=self.class_weights,
+                validate_args=self.validate_args,
+                name="y_true",
+            )
+            return self._normalize(nll, y_true, y_pred)
+        prepared = targets.prepare_targets(
             y_true,
-            samples,
-            ignore_label=self.ignore_label,
-            class_weights=self.class_weights,
+            y_pred,
+            self.head.num_classes,
+            self.ignore_label,
             validate_args=self.validate_args,
+            name="y_true",
         )
-        return self._normalize(nll, y_true)
+        samples = self.head.sample_logits(y_pred, self.num_samples, antithetic=self.antithetic)
+        samples = tf.cast(samples, tf.float32)
+        if self.validate_args:
+            samples = _checks.assert_finite(samples, "logit_samples")
+        if prepared.kind == targets.SOFT:
+            nll = pixelwise.soft_marginal_nll(prepared.labels, samples, self.class_weights)
+        else:
+            per_rater = pixelwise.label_set_nll(
+                prepared.labels, samples, self.ignore_label, self.class_weights, joint=False
+            )
+            nll = tf.reduce_mean(per_rater, axis=1)
+        return self._normalize(nll, y_true, y_pred)
+
+    def get_config(self):
+        config = super().get_config()
+        config["temperature"] = self.temperature
+        return config
+
+
+def _with_temperature(head, temperature):
+    """A weightless copy of `head` whose softmax temperature is `temperature`."""
+    real = isinstance(temperature, (int, float, np.integer, np.floating)) and not isinstance(
+        temperature, (bool, np.bool_)
+    )
+    if not real or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"`temperature` must be None or a finite float > 0 (the softmax temperature tau); "
+            f"got {temperature!r}."
+        )
+    copy = base.head_copy(head)
+    config = copy.get_config()
+    if "temperature" not in config:
+        raise ValueError(
+            f"`temperature` is only supported for heads with a softmax temperature "
+            f"(HeteroscedasticLogits); {type(copy).__name__} has none. Got {temperature!r}."
+        )
+    config["temperature"] = float(temperature)
+    return type(copy).from_config(config)

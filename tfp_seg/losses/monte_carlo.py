@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 
 from tfp_seg import _checks
-from tfp_seg.losses import base, pixelwise
+from tfp_seg.losses import base, pixelwise, targets
 from tfp_seg.losses.pixelwise import mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood
 
 __all__ = [
@@ -46,7 +46,8 @@ __all__ = [
 class StochasticSegmentationNLL(base.SampledHeadLoss):
     """Monte Carlo NLL of a distribution head (SSN loss), a Keras `Loss` on packed params.
 
-    `y_true` are label maps `[B, H, W]`; `y_pred` are the head's params. Each call draws
+    `y_true` are label maps `[B, H, W]` or label sets `[B, K, H, W]` (K raters of each image,
+    `annotation="all"` of `tfp_seg.data`); `y_pred` are the head's params. Each call draws
     `num_samples` logit samples through `head.sample_logits` (antithetic pairs by default) and
     scores the labels with
 
@@ -58,6 +59,24 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
 
     divided by the number of non-ignored pixels when `normalize="pixels"` (the default: nats
     per pixel; the optimum is unchanged) or summed with `normalize="none"`.
+
+    Label sets: ONE set of M samples of each image is shared by its K raters, and each term
+    is the mean over the raters of the single-rater term with rater k's labels and weights,
+
+    ```none
+    joint_b    = (1/K) sum_k [ -logsumexp_m( sum_i w_bki log p(y_bki | eta^m_bi) ) + log M ]
+    marginal_b = (1/K) sum_k [ -sum_i w_bki ( logsumexp_m log p(y_bki | eta^m_bi) - log M ) ]
+    ```
+
+    The raters are draws from the label distribution `p(y | x)`, so the expected NLL over
+    raters is estimated by the mean over k; sharing the samples costs one sampling pass for K
+    raters and keeps each term exactly the single-rater estimator (the same bias; its errors
+    are correlated across k), so K = 1 reproduces the single-rater loss exactly.
+    `ignore_label` and `class_weights` apply per rater map, and `normalize="pixels"` divides
+    by the non-ignored pixels of one map averaged over the raters (`(1/K) sum_k n_{b,k}`).
+    How `y_true` is told apart is `tfp_seg.losses.targets`. Soft labels `[B, H, W, C]`
+    (`annotation="marginal"`) are rejected with a `ValueError`: the joint likelihood of a soft
+    label map is not defined (use label sets or one label map per image).
 
     `marginal_weight=0` is the paper's estimator exactly. The default adds the per-pixel
     (composite) likelihood of the same samples because the joint estimator alone has a failure
@@ -118,7 +137,7 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
     def call(self, y_true, y_pred):
         joint, marginal = self._nll_terms(y_true, y_pred)
         nll = joint + self.marginal_weight * marginal if self.marginal_weight else joint
-        return self._normalize(nll, y_true)
+        return self._normalize(nll, y_true, y_pred)
 
     def get_config(self):
         config = super().get_config()
@@ -135,6 +154,21 @@ class SegmentationCrossEntropy(base.HeadLoss):
     mean logits first), so it also trains the mean of a distribution head. Per example, the
     cross-entropy is summed over non-ignored pixels and divided by their count
     (`normalize="pixels"`), or left summed (`"none"`).
+
+    `y_true` (told apart by `tfp_seg.losses.targets`) is one of
+
+    ```none
+    label maps [B, H, W]        nll_b = -sum_i w_i log softmax(logits_bi)[y_bi]
+    label sets [B, K, H, W]     nll_b = (1/K) sum_k [ -sum_i w_bki log softmax(logits_bi)[y_bki] ]
+    soft labels [B, H, W, C]    nll_b = -sum_i sum_c cw_c q_bic log softmax(logits_bi)_c
+    ```
+
+    with `w_i = class_weight[y_i]` (0 for ignored pixels). For a label set the count is the
+    non-ignored pixels of one map averaged over the K raters; soft labels (float class
+    fractions, `annotation="marginal"` of `tfp_seg.data`: non-negative, summing to 1 over the
+    classes, checked with `validate_args`) have no ignored pixels, so the count is H*W. The
+    mean over raters equals the cross-entropy of the raters' empirical soft label (without
+    ignored pixels), and one-hot soft labels give the hard-label loss.
     """
 
     def __init__(
@@ -161,11 +195,23 @@ class SegmentationCrossEntropy(base.HeadLoss):
         y_pred = tf.cast(y_pred, tf.float32)
         _checks.check_rank(y_pred, 4, "y_pred", "[B, H, W, C] logits")
         logits = y_pred if self.num_classes is None else y_pred[..., : self.num_classes]
-        nll = pixelwise.mc_categorical_nll(
+        classes = logits.shape[-1]
+        class_weights = pixelwise.check_class_weights(self.class_weights, classes)
+        prepared = targets.prepare_targets(
             y_true,
-            logits[tf.newaxis],
-            ignore_label=self.ignore_label,
-            class_weights=self.class_weights,
+            logits,
+            classes,
+            self.ignore_label,
             validate_args=self.validate_args,
+            name="y_true",
         )
-        return self._normalize(nll, y_true)
+        if self.validate_args:
+            logits = _checks.assert_finite(logits, "y_pred")
+        if prepared.kind == targets.SOFT:
+            nll = pixelwise.soft_marginal_nll(prepared.labels, logits[tf.newaxis], class_weights)
+        else:
+            per_rater = pixelwise.label_set_nll(
+                prepared.labels, logits[tf.newaxis], self.ignore_label, class_weights
+            )
+            nll = tf.reduce_mean(per_rater, axis=1)
+        return self._normalize(nll, y_true, y_pred)

@@ -39,6 +39,9 @@ __all__ = [
     "label_log_softmax",
     "check_class_weights",
     "valid_pixel_count",
+    "label_set_log_probs",
+    "label_set_nll",
+    "soft_marginal_nll",
 ]
 
 
@@ -190,6 +193,90 @@ def mc_marginal_nll(
     )
     log_p, weights = pixel_log_probs(labels, logit_samples, ignore_label, class_weights)
     return marginal_nll_from_log_probs(log_p, weights)
+
+
+def label_set_log_probs(label_set, logit_samples):
+    """`log softmax(eta^m_{b,i})[y_{b,k,i}]` `[M, B, K, H, W]` of K label maps of each image.
+
+    The log-softmax of every sample is computed once and the K maps are picked from it (the
+    raters of an image share its samples). `label_set` int `[B, K, H, W]` must be safe to
+    gather (no ignore label: `pixel_weights`); `logit_samples` float `[M, B, H, W, C]`. With
+    one map (static K = 1) this is `pixel_log_probs` exactly.
+    """
+    if label_set.shape[1] == 1:
+        return pixel_log_probs(label_set[:, 0], logit_samples)[0][:, :, tf.newaxis]
+    planar = tf.transpose(logit_samples, [4, 0, 1, 2, 3])  # [C, M, B, H, W]
+    shifted = planar - tf.stop_gradient(tf.reduce_max(planar, axis=0, keepdims=True))
+    log_total = tf.math.log(tf.reduce_sum(tf.exp(shifted), axis=0))[:, :, tf.newaxis]
+    num_classes = logit_samples.shape[-1]
+    if num_classes is None:  # a dynamic class axis: one broadcast pick (C x the memory)
+        mask = tf.one_hot(label_set, tf.shape(planar)[0], on_value=True, off_value=False, axis=0)
+        picked = tf.where(mask[:, tf.newaxis], shifted[:, :, :, tf.newaxis], 0.0)
+        return tf.reduce_sum(picked, axis=0) - log_total
+    picked = None
+    for c in range(num_classes):  # K x [M, B, H, W] per class
+        term = tf.where(tf.equal(label_set, c)[tf.newaxis], shifted[c][:, :, tf.newaxis], 0.0)
+        picked = term if picked is None else picked + term
+    return picked - log_total
+
+
+def label_set_nll(
+    label_set,
+    logit_samples,
+    ignore_label: Optional[int] = None,
+    class_weights: Optional[Sequence[float]] = None,
+    joint: bool = True,
+) -> tf.Tensor:
+    """Monte Carlo NLL `[B, K]` of each of K label maps of an image under its shared samples.
+
+    ```none
+    joint:     nll[b, k] = -logsumexp_m( sum_i w_{b,k,i} lp[m, b, k, i] ) + log M
+    marginal:  nll[b, k] = -sum_i w_{b,k,i} [ logsumexp_m lp[m, b, k, i] - log M ]
+    lp[m, b, k, i] = log softmax(eta^m_{b,i})[y_{b,k,i}]          (label_set_log_probs)
+    ```
+
+    `label_set` int32 `[B, K, H, W]` (validated: `tfp_seg.losses.targets`), `logit_samples`
+    float32 `[M, B, H, W, C]`; `w` as in `mc_categorical_nll`, per rater map. With one map
+    (static K = 1) this is `mc_categorical_nll` / `mc_marginal_nll` of that map exactly.
+    """
+    if label_set.shape[1] == 1:
+        log_p, weights = pixel_log_probs(
+            label_set[:, 0], logit_samples, ignore_label, class_weights
+        )
+        if joint:
+            return joint_nll_from_log_probs(log_p, weights)[:, tf.newaxis]
+        return marginal_nll_from_log_probs(log_p, weights)[:, tf.newaxis]
+    safe, weights = pixel_weights(label_set, ignore_label, class_weights)
+    log_p = label_set_log_probs(safe, logit_samples)  # [M, B, K, H, W]
+    log_m = tf.math.log(tf.cast(tf.shape(log_p)[0], log_p.dtype))
+    if joint:
+        loglik = tf.reduce_sum(log_p * weights[tf.newaxis], axis=[3, 4])  # [M, B, K]
+        return -(tf.reduce_logsumexp(loglik, axis=0) - log_m)
+    per_pixel = tf.reduce_logsumexp(log_p, axis=0) - log_m
+    return -tf.reduce_sum(per_pixel * weights, axis=[2, 3])
+
+
+def soft_marginal_nll(soft_labels, logit_samples, class_weights=None) -> tf.Tensor:
+    """Per-pixel Monte Carlo NLL of soft labels, summed over pixels, `[B]`.
+
+    ```none
+    nll_b = -sum_i sum_c w_c q_{b,i,c} [ logsumexp_m log softmax(eta_{m,b,i})_c - log M ]
+          = -sum_i sum_c w_c q_{b,i,c} log( (1/M) sum_m softmax(eta_{m,b,i})_c )
+    ```
+
+    the cross-entropy of the soft labels `q` (float32 `[B, H, W, C]`, validated:
+    `tfp_seg.losses.targets`) against each pixel's Monte Carlo predictive marginal, with
+    class weights `w_c` (1 without). One-hot `q` give `mc_marginal_nll` of the hard labels;
+    with M = 1 it is the soft-target cross-entropy of the logits. Classes with `q = 0` add
+    nothing (also where their log-probability underflows).
+    """
+    log_soft = tf.nn.log_softmax(logit_samples, axis=-1)  # [M, B, H, W, C]
+    log_m = tf.math.log(tf.cast(tf.shape(log_soft)[0], log_soft.dtype))
+    log_mean = tf.reduce_logsumexp(log_soft, axis=0) - log_m  # [B, H, W, C]
+    q = soft_labels
+    if class_weights is not None:
+        q = q * tf.convert_to_tensor(class_weights, q.dtype)
+    return -tf.reduce_sum(tf.math.multiply_no_nan(log_mean, q), axis=[1, 2, 3])
 
 
 def valid_pixel_count(labels, ignore_label):

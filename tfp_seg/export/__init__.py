@@ -44,7 +44,9 @@ sample(images, num_samples?, seed?)          -> labels [N,B,H,W] i32, logits [N,
 uncertainty(images, num_samples?, seed?)     -> predictive_entropy, expected_entropy,
                                                 mutual_information, variance  [B,H,W] f32
 params(images)                               -> params [B,H,W,P] f32, mean_logits [B,H,W,C],
-                                                (loc, cov_factor, cov_diag), head_config string
+                                                (loc, cov_factor, cov_diag), head_config string;
+                                                a mixture head: mixture_logits [B,K],
+                                                component_loc / _cov_factor / _cov_diag [B,K,...]
 images: float32 [B, H, W, channels]; num_samples: int32 scalar (default: export num_samples);
 seed: int64 [2] for reproducible samples, or [] (the default) for fresh randomness.
 ```
@@ -58,6 +60,29 @@ request with `num_samples` equal to the export value reproduces
 `uncertainty`: independent draws), and `serving_default`'s probabilities are the mean softmax
 of `head.sample_logits(params, num_samples, seed=seed)` with the head's own antithetic default
 (SSN: mirrored pairs, a lower-variance mean; for an even `num_samples`).
+
+#### Region of interest (`roi_mask=True`)
+
+For a head that takes a region of interest (`LowRankLogits`, `MixtureLowRankLogits`: outside
+it the factor is zero and the diagonal epsilon), `saved_model(..., roi_mask=True)` and
+`onnx(..., roi_mask=True)` give every signature (the ONNX graph) a second input after
+`images`: `roi_mask` float32 `[B, H, W]`, 1 inside the region, 0 outside, passed with the
+images to the model (`model({"images": images, "roi_mask": roi_mask})`):
+
+```none
+serving_default(images, roi_mask, num_samples?, seed?)   sample(images, roi_mask, ...)
+uncertainty(images, roi_mask, num_samples?, seed?)       params(images, roi_mask)
+```
+
+A mask that is not `[B, H, W]` of the images fails the request (INVALID_ARGUMENT; in
+onnxruntime a failed Reshape). It applies to a `ProbabilisticSegmenter` whose head takes a
+region, and to an `MCDropout` or `DeepEnsemble` over such models (the mask goes to every
+pass / member); for any other model (a `CategoricalLogits` or `HeteroscedasticLogits` head, a
+`ProbabilisticUNet` or other `GraphSampler`, `ExportAdapter.from_functions`) the exporters
+raise `ExportError` before writing anything (`ExportAdapter.check_roi_mask`; a model whose
+output does not change with an all-zero mask is refused as ignoring it). The parity checks
+then run on the check images with a check mask (default: a centred square). Without the
+option the signatures take `images` alone, as above.
 
 #### ONNX graph (`onnx`)
 
@@ -80,6 +105,7 @@ from tfp_seg import export
 
 export.saved_model(model, "savedmodels/ssn/1", num_samples=16)   # ==> "savedmodels/ssn/1"
 export.onnx(model, "ssn.onnx", num_samples=16)                    # ==> "ssn.onnx"
+export.saved_model(model, "savedmodels/ssn_roi/1", roi_mask=True)  # ==> "savedmodels/ssn_roi/1"
 loaded = tf.saved_model.load("savedmodels/ssn/1")
 loaded.sample(images, num_samples=tf.constant(8), seed=tf.constant([1, 2], tf.int64))
 # ==> {"labels": [8, B, H, W] int32, "logits": [8, B, H, W, C] float32}
@@ -89,7 +115,8 @@ loaded.sample(images, num_samples=tf.constant(8), seed=tf.constant([1, 2], tf.in
 
 ```none
 _common             ExportError, ExportParityError, SIGNATURES; argument checks, what is read
-                    from a model, the exported image spec, the parity comparison
+                    from a model, the exported image spec, the roi_mask input, the parity
+                    comparison
 adapters            ExportAdapter (the contract), HeadAdapter, FunctionAdapter
 wrappers            MCDropoutAdapter, EnsembleAdapter (tfp_seg.uncertainty's samplers)
 dispatch            as_adapter: which adapter a model gets

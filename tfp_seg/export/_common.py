@@ -1,6 +1,6 @@
 """What the exporters share: their errors, the signature names, argument checks, what they
 read from a Keras model (its head, number of classes, input shape, variables), the choice of the
-exported image spec, and the parity comparison."""
+exported image spec, the region-of-interest input (`roi_mask`), and the parity comparison."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # annotations only: the adapters import this module
 __all__ = ["ExportError", "ExportParityError", "SIGNATURES"]
 
 SIGNATURES = ("serving_default", "sample", "uncertainty", "params")
+"""The signatures of an exported SavedModel, in this order (`ServingModule`)."""
+
+ROI_MASK = "roi_mask"
+"""The name of the region-of-interest input of an export with `roi_mask=True`."""
 
 
 # ============================================================================================
@@ -133,13 +137,23 @@ def model_image_shape(model) -> Optional[Tuple[Optional[int], ...]]:
 _STATIC_SHAPE_ERRORS = (TypeError, ValueError)
 
 
-def image_spec(adapter: ExportAdapter, dynamic_spatial, num_samples) -> tf.TensorSpec:
+def _image_shape(adapter: ExportAdapter) -> Tuple[Optional[int], ...]:
     shape = adapter.image_shape
     if shape is None or len(shape) != 3 or shape[-1] is None:
         raise ValueError(
             f"Cannot tell the input shape of {type(adapter.trackable).__name__} "
             f"(got {shape}); build the model or pass image_shape=(H, W, channels)."
         )
+    return tuple(shape)
+
+
+def image_spec(
+    adapter: ExportAdapter, dynamic_spatial, num_samples, roi_mask: bool = False
+) -> tf.TensorSpec:
+    """The exported `images` spec `[None, H, W, channels]`, H and W None where the model
+    traces with unknown sizes (`dynamic_spatial`, see `saved_model`); with `roi_mask` the
+    trace takes the region of interest too (`roi_mask_spec`)."""
+    shape = _image_shape(adapter)
     fixed = tf.TensorSpec([None, *shape], tf.float32)
     dynamic = tf.TensorSpec([None, None, None, shape[-1]], tf.float32)
     if dynamic_spatial is False:
@@ -150,11 +164,12 @@ def image_spec(adapter: ExportAdapter, dynamic_spatial, num_samples) -> tf.Tenso
         return dynamic
 
     def trace(spec):
-        def run(images):
-            state = adapter.prepare(images)
+        def run(images, *mask):
+            state = adapter.prepare(graph_inputs(images, *mask))
             return adapter.mean_logits(state), adapter.sample_logits(state, num_samples)
 
-        tf.function(run, autograph=False).get_concrete_function(spec)
+        specs = [spec, roi_mask_spec(spec)] if roi_mask else [spec]
+        tf.function(run, autograph=False).get_concrete_function(*specs)
 
     try:
         trace(dynamic)
@@ -184,6 +199,96 @@ def check_images(images, spec: tf.TensorSpec, known_shape=None) -> np.ndarray:
     if h is None or w is None:
         h = w = 32  # dynamic H/W and no known size; pass `check_images` if 32 is invalid
     return np.random.default_rng(0).normal(size=(2, h, w, c)).astype(np.float32)
+
+
+# ============================================================================================
+# The region of interest (`roi_mask=True`)
+# ============================================================================================
+def roi_mask_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
+    """`roi_mask` float32 `[B, H, W]` of an images spec `[B, H, W, channels]`."""
+    return tf.TensorSpec(spec.shape[:3], tf.float32, name=ROI_MASK)
+
+
+def graph_inputs(images, roi_mask=None):
+    """What `ExportAdapter.prepare` takes in a graph: the images, or with a region of interest
+    `{"images": images, "roi_mask": roi_mask}`, the mask checked to be `[B, H, W]` of the
+    images (a `[1, H, W]` mask would otherwise broadcast over the batch)."""
+    if roi_mask is None:
+        return images
+    roi_mask = tf.convert_to_tensor(roi_mask, tf.float32)
+    check = tf.debugging.assert_equal(
+        tf.shape(roi_mask),
+        tf.shape(images)[:3],
+        message="`roi_mask` must be [B, H, W] of the `images` [B, H, W, channels]",
+    )
+    with tf.control_dependencies([check]):
+        # The reshape fails where the assertion is dropped (tf2onnx drops Assert ops).
+        roi_mask = tf.reshape(roi_mask, tf.shape(images)[:3])
+    return {"images": images, ROI_MASK: roi_mask}
+
+
+def roi_check_inputs(
+    adapter: ExportAdapter, roi_mask: bool, images, mask
+) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """For an export with `roi_mask`: the images and mask of its checks, once
+    `adapter.check_roi_mask` has accepted them (else `ExportError`); None without.
+
+    `images` (the exporter's `check_images`; default: 2 random ones at the model's size, as
+    `check_images`) and `mask` (its `check_roi_mask`, `[B, H, W]`; default: a centred square
+    of half the image's side, 1 inside and 0 outside).
+    """
+    if not roi_mask:
+        if mask is not None:
+            raise ValueError("`check_roi_mask` needs `roi_mask=True`.")
+        return None
+    shape = _image_shape(adapter)
+    images = check_images(images, tf.TensorSpec([None, *shape], tf.float32), shape)
+    if mask is None:
+        b, h, w = images.shape[:3]
+        mask = np.zeros((b, h, w), np.float32)
+        mask[:, h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
+    mask = np.asarray(mask, dtype=np.float32)
+    if mask.shape != images.shape[:3]:
+        raise ValueError(
+            f"`check_roi_mask` must be [B, H, W] of the check images {images.shape}; got shape "
+            f"{mask.shape}."
+        )
+    adapter.check_roi_mask(images)
+    return images, mask
+
+
+def parity_inputs(adapter: ExportAdapter, spec, images, roi_check) -> dict:
+    """The inputs of the parity checks by input name: `{"images": ...}` (the exporter's
+    `check_images`, or random ones: `check_images`), or with a region of interest the
+    images and mask of `roi_check_inputs`."""
+    if roi_check is None:
+        return {"images": check_images(images, spec, adapter.image_shape)}
+    return dict(zip(("images", ROI_MASK), roi_check, strict=True))
+
+
+def check_takes_roi_mask(model, images: np.ndarray, what: str) -> None:
+    """Raise `ExportError` unless `model({"images": ..., "roi_mask": ...})` runs and its output
+    depends on the mask (checked with an all-zero mask: for `LowRankLogits` /
+    `MixtureLowRankLogits` it zeroes the factor and sets the diagonal to epsilon everywhere)."""
+    head = distribution_head(model)
+    name = type(model).__name__ + (f" with head {type(head).__name__}" if head else "")
+    zeros = np.zeros(images.shape[:3], np.float32)
+    try:
+        masked = model({"images": images, ROI_MASK: zeros}, training=False)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ExportError(
+            f"Cannot export {what} with roi_mask=True: {name} does not take a region of "
+            f"interest (called with {{'images', 'roi_mask'}} it raised {type(err).__name__}, "
+            "the cause of this error). Heads that take one: LowRankLogits, "
+            "MixtureLowRankLogits; export without roi_mask otherwise."
+        ) from err
+    plain = model(images, training=False)
+    if np.array_equal(np.asarray(masked), np.asarray(plain)):
+        raise ExportError(
+            f"Cannot export {what} with roi_mask=True: {name} ignores the `roi_mask` (its "
+            "output with an all-zero mask equals its output without one); export without "
+            "roi_mask."
+        )
 
 
 def assert_close(what: str, got: np.ndarray, expected: np.ndarray, atol: float) -> None:

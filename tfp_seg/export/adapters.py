@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from tfp_seg import protocols
@@ -25,6 +26,11 @@ class ExportAdapter:
     correlated draws with the same marginals (antithetic pairs) for Monte Carlo means; by
     default it is `sample_logits`. `trackable` is the object that owns the variables (the
     Keras model); its variables (`variables()`) are stored on the exported module.
+
+    `prepare` takes the images `[B, H, W, channels]`; in an export with a region of interest
+    (`saved_model(..., roi_mask=True)`) it takes `{"images": ..., "roi_mask": [B, H, W]}`
+    and passes the mask to the model. `check_roi_mask` says whether an adapter does: by
+    default it does not (an adapter of your own that does overrides it).
 
     Args:
       trackable: the Keras model (or any `tf.Module`) holding the weights.
@@ -46,8 +52,23 @@ class ExportAdapter:
         self.image_shape = None if image_shape is None else tuple(image_shape)
 
     def prepare(self, images):
-        """Run the network once: any nested structure of tensors (the sampling state)."""
+        """Run the network once: any nested structure of tensors (the sampling state).
+        `images`: a `[B, H, W, channels]` tensor, or `{"images": ..., "roi_mask": [B, H, W]}`
+        in an export with a region of interest."""
         raise NotImplementedError
+
+    def check_roi_mask(self, images: np.ndarray) -> None:
+        """Raise `ExportError` unless `prepare` takes a region of interest (`{"images": ...,
+        "roi_mask": [B, H, W]}`) and passes it to the model: called by an export with
+        `roi_mask=True`, with check images `[B, H, W, channels]`. Default: it does not."""
+        del images
+        raise _common.ExportError(
+            f"Cannot export {type(self.trackable).__name__} with roi_mask=True: its export "
+            f"adapter ({type(self).__name__}) takes no region of interest. A roi_mask input "
+            "needs a ProbabilisticSegmenter whose head takes one (LowRankLogits, "
+            "MixtureLowRankLogits), or an MCDropout / DeepEnsemble over such models; export "
+            "without roi_mask otherwise."
+        )
 
     def params(self, state) -> Dict[str, tf.Tensor]:
         """Named deterministic distribution parameters (float tensors with batch axis 0)."""
@@ -124,9 +145,33 @@ class ExportAdapter:
         )
 
 
+MIXTURE_OUTPUTS = {
+    "mixture_logits": "unnormalised log weights of the components [B, K]",
+    "component_loc": "component means [B, K, H, W, C]",
+    "component_cov_factor": "component covariance factors [B, K, H, W, C, R]",
+    "component_cov_diag": "component covariance diagonals (variances) [B, K, H, W, C]",
+}
+
+
+def mixture_outputs(head: protocols.MixtureHead, params) -> Dict[str, tf.Tensor]:
+    """The `params` outputs of a mixture head: `mixture_logits [B, K]` and, when its components
+    are covariance heads, their `loc`, `cov_factor`, `cov_diag` as `component_* [B, K, ...]`."""
+    out = {"mixture_logits": head.mixture_logits(params)}
+    component = head.component_head
+    if isinstance(component, protocols.CovarianceHead):
+        k = head.num_components
+        parts = component.covariance_parts(head.component_params(params))
+        names = ("component_loc", "component_cov_factor", "component_cov_diag")
+        for name, t in zip(names, parts, strict=True):
+            out[name] = tf.reshape(t, tf.concat([[-1, k], tf.shape(t)[1:]], 0))
+    return out
+
+
 class HeadAdapter(ExportAdapter):
     """`params = model(x)`; the head (a `tfp_seg.protocols.Head`) turns params into samples and
-    mean logits; a `protocols.CovarianceHead` adds `loc`, `cov_factor`, `cov_diag` outputs."""
+    mean logits; a `protocols.CovarianceHead` adds `loc`, `cov_factor`, `cov_diag` outputs, a
+    `protocols.MixtureHead` `mixture_logits` and `component_loc`, `component_cov_factor`,
+    `component_cov_diag` (`mixture_outputs`)."""
 
     def __init__(self, model, image_shape=None):
         head = model.head
@@ -141,6 +186,8 @@ class HeadAdapter(ExportAdapter):
                 "cov_factor": "covariance factor [B, H, W, C, R] (see head class for its layout)",
                 "cov_diag": "covariance diagonal (variances) [B, H, W, C]",
             }
+        if isinstance(head, protocols.MixtureHead):
+            config["params_outputs"] = dict(MIXTURE_OUTPUTS)
         image_shape = image_shape or _common.model_image_shape(model)
         super().__init__(model, head.num_classes, config, image_shape)
         self.model = model
@@ -149,11 +196,16 @@ class HeadAdapter(ExportAdapter):
     def prepare(self, images):
         return self.model(images, training=False)
 
+    def check_roi_mask(self, images):
+        _common.check_takes_roi_mask(self.model, images, type(self.model).__name__)
+
     def params(self, state):
         out = {"params": tf.identity(state), "mean_logits": self.head.mean_logits(state)}
         if isinstance(self.head, protocols.CovarianceHead):
             loc, factor, diag = self.head.covariance_parts(state)
             out.update(loc=loc, cov_factor=factor, cov_diag=diag)
+        if isinstance(self.head, protocols.MixtureHead):
+            out.update(mixture_outputs(self.head, state))
         return out
 
     def mean_logits(self, state):

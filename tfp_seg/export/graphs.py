@@ -83,6 +83,38 @@ def _chunked_samples(
     return array.concat()[:num_samples]
 
 
+def _signature(body, input_signature, roi_mask: bool, defaults=None):
+    """`tf.function` of `body(inputs, *sampling)` with the signature's inputs: `images`, with
+    `roi_mask` also `roi_mask` (`inputs` is then `{"images", "roi_mask"}`), and with
+    `defaults` (`(num_samples, seed)` tensors) the sampling inputs, with those defaults."""
+    if defaults is not None:
+        default_n, default_seed = defaults
+        if roi_mask:
+
+            def fn(images, roi_mask, num_samples=default_n, seed=default_seed):
+                return body(_common.graph_inputs(images, roi_mask), num_samples, seed)
+
+        else:
+
+            def fn(images, num_samples=default_n, seed=default_seed):
+                return body(images, num_samples, seed)
+
+    elif roi_mask:
+
+        def fn(images, roi_mask):
+            return body(_common.graph_inputs(images, roi_mask))
+
+    else:
+
+        def fn(images):
+            return body(images)
+
+    fn.__name__ = body.__name__
+    # No AutoGraph: the graphs use explicit tf.while_loop / tf.cond, and converting user
+    # models' Python helpers (generators, numpy) would only warn or fail.
+    return tf.function(fn, input_signature=input_signature, autograph=False)
+
+
 class ServingModule(tf.Module):
     """A `tf.Module` holding the Keras model and the four serving signatures.
 
@@ -91,6 +123,9 @@ class ServingModule(tf.Module):
       image_spec: `tf.TensorSpec([None, H, W, channels], tf.float32)`.
       num_samples: default sample count of the sampled signatures (and the sampling chunk).
       max_num_samples: requests asking for more samples fail (protects the server's memory).
+      roi_mask: every signature takes a second input `roi_mask` float32 `[B, H, W]` (the
+        region of interest, 1 inside), passed to the model with the images
+        (`adapter.prepare({"images": ..., "roi_mask": ...})`).
     """
 
     def __init__(
@@ -99,6 +134,7 @@ class ServingModule(tf.Module):
         image_spec: tf.TensorSpec,
         num_samples: int = 16,
         max_num_samples: int = 1024,
+        roi_mask: bool = False,
     ):
         super().__init__(name="tfp_seg_serving")
         self._adapter = adapter
@@ -106,45 +142,44 @@ class ServingModule(tf.Module):
         self._max = int(max_num_samples)
         self._head_config = json.dumps(adapter.config, sort_keys=True)
         self._spatial = tuple(image_spec.shape[1:3])
-        images = tf.TensorSpec(image_spec.shape, tf.float32, name="images")
+        inputs = [tf.TensorSpec(image_spec.shape, tf.float32, name="images")]
+        if roi_mask:
+            inputs.append(_common.roi_mask_spec(image_spec))
         n_spec = tf.TensorSpec([], tf.int32, name="num_samples")
         seed_spec = tf.TensorSpec([None], tf.int64, name="seed")
-        default_n = tf.constant(self._chunk, tf.int32)
-        default_seed = tf.constant([], tf.int64)
+        defaults = (tf.constant(self._chunk, tf.int32), tf.constant([], tf.int64))
 
-        def serving_default(images, num_samples=default_n, seed=default_seed):
+        def serving_default(inputs, num_samples, seed):
             # A Monte Carlo mean: antithetic pairs where the head uses them for its means.
-            samples = self._samples(images, num_samples, seed, for_mean=True)
+            samples = self._samples(inputs, num_samples, seed, for_mean=True)
             probabilities = dists.mean_softmax(samples)
             return {
                 "probabilities": probabilities,
                 "labels": dists.argmax_classes(probabilities),
             }
 
-        def sample(images, num_samples=default_n, seed=default_seed):
-            samples = self._samples(images, num_samples, seed)  # independent draws
+        def sample(inputs, num_samples, seed):
+            samples = self._samples(inputs, num_samples, seed)  # independent draws
             return {
                 "labels": dists.argmax_classes(samples),
                 "logits": samples,
             }
 
-        def uncertainty(images, num_samples=default_n, seed=default_seed):
+        def uncertainty(inputs, num_samples, seed):
             # Independent draws: `variance` is the unbiased sample variance only for those.
-            return uncertainty_maps(self._samples(images, num_samples, seed))
+            return uncertainty_maps(self._samples(inputs, num_samples, seed))
 
-        def params(images):
-            state = adapter.prepare(images)
+        def params(inputs):
+            state = adapter.prepare(inputs)
             out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
             out["head_config"] = tf.constant(self._head_config)
             return out
 
-        # No AutoGraph: the graphs use explicit tf.while_loop / tf.cond, and converting user
-        # models' Python helpers (generators, numpy) would only warn or fail.
-        sampled = dict(input_signature=[images, n_spec, seed_spec], autograph=False)
-        self.serving_default = tf.function(serving_default, **sampled)
-        self.sample = tf.function(sample, **sampled)
-        self.uncertainty = tf.function(uncertainty, **sampled)
-        self.params = tf.function(params, input_signature=[images], autograph=False)
+        sampled = [*inputs, n_spec, seed_spec]
+        self.serving_default = _signature(serving_default, sampled, roi_mask, defaults)
+        self.sample = _signature(sample, sampled, roi_mask, defaults)
+        self.uncertainty = _signature(uncertainty, sampled, roi_mask, defaults)
+        self.params = _signature(params, inputs, roi_mask)
         for name in _common.SIGNATURES:  # trace now: weights created lazily exist before tracking
             getattr(self, name).get_concrete_function()
         # Track the weights as plain tf.Variables, as keras' ExportArchive does. Tracking the
@@ -152,8 +187,8 @@ class ServingModule(tf.Module):
         # but whose variables a TF1 session loader - TF Serving's - cannot find.
         self.model_variables = [_common.tf_variable(v) for v in adapter.variables()]
 
-    def _samples(self, images, num_samples, seed, for_mean=False):
-        state = self._adapter.prepare(images)
+    def _samples(self, inputs, num_samples, seed, for_mean=False):
+        state = self._adapter.prepare(inputs)
         samples = _chunked_samples(
             self._adapter, state, num_samples, seed, self._chunk, self._max, for_mean
         )
@@ -161,4 +196,5 @@ class ServingModule(tf.Module):
         return tf.ensure_shape(samples, [None, None, h, w, self._adapter.num_classes])
 
     def signatures(self) -> dict:
+        """`{name: tf.function}` of the exported signatures (`SIGNATURES`)."""
         return {name: getattr(self, name) for name in _common.SIGNATURES}

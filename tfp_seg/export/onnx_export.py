@@ -26,6 +26,8 @@ def onnx(
     dynamic_spatial: Optional[bool] = None,
     check_images=None,
     atol: float = 1e-4,
+    roi_mask: bool = False,
+    check_roi_mask=None,
 ) -> str:
     """Export `model` to ONNX with tf2onnx and check it in onnxruntime.
 
@@ -36,7 +38,10 @@ def onnx(
     their mean `probabilities [B, H, W, C]`, `labels [B, H, W]` int32 and the uncertainty maps
     (`predictive_entropy`, `expected_entropy`, `mutual_information`, `variance`, `[B, H, W]`).
     Every sampled output of a run is computed from that run's `logit_samples` (no antithetic
-    pairs: they are what a client sees).
+    pairs: they are what a client sees). With `roi_mask=True` the graph has a second input
+    `roi_mask` float32 `[B, H, W]` (the region of interest, 1 inside), passed with the images
+    to the head, as `model({"images": images, "roi_mask": roi_mask})`; the models it applies
+    to are those of `saved_model(..., roi_mask=True)`.
 
     The converted graph is loaded and run in onnxruntime before it is written: its
     deterministic outputs must match the Keras model within `atol`, and its samples must vary
@@ -48,7 +53,8 @@ def onnx(
       path: the `.onnx` file to write.
       num_samples: N, fixed in the graph.
       opset: ONNX opset.
-      image_shape, dynamic_spatial, check_images, atol: see `saved_model`.
+      image_shape, dynamic_spatial, check_images, atol, roi_mask, check_roi_mask: see
+        `saved_model`.
 
     Returns:
       `path`.
@@ -64,12 +70,16 @@ def onnx(
         ) from err
     num_samples = _checks.positive_int(num_samples, "num_samples")
     adapter = dispatch.as_adapter(model, image_shape)
-    spec = _common.image_spec(adapter, dynamic_spatial, num_samples)
-    images_spec = tf.TensorSpec(spec.shape, tf.float32, name="images")
+    roi_mask = bool(roi_mask)
+    roi_check = _common.roi_check_inputs(adapter, roi_mask, check_images, check_roi_mask)
+    spec = _common.image_spec(adapter, dynamic_spatial, num_samples, roi_mask)
+    input_signature = [tf.TensorSpec(spec.shape, tf.float32, name="images")]
+    if roi_mask:
+        input_signature.append(_common.roi_mask_spec(spec))
 
-    @tf.function(input_signature=[images_spec], autograph=False)
-    def graph(images):
-        state = adapter.prepare(images)
+    @tf.function(input_signature=input_signature, autograph=False)
+    def graph(images, *mask):
+        state = adapter.prepare(_common.graph_inputs(images, *mask))
         out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
         out["mean_logits"] = tf.cast(adapter.mean_logits(state), tf.float32)
         # Independent draws: the same samples feed `logit_samples` and the averages.
@@ -90,7 +100,7 @@ def onnx(
     graph.get_concrete_function()
     try:
         model_proto, _ = tf2onnx.convert.from_function(
-            graph, input_signature=[images_spec], opset=opset
+            graph, input_signature=input_signature, opset=opset
         )
     except Exception as err:  # tf2onnx raises many types; the cause is chained
         raise _common.ExportError(
@@ -99,7 +109,12 @@ def onnx(
     meta = model_proto.metadata_props.add()
     meta.key = "tfp_seg"
     meta.value = json.dumps(
-        {"head_config": adapter.config, "num_samples": num_samples}, sort_keys=True
+        {
+            "head_config": adapter.config,
+            "num_samples": num_samples,
+            "inputs": [t.name for t in input_signature],
+        },
+        sort_keys=True,
     )
     # Check the graph before writing it: a file at `path` has passed the parity checks.
     serialized = model_proto.SerializeToString()
@@ -111,23 +126,27 @@ def onnx(
             f"tf2onnx produced a graph that does not load in onnxruntime (not written to "
             f"{path}): {err}"
         ) from err
-    images = _common.check_images(check_images, spec, adapter.image_shape)
-    _check_onnx(adapter, session, images, atol, path, num_samples)
+    inputs = _common.parity_inputs(adapter, spec, check_images, roi_check)
+    _check_onnx(adapter, session, inputs, atol, path, num_samples)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     _io.atomic_write_bytes(path, serialized)
     return path
 
 
-def _check_onnx(adapter, session, images, atol, path, num_samples):
+def _check_onnx(adapter, session, inputs, atol, path, num_samples):
+    """Compare the graph in `session` with `adapter` on `inputs` (`{"images": ...}`, plus
+    `"roi_mask"` with a region of interest), and check that its samples vary between runs."""
     names = [o.name for o in session.get_outputs()]
     try:
-        first = dict(zip(names, session.run(None, {"images": images}), strict=True))
-        (second,) = session.run(["logit_samples"], {"images": images})
+        first = dict(zip(names, session.run(None, inputs), strict=True))
+        (second,) = session.run(["logit_samples"], inputs)
     except _onnxruntime_errors() as err:
         raise _common.ExportError(
             f"The ONNX graph for {path} fails to run in onnxruntime: {err}"
         ) from err
-    state = adapter.prepare(tf.constant(images))
+    state = adapter.prepare(
+        _common.graph_inputs(tf.constant(inputs["images"]), inputs.get(_common.ROI_MASK))
+    )
     expected = {k: np.asarray(v) for k, v in adapter.params(state).items()}
     expected["mean_logits"] = np.asarray(adapter.mean_logits(state))
     for name, value in expected.items():

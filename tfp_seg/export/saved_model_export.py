@@ -30,8 +30,22 @@ def saved_model(
     check: bool = True,
     check_images=None,
     atol: float = 1e-4,
+    roi_mask: bool = False,
+    check_roi_mask=None,
 ) -> str:
     """Export `model` as a SavedModel for TF Serving, `<base>/<version>/`, and check it.
+
+    With `roi_mask=True` every signature takes a second input `roi_mask` float32 `[B, H, W]`
+    (the region of interest, 1 inside, 0 outside) after `images`, passed with them to the
+    head: `serving_default(images, roi_mask, num_samples?, seed?)`, ...,
+    `params(images, roi_mask)`; the outputs are those of
+    `model({"images": images, "roi_mask": roi_mask})`. Without it the signatures take the
+    images alone. The option needs a model whose head takes a region (a
+    `ProbabilisticSegmenter` with `LowRankLogits` or `MixtureLowRankLogits`), or an
+    `MCDropout` / `DeepEnsemble` over such models (every member); any other model (a
+    `CategoricalLogits` / `HeteroscedasticLogits` head, a `ProbabilisticUNet` or another
+    self-sampling model, `ExportAdapter.from_functions`) is an `ExportError`, raised before
+    anything is written.
 
     Args:
       model: a `ProbabilisticSegmenter` (any head), a `tfp_seg.models.MCDropout` or
@@ -54,6 +68,9 @@ def saved_model(
         with the Keras model; beyond `atol` raise `ExportParityError` and leave no version
         directory behind.
       check_images: images `[B, H, W, channels]` for the check (default: 2 random images).
+      roi_mask: export the `roi_mask` input (see above).
+      check_roi_mask: with `roi_mask`, the mask `[B, H, W]` of `check_images` for the check
+        (default: a centred square of half the image's side).
 
     Returns:
       The version directory written.
@@ -70,9 +87,11 @@ def saved_model(
         raise FileExistsError(
             f"{export_dir} exists and is not empty; pass overwrite=True or a new version."
         )
+    roi_mask = bool(roi_mask)
+    roi_check = _common.roi_check_inputs(adapter, roi_mask, check_images, check_roi_mask)
 
-    spec = _common.image_spec(adapter, dynamic_spatial, num_samples)
-    module = graphs.ServingModule(adapter, spec, num_samples, max_num_samples)
+    spec = _common.image_spec(adapter, dynamic_spatial, num_samples, roi_mask)
+    module = graphs.ServingModule(adapter, spec, num_samples, max_num_samples, roi_mask)
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)
     # Write and check next to the target (`<version>.tmp-<random>`), then rename
@@ -87,6 +106,7 @@ def saved_model(
                 {
                     "head_config": adapter.config,
                     "signatures": list(_common.SIGNATURES),
+                    "inputs": ["images", _common.ROI_MASK] if roi_mask else ["images"],
                     "num_samples": num_samples,
                     "max_num_samples": max_num_samples,
                     "image_shape": [None if d is None else int(d) for d in spec.shape[1:]],
@@ -96,13 +116,18 @@ def saved_model(
                 sort_keys=True,
             )
         if check:
-            images = _common.check_images(check_images, spec, adapter.image_shape)
-            _check_saved_model(adapter, tmp, images, num_samples, atol)
+            inputs = _common.parity_inputs(adapter, spec, check_images, roi_check)
+            _check_saved_model(adapter, tmp, inputs, num_samples, atol)
     return export_dir
 
 
-def _check_saved_model(adapter, export_dir, images, num_samples, atol):
-    state = adapter.prepare(tf.constant(images))
+def _check_saved_model(adapter, export_dir, inputs, num_samples, atol):
+    """Compare the SavedModel at `export_dir` with `adapter` on `inputs` (`{"images": ...}`,
+    plus `"roi_mask"` in an export with a region of interest): `params` through the TF1
+    session loader and `tf.saved_model.load`, seeded `sample` logits and `serving_default`
+    probabilities through the latter."""
+    tensors = {name: tf.constant(value) for name, value in inputs.items()}
+    state = adapter.prepare(_common.graph_inputs(tensors["images"], tensors.get(_common.ROI_MASK)))
     expected = {k: np.asarray(v) for k, v in adapter.params(state).items()}
     # TF Serving's path: a TF1 session loader feeding the SignatureDef's tensor names.
     graph = tf.Graph()
@@ -119,7 +144,7 @@ def _check_saved_model(adapter, export_dir, images, num_samples, atol):
         try:
             values = session.run(
                 [signature_def.outputs[name].name for name in names],
-                {signature_def.inputs["images"].name: images},
+                {signature_def.inputs[key].name: value for key, value in inputs.items()},
             )
         except tf.errors.OpError as err:
             raise _common.ExportError(
@@ -128,13 +153,13 @@ def _check_saved_model(adapter, export_dir, images, num_samples, atol):
     for name, value in zip(names, values, strict=True):
         _common.assert_close(f"SavedModel (session) params/{name}", value, expected[name], atol)
     loaded = tf.saved_model.load(export_dir)
-    got = loaded.signatures["params"](images=tf.constant(images))
+    got = loaded.signatures["params"](**tensors)
     for name, value in expected.items():
         _common.assert_close(f"SavedModel params/{name}", np.asarray(got[name]), value, atol)
     seed = tf.constant([1234, 5678], tf.int64)
     reference = np.asarray(adapter.sample_logits(state, num_samples, seed=seed))
     sampled = loaded.signatures["sample"](
-        images=tf.constant(images), num_samples=tf.constant(num_samples), seed=seed
+        **tensors, num_samples=tf.constant(num_samples), seed=seed
     )
     _common.assert_close(
         "SavedModel sample/logits (seeded)", np.asarray(sampled["logits"]), reference, atol
@@ -143,7 +168,7 @@ def _check_saved_model(adapter, export_dir, images, num_samples, atol):
         dists.mean_softmax(adapter.sample_logits_for_mean(state, num_samples, seed=seed))
     )
     averaged = loaded.signatures["serving_default"](
-        images=tf.constant(images), num_samples=tf.constant(num_samples), seed=seed
+        **tensors, num_samples=tf.constant(num_samples), seed=seed
     )
     _common.assert_close(
         "SavedModel serving_default/probabilities (seeded)",

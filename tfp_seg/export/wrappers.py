@@ -97,6 +97,7 @@ class MCDropoutAdapter(adapters.ExportAdapter):
     one independent draw of the head's distribution, as `MCDropout.sample_logits` does. The
     deterministic outputs (`params`, `mean_logits`) are the network with dropout off.
     Seeded requests are reproducible, but draw other masks than `MCDropout(seed=...)`.
+    With a region of interest (`roi_mask=True`) every pass gets the request's `roi_mask`.
     """
 
     def __init__(self, sampler, image_shape=None):
@@ -142,6 +143,9 @@ class MCDropoutAdapter(adapters.ExportAdapter):
     def prepare(self, images):
         return images, self.model(images, training=False)
 
+    def check_roi_mask(self, images):
+        _common.check_takes_roi_mask(self.model, images, "MC dropout")
+
     def params(self, state):
         output = state[1]
         out = {
@@ -151,14 +155,20 @@ class MCDropoutAdapter(adapters.ExportAdapter):
         if isinstance(self.head, protocols.CovarianceHead):
             loc, factor, diag = self.head.covariance_parts(output)
             out.update(loc=loc, cov_factor=factor, cov_diag=diag)
+        if isinstance(self.head, protocols.MixtureHead):
+            out.update(adapters.mixture_outputs(self.head, output))
         return out
 
     def mean_logits(self, state):
         return _common.mean_logits_of(self.model, state[1])
 
     def sample_logits(self, state, num_samples, seed=None):
-        images = state[0]
-        tiled = tf.tile(images, [num_samples, 1, 1, 1])  # pass n, image b at n * B + b
+        inputs = state[0]  # the images, or {"images", "roi_mask"} (a region of interest)
+        images = inputs["images"] if isinstance(inputs, dict) else inputs
+        tiled = tf.nest.map_structure(  # pass n, image b at n * B + b
+            lambda t: tf.tile(t, [num_samples] + [1] * (t.shape.rank - 1)),
+            inputs,
+        )
         with _SampledDropout(self.dropout_layers, seed):
             output = self.model(tiled, training=False)
         logits = _common.logit_samples_of(
@@ -176,7 +186,8 @@ class EnsembleAdapter(adapters.ExportAdapter):
     `head_sampling`, else its mean logits), as `DeepEnsemble.sample_logits` assigns them, across
     the SavedModel's sampling chunks too. `params` concatenates the members' packed outputs
     on the last axis; `mean_logits` is the mean of the members' mean logits, i.e. the mean of
-    the ensemble's logit distribution.
+    the ensemble's logit distribution. With a region of interest (`roi_mask=True`) every
+    member gets the request's `roi_mask` (each member's head must take one).
     """
 
     def __init__(self, ensemble, image_shape=None):
@@ -221,6 +232,10 @@ class EnsembleAdapter(adapters.ExportAdapter):
 
     def prepare(self, images):
         return tuple(member(images, training=False) for member in self.members)
+
+    def check_roi_mask(self, images):
+        for i, member in enumerate(self.members):
+            _common.check_takes_roi_mask(member, images, f"the DeepEnsemble (member {i})")
 
     def params(self, state):
         return {

@@ -28,17 +28,17 @@ def sample_annotations(
     """Draws `k` i.i.d. label maps from the discrete distribution over `modes`.
 
     Args:
-      modes: integer `[M, H, W]` label maps.
+      modes: integer `[M, *S]` label maps, `S = (H, W)` (images) or `(D, H, W)` (volumes).
       weights: `[M]` probabilities (non-negative, summing to 1).
       k: number of draws.
       rng: a `np.random.Generator`.
 
     Returns:
-      `[k, H, W]` label maps (dtype of `modes`), `modes[j]` with probability `weights[j]`.
+      `[k, *S]` label maps (dtype of `modes`), `modes[j]` with probability `weights[j]`.
     """
     modes = np.asarray(modes)
-    if modes.ndim != 3:
-        raise ValueError(f"modes must have shape [M, H, W], got {modes.shape}")
+    if modes.ndim not in (3, 4):
+        raise ValueError(f"modes must have shape [M, H, W] or [M, D, H, W], got {modes.shape}")
     k = _checks.positive_int(k, "k", message="k must be an int >= {minimum}, got {value}")
     w = check_weights(weights, modes.shape[0])
     return modes[rng.choice(modes.shape[0], size=int(k), p=w)]
@@ -57,11 +57,11 @@ def object_counts(object_weights: np.ndarray) -> list[int]:
 
 
 def joint_modes(object_labels: np.ndarray, object_weights: np.ndarray):
-    """Joint modes `[M, H, W]` int32 and weights `[M]` float64 of one image from its factors."""
+    """Joint modes `[M, *S]` int32 and weights `[M]` float64 of one image from its factors
+    (`object_labels [objects, modes, *S]`, `object_weights [objects, modes]`)."""
     counts = object_counts(object_weights)
     combos = joint_index(counts)
-    h, w = object_labels.shape[-2:]
-    modes = np.zeros((combos.shape[0], h, w), np.int32)
+    modes = np.zeros((combos.shape[0],) + tuple(object_labels.shape[2:]), np.int32)
     weights = np.ones(combos.shape[0], np.float64)
     for o in range(len(counts)):
         modes += object_labels[o][combos[:, o]]

@@ -3,10 +3,13 @@
 ```none
 tfp-seg train                         # SSN head + built-in U-Net on the built-in ambiguous data
 tfp-seg train --head deterministic --epochs 5 --name baseline
+tfp-seg train --head mixture --components 3   # K low-rank components, image-level weights
+tfp-seg train --ensemble batch --ensemble-size 4   # BatchEnsemble U-Net (or packed), SSN head
 tfp-seg train --config my.yaml        # any TrainConfig field; flags override the file
-tfp-seg evaluate runs/<name>          # report.json against the exact label distribution
+tfp-seg train --data lidc:data_lidc.pickle --config examples/configs/lidc_ssn.yaml
+tfp-seg evaluate runs/<name>          # report.json: vs the exact distribution, or the raters
 tfp-seg sample runs/<name> -n 8       # sampled label maps of test images (.npz)
-tfp-seg export runs/<name> --format saved_model|onnx
+tfp-seg export runs/<name> --format saved_model|onnx   # --roi-mask: a region-of-interest input
 ```
 
 Errors (missing or corrupt files, unwritable folders, bad values) print one line starting with
@@ -28,7 +31,7 @@ import numpy as np
 
 from tfp_seg import __version__, _interrupt, export
 from tfp_seg._io import atomic_path
-from tfp_seg.evaluation import evaluate_ambiguous, format_report
+from tfp_seg.evaluation import format_report
 from tfp_seg.export import ExportError
 from tfp_seg.runs.config import (
     BACKBONES,
@@ -39,11 +42,21 @@ from tfp_seg.runs.config import (
     load_config,
     stored_config,
 )
-from tfp_seg.runs.data import make_data
-from tfp_seg.runs.evaluate import load_run
+from tfp_seg.runs.data import load_source, make_data
+from tfp_seg.runs.evaluate import evaluate_data, load_run
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
 from tfp_seg.runs.train import train
+
+
+def _bool(text: str) -> bool:
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+        text.strip().lower()
+    )
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
 
 _TRAIN_FLAGS = {
     # field: (type, help)
@@ -54,6 +67,13 @@ _TRAIN_FLAGS = {
     "model": (
         str,
         f"model family, one of {', '.join(MODELS)} (default: segmenter = backbone + head)",
+    ),
+    "data": (
+        str,
+        "data source: builtin (the exact-distribution benchmark, split 80/10/10), "
+        "lidc:PATH (the data_lidc.pickle of LIDC-IDRI crops, or a folder of its parts), or "
+        "folder:IMAGES_DIR:MASKS_DIR (one or several masks per image); real data are split "
+        "60/20/20 by patient series, recorded in <run>/split.json (default: builtin)",
     ),
     "head": (
         str,
@@ -66,7 +86,15 @@ _TRAIN_FLAGS = {
         "are keras-hub / keras-cv models built from config, nothing is downloaded)",
     ),
     "rank": (int, "rank R of the SSN covariance factor (default: 10)"),
-    "num_samples": (int, "Monte Carlo samples M in the SSN training loss (default: 20)"),
+    "components": (
+        int,
+        "mixture components K of --head mixture, each a rank-R SSN component (default: 3)",
+    ),
+    "num_samples": (
+        int,
+        "Monte Carlo samples M in the SSN training loss, per component with --head mixture "
+        "(default: 20)",
+    ),
     "marginal_weight": (
         float,
         "weight of the per-pixel term added to the SSN joint MC loss; 0 = the paper's loss "
@@ -80,8 +108,28 @@ _TRAIN_FLAGS = {
     "num_annotations": (int, "sampled annotations ('raters') per image (default: 4)"),
     "base_filters": (int, "U-Net filters at the first level (default: 16)"),
     "depth": (int, "U-Net downsamplings (default: 3)"),
+    "max_filters": (int, "cap on the U-Net filters of a level (default: none)"),
+    "norm": (str, "U-Net normalisation: group or batch (default: group)"),
+    "annotations": (
+        str,
+        "how an image's raters are scored in training: random (one drawn per image and step), "
+        "all (every rater, from one set of logit samples shared by them), marginal (the "
+        "raters' per-pixel fractions as soft labels; heteroscedastic and deterministic heads "
+        "and the sampling baselines) (default: random)",
+    ),
+    "augment": (
+        _bool,
+        "true: a random flip / 90-degree rotation of every training example, the same for "
+        "image and labels (default: false)",
+    ),
     "dropout": (float, "U-Net dropout rate (default: 0.2 with --head mc_dropout, else 0)"),
-    "ensemble_size": (int, "members of --head ensemble (default: 3)"),
+    "ensemble_size": (int, "members of --head ensemble (default: 3) or of --ensemble (default: 4)"),
+    "ensemble": (
+        str,
+        "efficient ensemble of the built-in U-Net under the head, trained as one model, its "
+        "members the samples: batch (BatchEnsemble) or packed (Packed-Ensembles, alpha 2, "
+        "gamma 1); --eval-samples must be a multiple of --ensemble-size (default: none)",
+    ),
     "latent_dim": (int, "latent dimension of --model prob_unet (default: 6)"),
     "beta": (float, "KL weight of --model prob_unet (default: 1.0)"),
     "seed": (int, "seed of data generation, initialisation and sampling (default: 0)"),
@@ -109,12 +157,13 @@ class CLIError(Exception):
 def _add_train(sub):
     p = sub.add_parser(
         "train",
-        help="train a model on the built-in ambiguous data, evaluate it and save it",
+        help="train a model (built-in ambiguous data or --data SPEC), evaluate it, save it",
         description=(
-            "Train a probabilistic segmenter on tfp_seg.data.ambiguous_shapes, evaluate it "
-            "against the exact label distribution and write runs/<name>/{config,history,"
-            "report}.json and model.keras. With no arguments: SSN head (rank 10) on the "
-            "built-in U-Net, 64x64 images, a few minutes on a CPU."
+            "Train a probabilistic segmenter on tfp_seg.data.ambiguous_shapes (or the data of "
+            "--data), evaluate it against the exact label distribution (or the raters) and "
+            "write runs/<name>/{config,history,report,split}.json and model.keras. With no "
+            "arguments: SSN head (rank 10) on the built-in U-Net, 64x64 images, a few minutes "
+            "on a CPU."
         ),
     )
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (flags override)")
@@ -162,13 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate",
         help="evaluate a saved run or model on the built-in data's held-out split",
         description=(
-            "Evaluate against the exact label distribution; writes report.json, report.md and "
+            "Evaluate against the exact label distribution (built-in data) or the raters "
+            "(users' data: GED and HM-IoU at 16 and 100 samples, per-pixel metrics against the "
+            "raters' marginals, mIoU and Dice against each rater); writes report.json, "
+            "report.md and "
             "PNG figures (samples, probability / entropy / mutual-information maps, "
             "reliability diagram) under figures/."
         ),
     )
     _add_run_arg(p)
     p.add_argument("--num-samples", type=int, default=16, help="samples per image (default: 16)")
+    _add_data_arg(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument(
         "--output",
@@ -191,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arg(p)
     p.add_argument("-n", "--num-samples", type=int, default=8, help="samples (default: 8)")
     p.add_argument("--images", type=int, default=4, help="number of test images (default: 4)")
+    _add_data_arg(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--output", help="output .npz (default: <run>/samples.npz)")
 
@@ -213,7 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
         "a .onnx file for onnx (default <run>/model.onnx)",
     )
     p.add_argument("--num-samples", type=int, default=16, help="samples in the graph (default: 16)")
+    p.add_argument(
+        "--roi-mask",
+        action="store_true",
+        help="add a second input roi_mask [B,H,W] (region of interest) for heads that take one",
+    )
     return parser
+
+
+def _add_data_arg(p) -> None:
+    p.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="images of another source (a --data spec of train), all of them; default: the "
+        "run's own test split (<run>/split.json)",
+    )
 
 
 def _train_config(args) -> TrainConfig:
@@ -256,13 +324,18 @@ def _export_saved_model(model, config: TrainConfig, name: str, target: Optional[
     return target
 
 
+def _test_data(args, config, run_dir):
+    """The run's recorded test split, or with `--data SPEC` every image of that source."""
+    if getattr(args, "data", None):
+        return load_source(dataclasses.replace(config, data=args.data).validate())
+    return make_data(config, run_dir)[2]
+
+
 def cmd_evaluate(args) -> int:
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
-    _, _, test = make_data(config)
-    report = evaluate_ambiguous(
-        model, test, num_samples=args.num_samples, seed=args.seed, progress=args.progress
-    )
+    test = _test_data(args, config, run_dir)
+    report = evaluate_data(model, test, args.num_samples, args.seed, progress=args.progress)
     out_dir = args.output or run_dir
     _ensure_writable(out_dir)
     has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
@@ -288,7 +361,7 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
-    _, _, test = make_data(config)
+    test = _test_data(args, config, run_dir)
     if args.images < 1:
         raise CLIError(f"--images must be >= 1; got {args.images}")
     subset = test[: args.images]
@@ -315,11 +388,12 @@ def cmd_export(args) -> int:
             model,
             args.output or os.path.join(config.savedmodels_dir, name),
             num_samples=args.num_samples,
+            roi_mask=args.roi_mask,
         )
         print(f"exported SavedModel to {target}")
     else:
         target = args.output or os.path.join(run_dir, "model.onnx")
-        export.onnx(model, target, num_samples=args.num_samples)
+        export.onnx(model, target, num_samples=args.num_samples, roi_mask=args.roi_mask)
         print(f"exported ONNX to {target}")
     return 0
 

@@ -21,6 +21,7 @@ def annotated_dataset(
     seed: int = 0,
     repeat: bool = False,
     drop_remainder: bool = False,
+    augment: bool = False,
 ):
     """A batched `tf.data.Dataset` of `(image, label)` from images and K annotations each.
 
@@ -28,6 +29,12 @@ def annotated_dataset(
     epoch) or `"first"` -> int32 `[B, H, W]`; `"all"` -> int32 `[B, K, H, W]`; `"marginal"`
     (`marginals()`, called only in that mode) -> float32 `[B, H, W, C]`. Shuffling and the
     random choice are deterministic given `seed`. Images are float32 `[B, H, W, channels]`.
+    `augment=True` applies to every example one of the 8 flips / 90-degree rotations of the
+    square (the dihedral group; on non-square images the 4 that keep the shape), the same to
+    the image and its label(s), drawn anew every epoch, deterministic given `seed`.
+    Volumes (images `[N, D, H, W, channels]`, annotations `[N, K, D, H, W]`) give `[B, D, H,
+    W, ...]` alike; `augment` turns and flips them in the last two spatial axes (H, W) only,
+    every slice along D alike.
     """
     if annotation not in ANNOTATION_MODES:
         raise ValueError(
@@ -62,8 +69,49 @@ def annotated_dataset(
         ds = ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     elif annotation in ("first", "all"):
         ds = ds.map(lambda x, y: (x, tf.cast(y, tf.int32)), deterministic=True)
+    if augment:
+        rank = images.ndim - 2
+        if rank not in (2, 3):
+            raise ValueError(
+                "augment=True needs images [N, H, W, channels] or volumes [N, D, H, W, "
+                f"channels]; got shape {images.shape}"
+            )
+        square = images.shape[-3] == images.shape[-2]
+        draws = tf.data.Dataset.random(seed=seed + 7919, rerandomize_each_iteration=True)
+        ds = tf.data.Dataset.zip((ds, draws)).map(
+            lambda example, draw: _dihedral(example, draw, annotation, square, rank),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
     ds = ds.batch(int(batch_size), drop_remainder=drop_remainder)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _dihedral(example, draw, annotation: str, square: bool, rank: int = 2):
+    """One of the symmetries of the square (`draw` mod 8: k quarter turns, then a left-right
+    flip) applied alike to an image `[H, W, ch]` and its label: `[H, W]`, a set `[K, H, W]`
+    ("all") or soft labels `[H, W, C]` ("marginal"). Non-square: half turns only.
+    Volumes (`rank=3`, `[D, H, W, ch]`, labels `[D, H, W]`, `[K, D, H, W]`, `[D, H, W, C]`):
+    the same transform of every slice along D (`tf.image` takes D as its batch axis)."""
+    import tensorflow as tf
+
+    image, label = example
+    draw = tf.cast(tf.math.floormod(draw, 8), tf.int32)
+    turns = tf.math.floormod(draw, 4) if square else 2 * tf.math.floormod(draw, 2)
+    flip = draw >= 4
+    to_last = list(range(1, rank + 1)) + [0]  # a set [K, *S] -> [*S, K] and back
+    from_last = [rank] + list(range(rank))
+    as_hwc = {"all": lambda t: tf.transpose(t, to_last), "marginal": lambda t: t}
+    to_hwc = as_hwc.get(annotation, lambda t: t[..., tf.newaxis])
+    from_hwc = {"all": lambda t: tf.transpose(t, from_last), "marginal": lambda t: t}.get(
+        annotation, lambda t: t[..., 0]
+    )
+
+    def apply(t):
+        t = tf.image.rot90(t, turns)
+        return tf.cond(flip, lambda: tf.image.flip_left_right(t), lambda: t)
+
+    return apply(image), from_hwc(apply(to_hwc(label)))
 
 
 def check_fractions(fractions) -> np.ndarray:
@@ -109,6 +157,7 @@ class AnnotatedSet:
         seed: int = 0,
         repeat: bool = False,
         drop_remainder: bool = False,
+        augment: bool = False,
     ):
         """A batched `tf.data.Dataset` of `(image, label)` pairs.
 
@@ -126,8 +175,13 @@ class AnnotatedSet:
           seed: seed of the shuffling and of the `"random"` annotation choice.
           repeat: repeat indefinitely (each repetition is a new epoch).
           drop_remainder: drop the last incomplete batch.
+          augment: a random flip / 90-degree rotation of every example, the same for its
+            image and label(s) (the dihedral group of the square: 8 transforms; 4 on
+            non-square images), drawn anew every epoch, deterministic given `seed`. Volumes
+            are turned and flipped in their last two spatial axes (H, W), all D slices alike.
 
-        Images are float32 `[B, H, W, channels]`.
+        Images are float32 `[B, H, W, channels]`; volumes `[B, D, H, W, channels]` with
+        labels `[B, D, H, W]` (`"all"`: `[B, K, D, H, W]`, `"marginal"`: `[B, D, H, W, C]`).
         """
         return annotated_dataset(
             self.images,
@@ -139,4 +193,5 @@ class AnnotatedSet:
             seed=seed,
             repeat=repeat,
             drop_remainder=drop_remainder,
+            augment=augment,
         )

@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 SOURCE_KINDS = ("builtin", "lidc", "folder")
+"""The data source kinds `load(spec)` reads: `builtin`, `lidc:PATH`, `folder:IMAGES:MASKS`."""
 SPLIT_PARTS = ("train", "val", "test")
+"""The names of the parts of a split, in order (`split_data`, `select_split`)."""
 _FORMS = {
     "builtin": "builtin",
     "lidc": "lidc:PATH (the data_lidc.pickle file or a folder of .pickle parts)",

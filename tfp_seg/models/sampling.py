@@ -72,9 +72,37 @@ def _batch_seed(seed: Union[None, int, np.ndarray], index: int):
     return _seeds.fold_seed(seed, index).numpy()
 
 
+INPUT_KEYS = ("images", "roi_mask")
+
+
+def _as_array(x):
+    return x if isinstance(x, tf.Tensor) else np.asarray(x)
+
+
 def _check_images(x):
-    if not isinstance(x, tf.Tensor):
-        x = np.asarray(x)
+    """`x` checked: images `[B, H, W, channels]`, or a dict `{"images": ..., "roi_mask":
+    [B, H, W] or [B, H, W, 1]}` (the region of interest of heads that take one)."""
+    if isinstance(x, dict):
+        unknown = sorted(set(x) - set(INPUT_KEYS))
+        if unknown or "images" not in x:
+            raise ValueError(
+                f"`x` as a dict must have the key 'images' and optionally 'roi_mask'; got keys "
+                f"{sorted(x)}."
+            )
+        checked = {key: _as_array(value) for key, value in x.items()}
+        images = _check_images(checked["images"])
+        mask = checked.get("roi_mask")
+        if mask is not None and (
+            len(mask.shape) not in (3, 4)
+            or tuple(mask.shape[:3]) != tuple(images.shape[:3])
+            or (len(mask.shape) == 4 and mask.shape[-1] != 1)
+        ):
+            raise ValueError(
+                f"`x['roi_mask']` must be [B, H, W] (or [B, H, W, 1]) matching the images "
+                f"{_checks.shape_str(images)}; got shape {_checks.shape_str(mask)}."
+            )
+        return checked
+    x = _as_array(x)
     if len(x.shape) != 4:
         raise ValueError(
             f"`x` must have rank 4 ([B, H, W, channels] images); got shape {_checks.shape_str(x)}."
@@ -82,6 +110,12 @@ def _check_images(x):
     if x.shape[0] == 0:
         raise ValueError("`x` is an empty batch (0 images).")
     return x
+
+
+def _rows(x, start: int, stop: int):
+    if isinstance(x, dict):
+        return {key: value[start:stop] for key, value in x.items()}
+    return x[start:stop]
 
 
 class Sampler:
@@ -135,12 +169,13 @@ class Sampler:
         batch_size = _checks.positive_int(batch_size, "batch_size", optional=True)
         seed = _seeds.check_seed(seed)
         x = _check_images(x)
-        n = x.shape[0]
+        n = (x["images"] if isinstance(x, dict) else x).shape[0]
         if batch_size is None or n is None:
             return iter([(x, seed)])
         starts = range(0, int(n), batch_size)
         return (
-            (x[start : start + batch_size], _batch_seed(seed, k)) for k, start in enumerate(starts)
+            (_rows(x, start, start + batch_size), _batch_seed(seed, k))
+            for k, start in enumerate(starts)
         )
 
     def _read_out(self, read, x, num_samples, seed, batch_size, antithetic=False, axis=1):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import keras
 import tensorflow as tf
 
@@ -10,13 +12,23 @@ from tfp_seg.models import sampling
 
 __all__ = ["ProbabilisticSegmenter"]
 
+# The head's class: `ProbabilisticSegmenter(backbone, LowRankLogits(...)).head` is typed as a
+# LowRankLogits (with its `default_loss`, `split_params`, ...) for a type checker.
+HeadT = TypeVar("HeadT", bound=protocols.Head)
+
 
 @keras.saving.register_keras_serializable(package="tfp_seg")
-class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
+class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
     """A segmentation model whose output is a distribution over per-pixel logits.
 
     `model(images)` returns the head's packed parameters `[B, H, W, head.params_size]` (Keras
     models must output tensors); the distribution and its samples are derived from them.
+
+    A head that takes a region of interest (`LowRankLogits`, `MixtureLowRankLogits`: outside
+    it the logits are independent with a tiny variance) gets it as a second input: call,
+    `fit`, `predict` and every read-out (`sample`, `predict_proba`, ...) take
+    `{"images": [B, H, W, channels], "roi_mask": [B, H, W]}` in place of the images, e.g.
+    `model.fit({"images": x, "roi_mask": brain_masks}, labels)`.
 
     Args:
       backbone: a Keras model/layer `images [B, H, W, channels] -> features [B, H, W, F]`
@@ -38,7 +50,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
     ```
     """
 
-    def __init__(self, backbone, head, validate_inputs: bool = True, **kwargs):
+    def __init__(self, backbone, head: HeadT, validate_inputs: bool = True, **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(head, protocols.Head) and isinstance(head, keras.layers.Layer)):
             raise ValueError(
@@ -48,15 +60,31 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
             )
         if not callable(backbone):
             raise ValueError(f"`backbone` must be a callable Keras model; got {backbone!r}.")
+        if getattr(backbone, "ensemble", None) is not None:
+            raise ValueError(
+                f"`backbone` is an efficient ensemble (ensemble={backbone.ensemble!r}, "
+                f"ensemble_size={getattr(backbone, 'ensemble_size', None)}): its features hold "
+                "every member's rows, [M*B, H, W, F]. Put the head on it with "
+                "tfp_seg.models.EnsembleSegmenter(backbone, head), which trains each member on "
+                "the batch and samples the members."
+            )
         self.backbone = backbone
-        self.head = head
+        self.head: HeadT = head
         self.validate_inputs = bool(validate_inputs)
 
     @property
     def num_classes(self) -> int:
+        """C, the number of classes of the head."""
         return self.head.num_classes
 
     def build(self, input_shape):
+        if isinstance(input_shape, dict):
+            if "images" not in input_shape or set(input_shape) - set(sampling.INPUT_KEYS):
+                raise ValueError(
+                    "`inputs` as a dict must have the key 'images' and optionally 'roi_mask'; "
+                    f"got keys {sorted(input_shape)}."
+                )
+            input_shape = input_shape["images"]
         input_shape = tuple(input_shape)
         if len(input_shape) != 4:
             raise ValueError(
@@ -70,6 +98,16 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
+        roi_mask = None
+        if isinstance(inputs, dict):
+            unknown = sorted(set(inputs) - set(sampling.INPUT_KEYS))
+            if unknown or "images" not in inputs:
+                raise ValueError(
+                    "`inputs` as a dict must have the key 'images' and optionally 'roi_mask'; "
+                    f"got keys {sorted(inputs)}."
+                )
+            roi_mask = inputs.get("roi_mask")
+            inputs = inputs["images"]
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, self.compute_dtype)
@@ -78,7 +116,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model):
             inputs = _checks.assert_finite(inputs, "inputs")
         features = self.backbone(inputs, training=training)
         _checks.check_rank(features, 4, "backbone output", "[B, H, W, F] features")
-        params = self.head(features)
+        params = self.head(features) if roi_mask is None else self.head(features, roi_mask=roi_mask)
         if inputs.shape[1:3].is_fully_defined() and params.shape[1:3].is_fully_defined():
             if params.shape[1:3] != inputs.shape[1:3]:
                 raise ValueError(

@@ -3,7 +3,7 @@
 ```none
 config.py     TrainConfig, load_config, the choices: HEADS (distribution heads), BASELINES
               (sampling baselines: mc_dropout, ensemble), BACKBONES, MODELS
-data.py       make_data: the built-in ambiguous benchmark, split 80/10/10
+data.py       make_data: the source of `config.data` and the run's recorded split
 model.py      build_model, compile_model, sampler_for (the run's predictive sampler)
 train.py      train: run folder, training loop (strategies, resume, ensembles), save_model
 evaluate.py   load_run, evaluate_trained (evaluation + report of a trained run)

@@ -3,7 +3,9 @@
 `head` takes a distribution head (`HEADS`: the model's output is a distribution over logits) or
 a sampling baseline (`BASELINES`: a deterministic network sampled by dropout masks or by
 independently trained members); `HEAD_CHOICES` is both, the values `tfp-seg train --head`
-accepts.
+accepts. `ensemble` (`ENSEMBLES`) makes the built-in U-Net an efficient ensemble of
+`ensemble_size` members (BatchEnsemble or Packed-Ensembles) under a distribution head, trained
+as one model and sampled with the members as samples.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 import yaml
 
 from tfp_seg import _checks
+from tfp_seg.data import sources as data_sources
 from tfp_seg.distribute import POLICIES, STRATEGIES
 from tfp_seg.models.backbones import catalog
 
@@ -27,18 +30,33 @@ __all__ = [
     "HEAD_CHOICES",
     "BACKBONES",
     "MODELS",
+    "ENSEMBLES",
     "load_config",
     "stored_config",
 ]
 
 # Distribution heads (tfp_seg.layers): low-rank MVN logits (SSN), heteroscedastic normal logits,
-# and the deterministic categorical head (a point-mass distribution over logits).
-HEADS = ("low_rank", "heteroscedastic", "deterministic")
+# the deterministic categorical head (a point-mass distribution over logits), and a mixture of
+# `components` low-rank components with image-level weights (MixtureLowRankLogits).
+HEADS = ("low_rank", "heteroscedastic", "deterministic", "mixture")
+"""The distribution heads of `TrainConfig.head` / `tfp-seg train --head`."""
 # Sampling baselines over a deterministic network (tfp_seg.models.MCDropout, DeepEnsemble).
 BASELINES = ("mc_dropout", "ensemble")
+"""The sampling baselines of `TrainConfig.head` (MC dropout, deep ensemble)."""
 HEAD_CHOICES = HEADS + BASELINES
+"""Every value `TrainConfig.head` accepts: `HEADS` and `BASELINES`."""
 BACKBONES = catalog.BACKBONE_NAMES  # the one list of named backbones
+"""The backbones of `TrainConfig.backbone` (`tfp_seg.models.BACKBONE_NAMES`)."""
 MODELS = ("segmenter", "prob_unet")
+"""The models of `TrainConfig.model`: backbone + head, or the Probabilistic U-Net."""
+# How the K annotations of an image are scored in training: one drawn per image and step, all
+# of them from one set of logit samples (label sets [B, K, H, W]), or their per-pixel fractions
+# (soft labels [B, H, W, C], per-pixel heads only).
+ANNOTATIONS = ("random", "all", "marginal")
+# Normalisation layers of the built-in U-Net (tfp_seg.models.UNet(norm=...)).
+NORMS = ("group", "batch")
+# Efficient ensembles of the built-in U-Net (tfp_seg.models.UNet(ensemble=...)).
+ENSEMBLES = ("batch", "packed")
 
 
 @dataclasses.dataclass
@@ -50,6 +68,7 @@ class TrainConfig:
     """
 
     name: Optional[str] = None
+    data: str = "builtin"
     model: str = "segmenter"
     head: str = "low_rank"
     backbone: str = "unet"
@@ -64,8 +83,14 @@ class TrainConfig:
     num_annotations: int = 4
     base_filters: int = 16
     depth: int = 3
+    max_filters: Optional[int] = None
+    norm: str = "group"
+    augment: bool = False
+    annotations: str = "random"
     dropout: Optional[float] = None
-    ensemble_size: int = 3
+    ensemble_size: Optional[int] = None  # 3 deep-ensemble members, 4 with `ensemble`
+    components: int = 3
+    ensemble: Optional[str] = None
     latent_dim: int = 6
     beta: float = 1.0
     seed: int = 0
@@ -79,6 +104,14 @@ class TrainConfig:
     mixed_precision: Optional[str] = None
 
     def validate(self) -> "TrainConfig":
+        """Check every field; return `self`, or raise `ValueError` naming the field."""
+        self.data = str(data_sources.parse_spec(self.data))
+        if self.norm not in NORMS:
+            raise ValueError(f"`norm` must be one of {NORMS}; got {self.norm!r}.")
+        if not isinstance(self.augment, bool):
+            raise ValueError(f"`augment` must be true or false; got {self.augment!r}.")
+        _checks.positive_int(self.max_filters, "max_filters", optional=True)
+        self._validate_annotations()
         if self.model not in MODELS:
             raise ValueError(f"`model` must be one of {MODELS}; got {self.model!r}.")
         if self.head not in HEAD_CHOICES:
@@ -87,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"`backbone` must be one of {BACKBONES}; got {self.backbone!r}.")
         if self.dropout is None:
             self.dropout = 0.2 if self.head == "mc_dropout" else 0.0
+        if self.ensemble_size is None:  # 4 members divide the default 16 evaluation samples
+            self.ensemble_size = 4 if self.ensemble else 3
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
         if self.model == "prob_unet" and self.head not in ("low_rank", "deterministic"):
@@ -104,9 +139,11 @@ class TrainConfig:
             "num_images",
             "eval_samples",
             "ensemble_size",
+            "components",
             "latent_dim",
         ):
             _checks.positive_int(getattr(self, field), field)
+        self._validate_ensemble()
         if self.image_size % (2**self.depth):
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
@@ -128,12 +165,53 @@ class TrainConfig:
             )
         return self
 
+    def _validate_annotations(self) -> None:
+        if self.annotations not in ANNOTATIONS:
+            raise ValueError(
+                f"`annotations` must be one of {ANNOTATIONS}; got {self.annotations!r}."
+            )
+        if self.annotations != "random" and self.model == "prob_unet":
+            raise ValueError(
+                f"`annotations` {self.annotations!r} does not apply to `model` prob_unet (its "
+                "ELBO scores one annotation per image); use random."
+            )
+        if self.annotations == "marginal" and self.head in ("low_rank", "mixture"):
+            raise ValueError(
+                f"`annotations` marginal (soft labels) does not apply to `head` {self.head!r}: "
+                "the joint likelihood of a soft label map is not defined; use all or random "
+                "(marginal is for the per-pixel heads: heteroscedastic, deterministic and the "
+                "sampling baselines)."
+            )
+
+    def _validate_ensemble(self) -> None:
+        if self.ensemble is None:
+            return
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"`ensemble` must be one of {ENSEMBLES}; got {self.ensemble!r}.")
+        if self.model != "segmenter" or self.backbone != "unet" or self.head in BASELINES:
+            raise ValueError(
+                f"`ensemble` {self.ensemble!r} builds the built-in U-Net as an ensemble under a "
+                f"distribution head: it needs `model` segmenter, `backbone` unet and `head` one "
+                f"of {HEADS}; got model={self.model!r}, backbone={self.backbone!r}, "
+                f"head={self.head!r}."
+            )
+        if self.eval_samples % self.ensemble_size:
+            raise ValueError(
+                f"`eval_samples` ({self.eval_samples}) must be a multiple of `ensemble_size` "
+                f"({self.ensemble_size}) with `ensemble` {self.ensemble!r}: every member gives "
+                "eval_samples / ensemble_size samples (e.g. --ensemble-size 4 with the default "
+                "16)."
+            )
+
     def resolved_name(self) -> str:
+        """The run's name: `name` if set, else `<head or model>_<backbone>_<timestamp>`."""
         if self.name:
             return self.name
         tag = "ssn" if self.head == "low_rank" else self.head
         if self.model != "segmenter":
             tag = self.model
+        if self.ensemble:
+            tag = f"{tag}_{self.ensemble}{self.ensemble_size}"
         return f"{tag}_{self.backbone}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 

@@ -1,19 +1,102 @@
-"""The data source of a run: the built-in ambiguous benchmark described by a `TrainConfig`."""
+"""The data of a run: the source its config names (`TrainConfig.data`, a `tfp_seg.data.load`
+spec) and its recorded split.
+
+`builtin` is the exact-distribution benchmark the config describes (`num_images`,
+`image_size`, `num_annotations`, `seed`), split 80/10/10 as before; `lidc:PATH` and
+`folder:IMAGES:MASKS` are users' local data, split 60/20/20 by patient series / image, seeded
+with `config.seed`. `train` writes the split to `<run>/split.json` (`SPLIT_FILE`), and
+`evaluate` / `sample` of a run take exactly its recorded parts back out of the source (a run
+folder without the file, from before the file existed, is split again, which gives the same
+parts for the built-in data).
+"""
 
 from __future__ import annotations
 
-from tfp_seg.data import ambiguous_shapes
+import json
+import os
+from typing import Optional
+
+from tfp_seg import data as data_lib
+from tfp_seg._io import atomic_write_json
 from tfp_seg.runs.config import TrainConfig
 
-__all__ = ["make_data"]
+__all__ = ["SPLIT_FILE", "load_source", "make_data", "write_split", "describe"]
+
+SPLIT_FILE = "split.json"
 
 
-def make_data(config: TrainConfig):
-    """The built-in ambiguous benchmark, split 80/10/10 reproducibly."""
-    data = ambiguous_shapes(
-        num_images=config.num_images,
-        image_size=config.image_size,
-        num_annotations=config.num_annotations,
-        seed=config.seed,
+def load_source(config: TrainConfig):
+    """The whole data set of `config.data` (`AmbiguousShapes` or `AnnotatedImages`).
+
+    Raises:
+      ValueError: a bad spec or file (named), or images whose size the built-in U-Net cannot
+        take (height and width must be divisible by 2**depth).
+    """
+    spec = data_lib.parse_spec(config.data)
+    if spec.kind == "builtin":
+        return data_lib.load(
+            spec,
+            num_images=config.num_images,
+            image_size=config.image_size,
+            num_annotations=config.num_annotations,
+            seed=config.seed,
+        )
+    data = data_lib.load(spec)
+    height, width = data.images.shape[1:3]
+    if config.backbone == "unet" and (height % 2**config.depth or width % 2**config.depth):
+        raise ValueError(
+            f"`data` {str(spec)!r} has images of {height}x{width}, which the U-Net of depth "
+            f"{config.depth} cannot take (height and width must be divisible by "
+            f"2**depth = {2**config.depth}); choose a smaller --depth."
+        )
+    return data
+
+
+def _read_split(run_dir: Optional[str]) -> Optional[dict]:
+    path = os.path.join(run_dir, SPLIT_FILE) if run_dir else None
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not read the run's split {path!r}: {exc}") from exc
+
+
+def make_data(config: TrainConfig, run_dir: Optional[str] = None) -> tuple:
+    """`(train, val, test)`: the run's recorded split (`<run_dir>/split.json`) when there is
+    one, else a fresh seeded split (`tfp_seg.data.split_data` with the source's default
+    fractions)."""
+    source = load_source(config)
+    record = _read_split(run_dir)
+    if record is None:
+        return data_lib.split_data(
+            source, data_lib.sources.default_fractions(config.data), seed=config.seed
+        )
+    if record.get("data") != str(data_lib.parse_spec(config.data)):
+        raise ValueError(
+            f"the run's split ({os.path.join(run_dir, SPLIT_FILE)}) was made of data "
+            f"{record.get('data')!r}, not of {config.data!r}."
+        )
+    return tuple(data_lib.select_split(source, record, part) for part in data_lib.SPLIT_PARTS)
+
+
+def write_split(run_dir: str, config: TrainConfig, parts: tuple) -> str:
+    """Record the split of `parts` in `<run_dir>/split.json`; returns the path."""
+    record = data_lib.split_record(
+        config.data, parts, data_lib.sources.default_fractions(config.data), config.seed
     )
-    return data.train_val_test()
+    path = os.path.join(run_dir, SPLIT_FILE)
+    atomic_write_json(path, record)
+    return path
+
+
+def describe(config: TrainConfig, parts: tuple) -> str:
+    """One log line about the run's data."""
+    train, val, test = parts
+    size = "x".join(str(n) for n in train.images.shape[1:3])
+    source = "ambiguous_shapes" if config.data == "builtin" else config.data
+    return (
+        f"data: {source} {size}, {len(train)} train / {len(val)} val / {len(test)} test "
+        f"images, {train.num_annotations} annotations each"
+    )

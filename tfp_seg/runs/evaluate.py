@@ -1,6 +1,8 @@
 """Evaluate a run: load its model back (`load_run`) and evaluate a trained model on the
-held-out split against the exact label distribution, with the report files of
-`tfp_seg.runs.report` (`report.json`, `report.md`, `figures/`).
+held-out split, with the report files of `tfp_seg.runs.report` (`report.json`, `report.md`,
+`figures/`): against the exact label distribution on the built-in benchmark
+(`evaluate_ambiguous`), against the raters on users' data (`evaluate_annotations`, with the
+literature's GED / HM-IoU at 16 and 100 samples).
 """
 
 from __future__ import annotations
@@ -12,13 +14,35 @@ from typing import Callable, Mapping, Optional
 import keras
 
 import tfp_seg  # noqa: F401  (registers the serialisable classes for load_model)
-from tfp_seg.evaluation import evaluate_ambiguous, format_report
+from tfp_seg.data import AmbiguousShapes
+from tfp_seg.evaluation import evaluate_ambiguous, evaluate_annotations, format_report
 from tfp_seg.models.wrappers import DeepEnsemble
 from tfp_seg.runs.config import TrainConfig
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
 
-__all__ = ["evaluate_trained", "load_run"]
+__all__ = ["evaluate_data", "evaluate_trained", "load_run"]
+
+# The sample sizes of the literature's tables on users' data (`ged_16`, `ged_100`, ...).
+SAMPLE_COUNTS = (16, 100)
+
+
+def evaluate_data(sampler, data, num_samples: int, seed, progress: bool = False) -> dict:
+    """The report of `sampler` on `data`: `evaluate_ambiguous` for the built-in benchmark (exact
+    label distribution, oracle values), else `evaluate_annotations` against the raters, with
+    `ged_16`, `ged_100`, `hm_iou_16`, `hm_iou_100` (from the same draw of 100 samples)."""
+    if isinstance(data, AmbiguousShapes):
+        return evaluate_ambiguous(
+            sampler, data, num_samples=num_samples, seed=seed, progress=progress
+        )
+    return evaluate_annotations(
+        sampler,
+        data,
+        num_samples=num_samples,
+        seed=seed,
+        sample_counts=SAMPLE_COUNTS,
+        progress=progress,
+    )
 
 
 def evaluate_trained(
@@ -31,18 +55,14 @@ def evaluate_trained(
 ) -> dict:
     """Evaluate a freshly trained run's sampler on `test_data` and write its report.
 
-    The report holds the metrics of `evaluate_ambiguous` (`config.eval_samples` samples per
+    The report holds the metrics of `evaluate_data` (`config.eval_samples` samples per
     image, `config.seed`), then `run`, `head`, `model`, `backbone` and `facts` (training facts
     such as `epochs`, `train_seconds`); `report.json`, `report.md` and the figures go into
     `run_dir`. Returns the report.
     """
     sampler = sampler_for(model, config)
-    report = evaluate_ambiguous(
-        sampler,
-        test_data,
-        num_samples=config.eval_samples,
-        seed=config.seed,
-        progress=config.progress,
+    report = evaluate_data(
+        sampler, test_data, config.eval_samples, config.seed, progress=config.progress
     )
     report.update(
         {

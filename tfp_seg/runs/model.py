@@ -2,7 +2,9 @@
 
 A distribution head (`HEADS`) sits on a backbone in a `ProbabilisticSegmenter`; the sampling
 baselines (`BASELINES`) are deterministic segmenters sampled by `MCDropout` (dropout masks) or
-trained as a `DeepEnsemble`; `model="prob_unet"` is a `ProbabilisticUNet`.
+trained as a `DeepEnsemble`; `model="prob_unet"` is a `ProbabilisticUNet`. With `ensemble`
+("batch" | "packed") the U-Net holds `ensemble_size` members under the head, in an
+`EnsembleSegmenter` (trained as one model; its members are its samples).
 """
 
 from __future__ import annotations
@@ -21,43 +23,58 @@ def _head(config: TrainConfig, num_classes: int):
         return layers.LowRankLogits(num_classes, rank=config.rank)
     if config.head == "heteroscedastic":
         return layers.HeteroscedasticLogits(num_classes)
+    if config.head == "mixture":
+        return layers.MixtureLowRankLogits(
+            num_classes, num_components=config.components, rank=config.rank
+        )
     return layers.CategoricalLogits(num_classes)  # deterministic, and under the baselines
 
 
-def _backbone(config: TrainConfig):
+def _backbone(config: TrainConfig, input_shape=None):
     """The built-in U-Net, or a keras-hub / keras-cv family built from config (no download)."""
     if config.backbone == "unet":
         return models.UNet(
-            base_filters=config.base_filters, depth=config.depth, dropout=config.dropout
+            base_filters=config.base_filters,
+            depth=config.depth,
+            max_filters=config.max_filters,
+            norm=config.norm,
+            dropout=config.dropout,
+            ensemble=config.ensemble,
+            ensemble_size=config.ensemble_size if config.ensemble else None,
         )
-    return models.build_backbone(
-        config.backbone, input_shape=(config.image_size, config.image_size, 1)
-    )
+    if input_shape is None:
+        input_shape = (config.image_size, config.image_size, 1)
+    return models.build_backbone(config.backbone, input_shape=tuple(input_shape))
 
 
-def _segmenter(config: TrainConfig, num_classes: int):
-    return models.ProbabilisticSegmenter(_backbone(config), _head(config, num_classes))
+def _segmenter(config: TrainConfig, num_classes: int, input_shape=None):
+    backbone = _backbone(config, input_shape)
+    if config.ensemble:
+        return models.EnsembleSegmenter(backbone, _head(config, num_classes))
+    return models.ProbabilisticSegmenter(backbone, _head(config, num_classes))
 
 
-def build_model(config: TrainConfig, num_classes: int):
+def build_model(config: TrainConfig, num_classes: int, input_shape=None):
     """Build the (uncompiled) model described by `config`.
 
     `head="ensemble"` gives a `tfp_seg.models.DeepEnsemble` of `ensemble_size`
     independently initialised deterministic segmenters; `head="mc_dropout"` a deterministic
     segmenter with dropout (wrapped in `MCDropout` for evaluation by `sampler_for`).
+    `input_shape` (`(H, W, channels)`, default the built-in images' `(image_size,
+    image_size, 1)`) sizes the keras-hub / keras-cv backbones that need it.
     """
     if config.model == "prob_unet":
         return models.ProbabilisticUNet(
             num_classes,
             latent_dim=config.latent_dim,
             beta=config.beta,
-            backbone=_backbone(config),
+            backbone=_backbone(config, input_shape),
         )
     if config.head == "ensemble":
         return DeepEnsemble.from_factory(
-            lambda: _segmenter(config, num_classes), config.ensemble_size
+            lambda: _segmenter(config, num_classes, input_shape), config.ensemble_size
         )
-    return _segmenter(config, num_classes)
+    return _segmenter(config, num_classes, input_shape)
 
 
 def sampler_for(model, config: TrainConfig):
@@ -80,12 +97,13 @@ def compile_model(model, config: TrainConfig) -> None:
         for member in model.members:
             member.compile(optimizer=optimizer(), loss="auto")
         return
-    if config.head == "low_rank":
-        loss = model.head.default_loss(
+    head = model.member_head if config.ensemble else model.head  # EnsembleSegmenter's
+    if config.head in ("low_rank", "mixture"):
+        loss = head.default_loss(
             num_samples=config.num_samples, marginal_weight=config.marginal_weight
         )
     elif config.head == "heteroscedastic":
-        loss = model.head.default_loss(num_samples=config.num_samples)
+        loss = head.default_loss(num_samples=config.num_samples)
     else:
         loss = "auto"
     model.compile(optimizer=optimizer(), loss=loss)

@@ -68,6 +68,41 @@ METRICS: dict = {
         "Hungarian-matched IoU between the samples and the K annotations: does every "
         "annotation have a close sample and vice versa.",
     ),
+    "ged_16": (
+        "GED (16)",
+        "lower",
+        "Users' data: squared GED between 16 samples and the raters' annotations, the "
+        "literature's V-statistic (all pairs, self-pairs included; tfp_seg.metrics), as in the "
+        "LIDC tables of the Prob U-Net, PHiSeg and SSN papers.",
+    ),
+    "ged_100": (
+        "GED (100)",
+        "lower",
+        "Users' data: the same with 100 samples (the papers' headline GED).",
+    ),
+    "hm_iou_16": (
+        "HM-IoU (16)",
+        "higher",
+        "Users' data: Hungarian-matched IoU of 16 samples against the raters (the papers' "
+        "headline HM-IoU).",
+    ),
+    "hm_iou_100": (
+        "HM-IoU (100)",
+        "higher",
+        "Users' data: Hungarian-matched IoU of 100 samples against the raters.",
+    ),
+    "reference_diversity": (
+        "rater diversity",
+        "-",
+        "Users' data: mean IoU distance between two raters' annotations (V-statistic): the "
+        "ambiguity of the data, which the sample diversity should match.",
+    ),
+    "dice": (
+        "Dice",
+        "higher",
+        "Users' data: Dice of the arg max of the mean prediction over the foreground classes, "
+        "against each rater, averaged over raters and images.",
+    ),
     "diversity": (
         "sample diversity",
         "match",
@@ -115,7 +150,47 @@ METRICS: dict = {
         "higher",
         "Fraction of pixels where the predictive argmax equals the annotation.",
     ),
+    "aurc_pixel": (
+        "AURC (pixel)",
+        "lower",
+        "Area under the risk-coverage curve of the pixels, accepted in order of the top-label "
+        "confidence max_c p (ties together), error = predictive argmax wrong against an "
+        "annotation: the mean error rate of the accepted pixels over all coverages. The oracle "
+        "ranks the exact marginals by their own confidence.",
+    ),
+    "e_aurc_pixel": (
+        "E-AURC (pixel)",
+        "lower",
+        "Excess pixel AURC over the best ranking of the same errors (correct pixels first): "
+        "the part of the AURC that is due to the confidence ranking alone.",
+    ),
+    "augrc_pixel": (
+        "AUGRC (pixel)",
+        "lower",
+        "Area under the generalized risk-coverage curve (Traub et al., 2024): accepted errors "
+        "among all pixels, averaged over coverages; the average rate of silent failures. The "
+        "oracle (exact marginals) is its optimum in expectation.",
+    ),
+    "aurc_image": (
+        "AURC (image)",
+        "lower",
+        "Area under the risk-coverage curve of the images, accepted in order of minus their "
+        "mean predictive entropy, risk = 1 - Dice of the predictive argmax (foreground classes, "
+        "averaged over the annotations).",
+    ),
+    "e_aurc_image": (
+        "E-AURC (image)",
+        "lower",
+        "Excess image AURC over the ranking of the images by their actual 1 - Dice.",
+    ),
+    "augrc_image": (
+        "AUGRC (image)",
+        "lower",
+        "Area under the generalized risk-coverage curve of the images (1 - Dice accepted, "
+        "divided by all images, averaged over coverages).",
+    ),
 }
+"""`{key: (name shown, better direction, meaning)}` of every report metric, in table order."""
 
 _ARROWS = {"lower": " ↓", "higher": " ↑", "match": " ≈ oracle", "-": ""}
 _SAMPLING_KEYS = ("num_images", "num_samples")

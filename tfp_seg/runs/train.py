@@ -26,7 +26,7 @@ import tensorflow as tf
 from tfp_seg import _interrupt, distribute
 from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
 from tfp_seg.runs.config import TrainConfig
-from tfp_seg.runs.data import make_data
+from tfp_seg.runs.data import describe, make_data, write_split
 from tfp_seg.runs.evaluate import evaluate_trained
 from tfp_seg.runs.model import build_model, compile_model
 
@@ -109,26 +109,24 @@ def train(config: TrainConfig, log=print) -> dict:
     """Train, evaluate and save one run. Returns `{"run_dir", "report", "model"}`."""
     config.validate()
     strategy = distribute.get_strategy(config.strategy)
+    parts = make_data(config)  # before anything is written: a bad data source fails first
     run_dir = _prepare_run_dir(config)
     if not distribute.is_chief(strategy):
         # Every worker of a multi-worker job runs this; only the chief writes the run folder
         # (and exports: cmd_train reads config.export after train returns).
         run_dir = distribute.worker_dir(run_dir, strategy)
         config.export = False
+    train_data, val_data, test_data = parts
     atomic_write_json(os.path.join(run_dir, "config.json"), dataclasses.asdict(config))
-    train_data, val_data, test_data = make_data(config)
-    log(
-        f"data: ambiguous_shapes {config.image_size}x{config.image_size}, "
-        f"{len(train_data)} train / {len(val_data)} val / {len(test_data)} test images, "
-        f"{train_data.num_annotations} annotations each"
-    )
+    write_split(run_dir, config, parts)
+    log(describe(config, parts))
     if strategy.num_replicas_in_sync > 1 or config.mixed_precision:
         log(
             f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
             f"global batch {config.batch_size}; dtype policy {config.mixed_precision or 'float32'}"
         )
     with distribute.dtype_policy_scope(config.mixed_precision), strategy.scope():
-        model = build_model(config, train_data.num_classes)
+        model = build_model(config, train_data.num_classes, train_data.images.shape[1:])
         compile_model(model, config)
         members = model.members if config.head == "ensemble" else [model]
         if config.resume:  # BackupAndRestore restores into built models
@@ -136,7 +134,11 @@ def train(config: TrainConfig, log=print) -> dict:
             for member in members:
                 member.build(shape)
     train_ds = train_data.to_dataset(
-        batch_size=config.batch_size, shuffle=True, annotation="random", seed=config.seed
+        batch_size=config.batch_size,
+        shuffle=True,
+        annotation=config.annotations,
+        seed=config.seed,
+        augment=config.augment,
     )
     val_ds = val_data.to_dataset(batch_size=config.batch_size, shuffle=False, annotation="first")
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
@@ -179,9 +181,10 @@ def train(config: TrainConfig, log=print) -> dict:
                 lambda seed=config.seed + i: train_data.to_dataset(
                     batch_size=config.batch_size,
                     shuffle=True,
-                    annotation="random",
+                    annotation=config.annotations,
                     seed=seed,
                     repeat=True,
+                    augment=config.augment,
                 )
             )
             if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

@@ -7,6 +7,7 @@ metrics and exporters.
 """
 
 __version__ = "0.1.0"
+"""The version of tfp_seg (PEP 440); `setup.cfg` reads it from here."""
 
 import importlib  # noqa: E402
 

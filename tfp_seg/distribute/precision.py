@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 import keras
 
 POLICIES = (None, "float32", "mixed_float16", "mixed_bfloat16")
+"""The dtype policies `dtype_policy_scope` accepts (None: leave the global policy)."""
 
 
 # --- mixed precision -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tfp_seg import _checks
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker", "tpu")
+"""The names `get_strategy` (and `tfp-seg train --strategy`) accepts."""
 
 
 # --- devices and strategies -------------------------------------------------------------------

@@ -49,6 +49,7 @@ class CategoricalLogits(DistributionHead):
 
     @staticmethod
     def params_size_for(num_classes: int) -> int:
+        """Parameter channels per pixel for `num_classes` classes: C."""
         return num_classes
 
     def distribution(self, params):

@@ -97,6 +97,7 @@ class LowRankLogits(DistributionHead):
 
     @staticmethod
     def params_size_for(num_classes: int, rank: int) -> int:
+        """Parameter channels per pixel: `C * (2 + R)` (mean, raw diagonal, factor)."""
         return num_classes * (2 + rank)
 
     @property

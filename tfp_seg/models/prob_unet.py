@@ -161,6 +161,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     # --- properties ----------------------------------------------------------------------------
     @property
     def beta(self) -> float:
+        """The KL weight of the ELBO (`tfp_seg.losses.ELBO.beta`)."""
         return self.elbo.beta
 
     @property

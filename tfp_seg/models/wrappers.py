@@ -289,6 +289,7 @@ class DeepEnsemble(sampling.Sampler):
 
     @property
     def num_members(self) -> int:
+        """M, the number of member models."""
         return len(self.members)
 
     def compile(self, optimizer="adam", **kwargs) -> "DeepEnsemble":

@@ -356,6 +356,7 @@ class BackboneAdapter(keras.Model):
 
     @property
     def output_channels(self) -> int:
+        """F, the channels of the features the adapter returns."""
         return int(self.outputs[0].shape[-1])
 
     def get_config(self):

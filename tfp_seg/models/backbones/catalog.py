@@ -28,6 +28,7 @@ BACKBONE_NAMES = (
     "keras_cv_deeplabv3plus_resnet",
     "keras_cv_segformer_mit_b0",
 )
+"""The backbone names `build_backbone` (and `tfp-seg train --backbone`) accepts."""
 _SIZES = ("small", "full")
 # Families whose encoder fixes its spatial grid at construction (MiT reshapes tokens with
 # static sizes; keras-cv's SegFormer builds its Resizing layers from static shapes).

@@ -195,6 +195,8 @@ TESTS = ROOT / "tests"
 CROSS_CUTTING = {
     "test_architecture",  # this file
     "test_benchmarks",  # benchmarks/
+    "test_docs",  # docs/: the site's reference coverage, figures, screenshots
+    "test_docstring_examples",  # the `# ==>` results of every docstring example
     "test_examples",  # examples/
     "test_registered",  # every registered class through one harness
     "test_reliability",  # numerical extremes, properties, unsafe files, interrupts

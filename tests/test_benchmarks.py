@@ -176,3 +176,38 @@ def test_bench_sampling_ops_runs(bench_path, tmp_path):
     rows = _load(out)["results"]
     assert len({r["group"] for r in rows}) == 6
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+
+
+def test_bench_ensembles_runs(bench_path, tmp_path):
+    import bench_ensembles
+
+    out = str(tmp_path / "ensembles.json")
+    bench_ensembles.main(
+        [out, "--size", "16", "--batch", "1", "--base-filters", "4", "--depth", "1"]
+        + ["--members", "2", "--repeats", "1", "--warmup", "0"]
+    )
+    rows = {r["model"]: r for r in _load(out)["results"]}
+    assert set(rows) == set(bench_ensembles.VARIANTS)
+    assert rows["deep_ensemble"]["params_ratio"] == 1.0
+    assert all(
+        r["params"] > 0 and r["step_ms"] > 0 and r["sample_ratio"] > 0 for r in rows.values()
+    )
+    # a BatchEnsemble shares its kernels: fewer parameters than M separate networks
+    assert rows["batch"]["params"] < rows["deep_ensemble"]["params"]
+
+
+# Two memory children (TensorFlow imported in each): over 5 s, so in the slow suite.
+@pytest.mark.slow
+def test_bench_evaluation_memory_runs(bench_path, tmp_path):
+    import bench_evaluation_memory
+
+    out = str(tmp_path / "evaluation_memory.json")
+    bench_evaluation_memory.main(
+        [out, "--images", "3", "5", "--size", "16", "--samples", "4", "--batch", "2"]
+        + ["--source", "stream"]
+    )
+    report = _load(out)
+    rows = report["results"]
+    assert [r["images"] for r in rows] == [3, 5]
+    assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in rows)
+    assert rows[0]["peak_vs_first"] in (1.0, None) and report["batch_logits_mib"] > 0

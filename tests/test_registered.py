@@ -187,6 +187,30 @@ def _ssn_inputs():
     return (labels, params), (labels, stable)
 
 
+def _mixture_loss():
+    head = tfp_seg.layers.MixtureLowRankLogits(C, num_components=2, rank=2, epsilon=1e-10)
+    return tfp_seg.losses.MixtureNLL(
+        head,
+        num_samples=4,
+        antithetic=False,
+        class_weights=[1.0, 2.0, 0.5],
+        marginal_weight=0.5,
+        chunk_size=2,
+        name="mixture_nll_test",
+    )
+
+
+def _mixture_inputs():
+    k, s = 2, C * (2 + 2)
+    params = _normal((2, 4, 4, k * s + k), 22, 0.5)
+    stable = params.copy()
+    for j in range(k):  # D = exp(-30) + 1e-10, P = 0: every sample is its component's mean
+        stable[..., j * s + C : j * s + 2 * C] = -30.0
+        stable[..., j * s + 2 * C : (j + 1) * s] = 0.0
+    labels = _labels((2, 4, 4), 23)
+    return (labels, params), (labels, stable)
+
+
 def _heteroscedastic_inputs():
     params = _normal((2, 4, 4, 2 * C), 5, 0.5)
     stable = params.copy()
@@ -224,7 +248,7 @@ CASES = {
     "tfp_seg>HeteroscedasticLogits": Case(
         "head",
         lambda: tfp_seg.layers.HeteroscedasticLogits(
-            C, low_rank_classes=2, antithetic=True, kernel_size=3
+            C, low_rank_classes=2, antithetic=True, kernel_size=3, temperature=0.5
         ),
         lambda: FEATURES,
     ),
@@ -232,6 +256,19 @@ CASES = {
         "head",
         lambda: tfp_seg.layers.LowRankLogits(
             C, rank=2, epsilon=1e-4, diagonal_transform="softplus", antithetic=False
+        ),
+        lambda: FEATURES,
+    ),
+    "tfp_seg>MixtureLowRankLogits": Case(
+        "head",
+        lambda: tfp_seg.layers.MixtureLowRankLogits(
+            C,
+            num_components=2,
+            rank=2,
+            epsilon=1e-4,
+            diagonal_transform="softplus",
+            antithetic=False,
+            kernel_size=3,
         ),
         lambda: FEATURES,
     ),
@@ -277,6 +314,39 @@ CASES = {
         lambda: registered("ResizeToReference")("nearest"),
         lambda: ([_normal((2, 4, 4, 3), 17), _normal((2, 8, 8, 1), 18)],),
     ),
+    "tfp_seg>BatchEnsembleConv": Case(
+        "layer",
+        lambda: tfp_seg.layers.BatchEnsembleConv(
+            4,
+            (3, 1),
+            ensemble_size=2,
+            strides=(1, 2),
+            padding="valid",
+            dilation_rate=1,
+            use_bias=False,
+            kernel_initializer="he_normal",
+            scale_initializer="ones",
+            bias_initializer="ones",
+        ),
+        lambda: (_normal((4, 8, 8, 3), 24),),  # 2 members x 2 images
+    ),
+    "tfp_seg>PackedConv": Case(
+        "layer",
+        lambda: tfp_seg.layers.PackedConv(
+            4,
+            3,
+            ensemble_size=2,
+            alpha=1.5,
+            gamma=2,
+            first=False,
+            strides=2,
+            padding="valid",
+            kernel_initializer="he_normal",
+            bias_initializer="ones",
+            implementation="split",
+        ),
+        lambda: (_normal((2, 9, 9, 8), 25),),  # 2 members x 4 channels
+    ),
     # --- models ---
     "tfp_seg>UNet": Case(
         "model",
@@ -318,6 +388,22 @@ CASES = {
         ),
         lambda: (IMAGES, LABELS, {}),
     ),
+    "tfp_seg>EnsembleSegmenter": Case(
+        "model",
+        lambda: tfp_seg.models.EnsembleSegmenter(
+            tfp_seg.models.UNet(
+                base_filters=4,
+                depth=1,
+                ensemble="packed",
+                ensemble_size=2,
+                alpha=1.5,
+                gamma=2,
+            ),
+            tfp_seg.layers.LowRankLogits(C, rank=2),
+            validate_inputs=False,
+        ),
+        lambda: (IMAGES, LABELS, {"loss": "auto"}),
+    ),
     "tfp_seg>BackboneAdapter": Case(
         "model", _backbone_adapter, lambda: _fit_zeros(_normal((2, 16, 16, 1), 19), (2, 16, 16, 4))
     ),
@@ -338,6 +424,7 @@ CASES = {
     ),
     # --- losses ---
     "tfp_seg>StochasticSegmentationNLL": Case("loss", _ssn_loss, _ssn_inputs),
+    "tfp_seg>MixtureNLL": Case("loss", _mixture_loss, _mixture_inputs),
     "tfp_seg>HeteroscedasticNLL": Case(
         "loss",
         lambda: tfp_seg.losses.HeteroscedasticNLL(
@@ -347,6 +434,7 @@ CASES = {
             ignore_label=0,
             normalize="none",
             name="het_nll",
+            temperature=2.0,
         ),
         _heteroscedastic_inputs,
     ),

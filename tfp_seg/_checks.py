@@ -154,3 +154,15 @@ def prepare_labels(
         with tf.control_dependencies(asserts):
             labels = tf.identity(labels)
     return labels
+
+
+def check_ignore_label(ignore_label: Any) -> Optional[int]:
+    """`ignore_label` as an int, or None; a bool or non-integer is a `ValueError` naming it
+    (the NumPy-side check of metrics, evaluation and calibration)."""
+    if ignore_label is None:
+        return None
+    if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(
+        ignore_label, (int, np.integer)
+    ):
+        raise ValueError(f"`ignore_label` must be an integer or None; got {ignore_label!r}.")
+    return int(ignore_label)

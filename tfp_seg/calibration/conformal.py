@@ -37,6 +37,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from tfp_seg import _checks
+
 __all__ = ["ConformalPredictionSets", "ConformalRiskControl"]
 
 _METHODS = ("lac", "aps")
@@ -86,16 +88,6 @@ def _label_array(x: Any, shape: tuple, form: str) -> np.ndarray:
             f"`labels` must hold integer (or boolean) labels ({form}); got {_describe(arr)}."
         )
     return arr.astype(np.int64)
-
-
-def _check_ignore_label(ignore_label: Any) -> Optional[int]:
-    if ignore_label is None:
-        return None
-    if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(
-        ignore_label, (int, np.integer)
-    ):
-        raise ValueError(f"`ignore_label` must be an integer or None; got {ignore_label!r}.")
-    return int(ignore_label)
 
 
 def _check_seed(seed: Any) -> Optional[int]:
@@ -194,7 +186,7 @@ class ConformalRiskControl:
         if p.ndim < 1:
             raise ValueError(f"`probabilities` must have shape {form}; got {_describe(p_arr)}.")
         y = _label_array(lab, p.shape, "[N, *S]: foreground where labels != 0")
-        ignore_label = _check_ignore_label(ignore_label)
+        ignore_label = _checks.check_ignore_label(ignore_label)
         foreground = y != 0
         if ignore_label is not None:
             foreground &= y != ignore_label
@@ -407,7 +399,7 @@ class ConformalPredictionSets:
             raise ValueError(f"`probabilities` must have shape {form}; got {_describe(p_arr)}.")
         c = p.shape[-1]
         y = _label_array(labels, p.shape[:-1], "integer labels: probabilities.shape[:-1]")
-        ignore_label = _check_ignore_label(ignore_label)
+        ignore_label = _checks.check_ignore_label(ignore_label)
         valid = np.ones(y.shape, bool) if ignore_label is None else y != ignore_label
         bad = valid & ((y < 0) | (y >= c))
         if bad.any():

@@ -50,16 +50,6 @@ def _check_sample_counts(sample_counts: Any) -> tuple[int, ...]:
     return tuple(sorted({int(n) for n in counts}))
 
 
-def _check_ignore_label(ignore_label: Any) -> Optional[int]:
-    if ignore_label is None:
-        return None
-    if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(
-        ignore_label, (int, np.integer)
-    ):
-        raise ValueError(f"`ignore_label` must be an integer or None; got {ignore_label!r}.")
-    return int(ignore_label)
-
-
 class _RaterSums:
     """Running sums of every metric of `evaluate_annotations`, one batch at a time."""
 
@@ -257,7 +247,7 @@ def evaluate_annotations(
     batch_size = _checks.positive_int(batch_size, "batch_size", optional=True)
     num_bins = _checks.positive_int(num_bins, "num_bins")
     num_classes = _checks.positive_int(num_classes, "num_classes", optional=True)
-    ignore_label = _check_ignore_label(ignore_label)
+    ignore_label = _checks.check_ignore_label(ignore_label)
     seed = _seeds.check_seed(seed)
     num_draws = max((num_samples, *sample_counts))
     batches, data_classes = annotated_batches(images, annotations, batch_size)

@@ -11,6 +11,8 @@ from typing import Any, Optional
 import numpy as np
 import numpy.typing as npt
 
+from tfp_seg import _checks
+
 ArrayLike = npt.ArrayLike
 
 
@@ -30,14 +32,7 @@ def as_array(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def check_ignore_label(ignore_label: Any) -> Optional[int]:
-    if ignore_label is None:
-        return None
-    if isinstance(ignore_label, (bool, np.bool_)) or not isinstance(
-        ignore_label, (int, np.integer)
-    ):
-        raise ValueError(f"`ignore_label` must be an integer or None; got {ignore_label!r}.")
-    return int(ignore_label)
+check_ignore_label = _checks.check_ignore_label
 
 
 def is_integer_dtype(arr: np.ndarray) -> bool:

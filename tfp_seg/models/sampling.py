@@ -75,6 +75,20 @@ def _batch_seed(seed: Union[None, int, np.ndarray], index: int):
 INPUT_KEYS = ("images", "roi_mask")
 
 
+def split_inputs(x, name: str = "x"):
+    """`(images, roi_mask)` of a model input: the images themselves (`roi_mask` None), or a
+    dict `{"images": ..., "roi_mask": ...}` (roi_mask optional); other keys are a
+    `ValueError` naming `name`."""
+    if not isinstance(x, dict):
+        return x, None
+    if "images" not in x or set(x) - set(INPUT_KEYS):
+        raise ValueError(
+            f"`{name}` as a dict must have the key 'images' and optionally 'roi_mask'; got "
+            f"keys {sorted(x)}."
+        )
+    return x["images"], x.get("roi_mask")
+
+
 def _as_array(x):
     return x if isinstance(x, tf.Tensor) else np.asarray(x)
 
@@ -83,12 +97,7 @@ def _check_images(x):
     """`x` checked: images `[B, H, W, channels]`, or a dict `{"images": ..., "roi_mask":
     [B, H, W] or [B, H, W, 1]}` (the region of interest of heads that take one)."""
     if isinstance(x, dict):
-        unknown = sorted(set(x) - set(INPUT_KEYS))
-        if unknown or "images" not in x:
-            raise ValueError(
-                f"`x` as a dict must have the key 'images' and optionally 'roi_mask'; got keys "
-                f"{sorted(x)}."
-            )
+        split_inputs(x)
         checked = {key: _as_array(value) for key, value in x.items()}
         images = _check_images(checked["images"])
         mask = checked.get("roi_mask")

@@ -78,14 +78,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
         return self.head.num_classes
 
     def build(self, input_shape):
-        if isinstance(input_shape, dict):
-            if "images" not in input_shape or set(input_shape) - set(sampling.INPUT_KEYS):
-                raise ValueError(
-                    "`inputs` as a dict must have the key 'images' and optionally 'roi_mask'; "
-                    f"got keys {sorted(input_shape)}."
-                )
-            input_shape = input_shape["images"]
-        input_shape = tuple(input_shape)
+        input_shape = tuple(sampling.split_inputs(input_shape, "inputs")[0])
         if len(input_shape) != 4:
             raise ValueError(
                 f"`inputs` must have rank 4 ([B, H, W, channels]); got shape {input_shape}."
@@ -98,16 +91,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
         self.built = True
 
     def call(self, inputs, training=None):
-        roi_mask = None
-        if isinstance(inputs, dict):
-            unknown = sorted(set(inputs) - set(sampling.INPUT_KEYS))
-            if unknown or "images" not in inputs:
-                raise ValueError(
-                    "`inputs` as a dict must have the key 'images' and optionally 'roi_mask'; "
-                    f"got keys {sorted(inputs)}."
-                )
-            roi_mask = inputs.get("roi_mask")
-            inputs = inputs["images"]
+        inputs, roi_mask = sampling.split_inputs(inputs, "inputs")
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, self.compute_dtype)

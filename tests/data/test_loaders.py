@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import fake_lidc_entries, write_lidc_pickle
 from tfp_seg.data import AnnotatedImages, load_image_folder, load_lidc_crops
 
 # ================================================================================================
@@ -15,28 +16,9 @@ from tfp_seg.data import AnnotatedImages, load_image_folder, load_lidc_crops
 # ================================================================================================
 
 
-def _fake_lidc(rng, n=5, size=16, k=4, series=("s1", "s1", "s2", "s3", "s3")):
-    """Entries in the format of data_lidc.pickle: {id: {image, masks, series_uid}}."""
-    data = {}
-    for i in range(n):
-        masks = [(rng.random((size, size)) > 0.7).astype(np.uint8) for _ in range(k)]
-        data[f"LIDC-IDRI-{i:04d}_slice_{i}"] = {
-            "image": rng.random((size, size)).astype(np.float32),
-            "masks": masks,
-            "series_uid": series[i % len(series)],
-        }
-    return data
-
-
-def _dump(obj, path):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f)
-    return path
-
-
 def test_lidc_round_trip(tmp_path, rng):
-    raw = _fake_lidc(rng)
-    data = load_lidc_crops(_dump(raw, tmp_path / "data_lidc.pickle"))
+    raw = fake_lidc_entries(rng)
+    data = load_lidc_crops(write_lidc_pickle(tmp_path / "data_lidc.pickle", raw))
     assert isinstance(data, AnnotatedImages)
     assert len(data) == 5 and data.num_annotations == 4 and data.num_classes == 2
     assert data.images.shape == (5, 16, 16, 1) and data.images.dtype == np.float32
@@ -52,33 +34,33 @@ def test_lidc_round_trip(tmp_path, rng):
 
 
 def test_lidc_folder_of_parts_and_max_images(tmp_path, rng):
-    raw = _fake_lidc(rng, n=6, series=("a", "b", "c"))
+    raw = fake_lidc_entries(rng, n=6, series=("a", "b", "c"))
     keys = sorted(raw)
-    _dump({k: raw[k] for k in keys[:3]}, tmp_path / "part1.pickle")
-    _dump({k: raw[k] for k in keys[3:]}, tmp_path / "part2.pickle")
+    write_lidc_pickle(tmp_path / "part1.pickle", {k: raw[k] for k in keys[:3]})
+    write_lidc_pickle(tmp_path / "part2.pickle", {k: raw[k] for k in keys[3:]})
     assert load_lidc_crops(tmp_path).ids == tuple(keys)
     assert load_lidc_crops(tmp_path, max_images=2).ids == tuple(keys[:2])
 
 
 def test_lidc_masks_binarised_from_0_255(tmp_path, rng):
-    raw = _fake_lidc(rng, n=1)
+    raw = fake_lidc_entries(rng, n=1)
     entry = next(iter(raw.values()))
     entry["masks"] = [m * 255 for m in entry["masks"]]
-    data = load_lidc_crops(_dump(raw, tmp_path / "d.pickle"))
+    data = load_lidc_crops(write_lidc_pickle(tmp_path / "d.pickle", raw))
     assert set(np.unique(data.annotations)) <= {0, 1}
     np.testing.assert_array_equal(data.annotations[0, 0], entry["masks"][0] // 255)
 
 
 def test_lidc_errors_name_the_entry(tmp_path, rng):
-    raw = _fake_lidc(rng, n=3)
+    raw = fake_lidc_entries(rng, n=3)
     bad = sorted(raw)[1]
     raw[bad]["masks"] = raw[bad]["masks"][:3]
     with pytest.raises(ValueError, match=f"{bad}.*3 masks"):
-        load_lidc_crops(_dump(raw, tmp_path / "k.pickle"))
-    raw = _fake_lidc(rng, n=2)
+        load_lidc_crops(write_lidc_pickle(tmp_path / "k.pickle", raw))
+    raw = fake_lidc_entries(rng, n=2)
     del raw[sorted(raw)[0]]["masks"]
     with pytest.raises(ValueError, match="'image' and 'masks'"):
-        load_lidc_crops(_dump(raw, tmp_path / "m.pickle"))
+        load_lidc_crops(write_lidc_pickle(tmp_path / "m.pickle", raw))
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         load_lidc_crops(tmp_path / "missing.pickle")
 
@@ -89,9 +71,9 @@ class _Evil:
 
 
 def test_lidc_refuses_code_in_untrusted_pickle(tmp_path, rng):
-    raw = _fake_lidc(rng, n=1)
+    raw = fake_lidc_entries(rng, n=1)
     next(iter(raw.values()))["payload"] = _Evil()
-    path = _dump(raw, tmp_path / "evil.pickle")
+    path = write_lidc_pickle(tmp_path / "evil.pickle", raw)
     with pytest.raises(pickle.UnpicklingError, match="posix.getcwd|os.getcwd|nt.getcwd"):
         load_lidc_crops(path)
     assert len(load_lidc_crops(path, trusted=True)) == 1
@@ -99,7 +81,9 @@ def test_lidc_refuses_code_in_untrusted_pickle(tmp_path, rng):
 
 def test_split_keeps_groups_together(tmp_path, rng):
     series = tuple(f"s{i // 3}" for i in range(30))  # 10 series of 3 crops
-    data = load_lidc_crops(_dump(_fake_lidc(rng, n=30, size=8, series=series), tmp_path / "d.p"))
+    data = load_lidc_crops(
+        write_lidc_pickle(tmp_path / "d.p", fake_lidc_entries(rng, n=30, size=8, series=series))
+    )
     parts = data.train_val_test(seed=1)
     assert sum(len(p) for p in parts) == 30
     assert [len(p) for p in parts] == [24, 3, 3]
@@ -110,7 +94,9 @@ def test_split_keeps_groups_together(tmp_path, rng):
 
 
 def test_to_dataset_shapes_and_annotation_modes(tmp_path, rng):
-    data = load_lidc_crops(_dump(_fake_lidc(rng, n=5, size=8), tmp_path / "d.pickle"))
+    data = load_lidc_crops(
+        write_lidc_pickle(tmp_path / "d.pickle", fake_lidc_entries(rng, n=5, size=8))
+    )
     x, y = next(iter(data.to_dataset(batch_size=4, shuffle=False, annotation="first")))
     assert x.shape == (4, 8, 8, 1) and y.shape == (4, 8, 8) and y.dtype.name == "int32"
     np.testing.assert_array_equal(y.numpy(), data.annotations[:4, 0])

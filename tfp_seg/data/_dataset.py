@@ -99,19 +99,19 @@ def _dihedral(example, draw, annotation: str, square: bool, rank: int = 2):
     draw = tf.cast(tf.math.floormod(draw, 8), tf.int32)
     turns = tf.math.floormod(draw, 4) if square else 2 * tf.math.floormod(draw, 2)
     flip = draw >= 4
-    to_last = list(range(1, rank + 1)) + [0]  # a set [K, *S] -> [*S, K] and back
-    from_last = [rank] + list(range(rank))
-    as_hwc = {"all": lambda t: tf.transpose(t, to_last), "marginal": lambda t: t}
-    to_hwc = as_hwc.get(annotation, lambda t: t[..., tf.newaxis])
-    from_hwc = {"all": lambda t: tf.transpose(t, from_last), "marginal": lambda t: t}.get(
-        annotation, lambda t: t[..., 0]
-    )
 
-    def apply(t):
+    def apply(t):  # t: [*S, channels]
         t = tf.image.rot90(t, turns)
         return tf.cond(flip, lambda: tf.image.flip_left_right(t), lambda: t)
 
-    return apply(image), from_hwc(apply(to_hwc(label)))
+    if annotation == "marginal":  # [*S, C]
+        label = apply(label)
+    elif annotation == "all":  # a set [K, *S]: K moved last and back
+        label = apply(tf.transpose(label, [*range(1, rank + 1), 0]))
+        label = tf.transpose(label, [rank, *range(rank)])
+    else:  # one map [*S]
+        label = apply(label[..., tf.newaxis])[..., 0]
+    return apply(image), label
 
 
 def check_fractions(fractions) -> np.ndarray:

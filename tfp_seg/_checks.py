@@ -108,17 +108,20 @@ def prepare_labels(
     name: str = "labels",
     validate_args: bool = True,
     spatial_rank: int = 3,
+    form: Optional[str] = None,
 ) -> tf.Tensor:
-    """Validate integer label maps `[B, H, W]` (or `[B, H, W, 1]`) and return them as int32.
+    """Validate integer label maps `[B, *S]` (or `[B, *S, 1]`) and return them as int32.
 
-    Float labels are accepted only when every value is integral (Keras losses receive labels
-    cast to float); anything else fails. Values must be in `[0, num_classes)` or equal
-    `ignore_label`.
+    `spatial_rank` is the rank of the label tensor (3 for `[B, H, W]`, 4 for `[B, D, H, W]`
+    or a label set `[B, K, H, W]`); `form` is the layout named in the rank error (default
+    `"[B, H, W]"`). Float labels are accepted only when every value is integral (Keras losses
+    receive labels cast to float); anything else fails. Values must be in `[0, num_classes)`
+    or equal `ignore_label`.
     """
     labels = tf.convert_to_tensor(labels)
     if labels.shape.rank == spatial_rank + 1 and labels.shape[-1] == 1:
         labels = labels[..., 0]
-    check_rank(labels, spatial_rank, name, "[B, H, W] integer class ids")
+    check_rank(labels, spatial_rank, name, f"{form or '[B, H, W]'} integer class ids")
     if labels.shape.rank and labels.shape[0] == 0:
         raise ValueError(f"`{name}` is an empty batch (shape {shape_str(labels)}).")
     if labels.dtype == tf.bool or not (labels.dtype.is_integer or labels.dtype.is_floating):
@@ -166,3 +169,55 @@ def check_ignore_label(ignore_label: Any) -> Optional[int]:
     ):
         raise ValueError(f"`ignore_label` must be an integer or None; got {ignore_label!r}.")
     return int(ignore_label)
+
+
+# --- spatial rank: S = (H, W) or (D, H, W) ----------------------------------------------------
+SPATIAL_DIMS = (2, 3)
+
+
+def check_spatial_dims(spatial_dims: Any, name: str = "spatial_dims") -> int:
+    """`spatial_dims` as an int in `SPATIAL_DIMS` (2: images `(H, W)`, 3: volumes
+    `(D, H, W)`), else `ValueError` naming it."""
+    if isinstance(spatial_dims, (bool, np.bool_)) or not isinstance(
+        spatial_dims, (int, np.integer)
+    ):
+        raise ValueError(
+            f"`{name}` must be 2 (images [H, W]) or 3 (volumes [D, H, W]); got {spatial_dims!r}."
+        )
+    if int(spatial_dims) not in SPATIAL_DIMS:
+        raise ValueError(
+            f"`{name}` must be 2 (images [H, W]) or 3 (volumes [D, H, W]); got {spatial_dims!r}."
+        )
+    return int(spatial_dims)
+
+
+def spatial_axes(spatial_dims: int) -> str:
+    """The names of the spatial axes, `"H, W"` (2) or `"D, H, W"` (3), for shape messages."""
+    return "H, W" if spatial_dims == 2 else "D, H, W"
+
+
+def spatial_form(spatial_dims: int, leading: str = "B", trailing: Optional[str] = None) -> str:
+    """A layout such as `"[B, H, W, C]"` or `"[N, B, D, H, W]"` for error messages."""
+    parts = [leading, spatial_axes(spatial_dims)] if leading else [spatial_axes(spatial_dims)]
+    if trailing:
+        parts.append(trailing)
+    return "[" + ", ".join(parts) + "]"
+
+
+def infer_spatial_dims(x, name: str, extra: int, form: str) -> int:
+    """The number of spatial axes of `x` whose layout has `extra` non-spatial axes, e.g.
+    `loc [B, *S, C]` (`extra=2`): 2 for rank `extra + 2`, 3 for rank `extra + 3`.
+
+    A tensor of unknown rank, or of another rank, is a `ValueError` naming `name` and the
+    expected `form` (written for S = (H, W), e.g. `"[B, H, W, C]"`)."""
+    rank = getattr(x, "shape", tf.TensorShape(None)).rank
+    if rank is None:
+        raise ValueError(f"`{name}` must have a known rank ({form}).")
+    spatial = rank - extra
+    if spatial not in SPATIAL_DIMS:
+        volume = form.replace("H, W", "D, H, W")
+        raise ValueError(
+            f"`{name}` must have rank {extra + 2} ({form}) or {extra + 3} ({volume}); "
+            f"got shape {shape_str(x)}."
+        )
+    return spatial

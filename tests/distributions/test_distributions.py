@@ -8,10 +8,12 @@ from tfp_seg import distributions as dists
 tfd = tfp.distributions
 
 
-def _params(rng, b=2, h=3, w=2, c=3, r=2):
-    loc = rng.normal(size=(b, h, w, c)).astype("float32")
-    factor = (0.5 * rng.normal(size=(b, h, w, c, r))).astype("float32")
-    diag = rng.uniform(0.1, 1.0, size=(b, h, w, c)).astype("float32")
+def _params(rng, b=2, h=3, w=2, c=3, r=2, d=None):
+    """Low-rank parameters over `S = (h, w)`, or the volume `(d, h, w)` when `d` is given."""
+    spatial = (h, w) if d is None else (d, h, w)
+    loc = rng.normal(size=(b, *spatial, c)).astype("float32")
+    factor = (0.5 * rng.normal(size=(b, *spatial, c, r))).astype("float32")
+    diag = rng.uniform(0.1, 1.0, size=(b, *spatial, c)).astype("float32")
     return loc, factor, diag
 
 
@@ -22,17 +24,24 @@ def _dense(loc, factor, diag):
     return cov
 
 
-def test_matches_dense_reference(rng):
-    loc, factor, diag = _params(rng)
+@pytest.mark.parametrize("depth", [None, 2], ids=["image", "volume"])
+def test_matches_dense_reference(rng, depth):
+    loc, factor, diag = _params(rng, d=depth)
+    event = loc.shape[1:]
     dist = dists.low_rank_logits(loc, factor, diag)
-    assert dist.batch_shape == [2] and dist.event_shape == [3, 2, 3]
+    assert dist.batch_shape == [2] and dist.event_shape == event
+    assert dist.spatial_dims == len(event) - 1
     cov = _dense(loc, factor, diag)
     ref = tfd.MultivariateNormalTriL(loc.reshape(2, -1), np.linalg.cholesky(cov).astype("float32"))
     x = dist.sample(5, seed=[1, 2])
-    assert x.shape == (5, 2, 3, 2, 3)
+    assert x.shape == (5, 2) + event
     np.testing.assert_allclose(
         dist.log_prob(x).numpy(), ref.log_prob(tf.reshape(x, [5, 2, -1])).numpy(), rtol=1e-5
     )
+    # Batch slicing goes through the parameters' event ranks ([*S, C], [*S, C, R]).
+    first = dist[:1]
+    assert first.batch_shape == [1] and first.event_shape == event
+    np.testing.assert_allclose(first.log_prob(x[:, :1]).numpy(), dist.log_prob(x)[:, :1], rtol=1e-6)
     np.testing.assert_allclose(dist.covariance().numpy(), cov, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dist.mean().numpy(), loc)
     np.testing.assert_allclose(
@@ -129,3 +138,28 @@ def test_validate_args_rejects_non_finite(rng):
     loc[0, 0, 0, 0] = np.nan
     with pytest.raises(tf.errors.InvalidArgumentError, match="`loc`"):
         dists.low_rank_logits(loc, factor, diag, validate_args=True)
+
+
+def test_volume_parameters_of_the_wrong_rank_name_the_argument(rng):
+    loc, factor, diag = _params(rng, d=2)  # [B, D, H, W, C]
+    with pytest.raises(
+        ValueError, match=r"`loc` must have rank 4 \(\[B, H, W, C\]\) or 5 \(\[B, D"
+    ):
+        dists.low_rank_logits(loc[None], factor, diag)
+    with pytest.raises(ValueError, match=r"`cov_factor` must have rank 6 \(\[B, D, H, W, C, R\]"):
+        dists.low_rank_logits(loc, factor[..., 0], diag)
+    with pytest.raises(ValueError, match=r"`cov_diag` must have rank 5 \(\[B, D, H, W, C\]"):
+        dists.sample_low_rank_labels(loc, factor, diag[0], 2)
+    with pytest.raises(ValueError, match=r"`scale` must have rank 5"):
+        dists.diagonal_logits(loc, diag[0])
+    with pytest.raises(ValueError, match=r"`loc` must have rank 5 \(\[B, K, H, W, C\]\) or 6"):
+        dists.mixture_low_rank_logits(np.zeros((2, 1), "float32"), loc[0], factor, diag)
+    mixture = dists.mixture_low_rank_logits(
+        np.zeros((2, 1), "float32"), loc[:, None], factor[:, None], diag[:, None]
+    )
+    assert mixture.batch_shape == [2] and mixture.event_shape == loc.shape[1:]
+    np.testing.assert_allclose(
+        mixture.log_prob(loc).numpy(),
+        dists.low_rank_logits(loc, factor, diag).log_prob(loc),
+        rtol=1e-5,
+    )

@@ -7,15 +7,17 @@ compares `log_prob`, `mean`, `variance`, the covariance and the sample moments o
 sampler against it, with and without antithetic pairs and with the head's default.
 
 ```none
-case                      reference over x = vec(event), row-major (H, W, C) or (L)
-LowRankLogits             N(mu, P P^T + diag(transform(d_raw) + epsilon))       dense, H*W*C
+case                      reference over x = vec(event), row-major (*S, C) or (L)
+LowRankLogits             N(mu, P P^T + diag(transform(d_raw) + epsilon))       dense, prod(S)*C
 HeteroscedasticLogits     N(mu, diag(exp(s)))                                    K = 0
   (low_rank_classes=K)    N(mu, blockdiag_pixels(V V^T + diag(exp(s))))          K > 0, C x C
 CategoricalLogits         point mass at the logits: Sigma = 0; log p = 0 at mu, -inf elsewhere
 LatentEncoder             N(mu, diag((softplus(raw + log(e - 1)) + epsilon)^2))  event [L]
 MixtureLowRankLogits      sum_k pi_k N(mu_k, P_k P_k^T + diag(D_k))   pi = softmax(mean_pixels a)
 
-sample moments of n = 20000 draws (fixed seed), k = 5, n_eff = n, or n / 2 antithetic pairs:
+sample moments of n = 20000 draws (fixed seed), n_eff = n, or n / 2 antithetic pairs, and
+k = max(5, z_(alpha / 2m)) for m compared entries, alpha = 2e-3 (Bonferroni over the entries:
+k = 5 for the 36-dimensional image events, 5.5 for the 180-dimensional volume events):
   |mean_hat_i - mu_i| <= k sqrt(Sigma_ii / n)         antithetic: mean_hat == mu (rounding only)
   |S_ij - Sigma_ij|   <= k sqrt((Sigma_ii Sigma_jj + Sigma_ij^2) / n_eff)   (Gaussian Var S_ij)
 mixtures: Var S_ij = E[(x_i - mu_i)^2 (x_j - mu_j)^2] - Sigma_ij^2, the fourth moment summed over
@@ -25,7 +27,9 @@ mixtures: Var S_ij = E[(x_i - mu_i)^2 (x_j - mu_j)^2] - Sigma_ij^2, the fourth m
 ```
 
 Sizes are tiny (3 x 4 pixels, 3 classes, rank 2: a 36-dimensional event) so that the dense
-covariance, SciPy's density and the sample covariance are cheap.
+covariance, SciPy's density and the sample covariance are cheap. Every head also runs on volumes
+(`spatial_dims=3`, 3 x 4 x 5 voxels: a 180-dimensional event) through the same test: the
+references are written over the flattened event, row-major over `(*S, C)`, for any `S`.
 """
 
 from __future__ import annotations
@@ -43,8 +47,17 @@ import scipy.stats
 import tfp_seg
 
 B, H, W, C, R, L = 2, 3, 4, 3, 2, 3
+SPATIAL = {"image": (H, W), "volume": (3, 4, 5)}  # S: (H, W) or (D, H, W)
 NUM_SAMPLES = 20000
-K_SIGMA = 5.0
+K_SIGMA = 5.0  # at least
+FAMILY_ALPHA = 2e-3  # the chance that any of the m entries of one comparison exceeds k sigma
+
+
+def _k_sigma(entries: int) -> float:
+    """`max(5, z_(alpha / 2m))`: k standard errors for m entries compared at once."""
+    return max(K_SIGMA, float(scipy.stats.norm.isf(FAMILY_ALPHA / (2 * entries))))
+
+
 SAMPLING = {"independent": False, "antithetic": True, "default": None}
 
 
@@ -167,9 +180,9 @@ def _rng(seed):
     return np.random.default_rng(seed)
 
 
-def _low_rank_params(head, seed):
+def _low_rank_params(head, seed, spatial):
     rng = _rng(seed)
-    shape = (B, H, W)
+    shape = (B, *spatial)
     parts = [
         rng.normal(size=shape + (C,)),  # mu
         rng.normal(-0.5, 0.5, size=shape + (C,)),  # d_raw
@@ -178,9 +191,9 @@ def _low_rank_params(head, seed):
     return np.concatenate(parts, -1).astype("float32")
 
 
-def _heteroscedastic_params(head, seed):
+def _heteroscedastic_params(head, seed, spatial):
     rng = _rng(seed)
-    shape = (B, H, W)
+    shape = (B, *spatial)
     parts = [
         rng.normal(size=shape + (C,)),  # mu
         rng.normal(-0.5, 0.5, size=shape + (C,)),  # log sigma^2
@@ -189,13 +202,13 @@ def _heteroscedastic_params(head, seed):
     return np.concatenate(parts, -1).astype("float32")
 
 
-def _categorical_params(head, seed):
-    return _rng(seed).normal(size=(B, H, W, C)).astype("float32")
+def _categorical_params(head, seed, spatial):
+    return _rng(seed).normal(size=(B, *spatial, C)).astype("float32")
 
 
-def _mixture_params(head, seed):
+def _mixture_params(head, seed, spatial):
     rng = _rng(seed)
-    shape = (B, H, W)
+    shape = (B, *spatial)
     parts = []
     for k in range(head.num_components):
         # Components apart (by 1.5 per component), so that the mixture is far from Gaussian.
@@ -204,12 +217,13 @@ def _mixture_params(head, seed):
             rng.normal(-0.5, 0.5, size=shape + (C,)),  # d_raw
             rng.normal(0.0, 0.5, size=shape + (C * head.rank,)),  # P
         ]
-    gate = rng.normal(0.0, 0.7, size=(B, 1, 1, head.num_components))  # image-level, as the layer
+    # image-level, as the layer: the same K values at every pixel
+    gate = rng.normal(0.0, 0.7, size=(B,) + (1,) * len(spatial) + (head.num_components,))
     parts.append(np.broadcast_to(gate, shape + (head.num_components,)))
     return np.concatenate(parts, -1).astype("float32")
 
 
-def _latent_params(encoder, seed):
+def _latent_params(encoder, seed, spatial):
     rng = _rng(seed)
     return np.concatenate([rng.normal(size=(B, L)), rng.normal(0.0, 0.5, size=(B, L))], -1).astype(
         "float32"
@@ -262,7 +276,8 @@ def _heteroscedastic_parts_covariance(head, params):
 class Equivalence:
     """A head and its dense reference.
 
-    make: the head; params: `params(head, seed)` random packed parameters;
+    make: `make(spatial_dims)` the head; params: `params(head, seed, S)` random packed
+    parameters over the spatial shape S;
     reference: `reference(head, params)` -> `Reference` (NumPy only);
     sample: `sample(head, params, n, seed, antithetic)` (antithetic None: the head's default);
     default_antithetic: what the default means for this head;
@@ -275,60 +290,68 @@ class Equivalence:
     sample: Callable = _sample_logits
     default_antithetic: Callable[[Any], bool] = lambda head: head.antithetic
     parts_covariance: Optional[Callable[[Any, np.ndarray], np.ndarray]] = None
-    event_shape: tuple = (H, W, C)
+    event_shape: Optional[tuple] = None  # None: the logits' event (*S, C)
     antithetic_mean_exact: bool = True  # False for mixtures: a pair shares a random component
     mean_atol: float = 0.0  # > 0 where the mean is computed (float32 rounding), not a parameter
+    volumes: bool = True  # the head takes spatial_dims=3
 
 
 CASES = {
     "LowRankLogits": Equivalence(
-        lambda: tfp_seg.layers.LowRankLogits(C, rank=R),
+        lambda s: tfp_seg.layers.LowRankLogits(C, rank=R, spatial_dims=s),
         _low_rank_params,
         _low_rank_reference,
         parts_covariance=_low_rank_parts_covariance,
     ),
     "LowRankLogits-softplus": Equivalence(
-        lambda: tfp_seg.layers.LowRankLogits(
-            C, rank=R, epsilon=1e-3, diagonal_transform="softplus"
+        lambda s: tfp_seg.layers.LowRankLogits(
+            C, rank=R, epsilon=1e-3, diagonal_transform="softplus", spatial_dims=s
         ),
         _low_rank_params,
         _low_rank_reference,
         parts_covariance=_low_rank_parts_covariance,
     ),
     "HeteroscedasticLogits": Equivalence(
-        lambda: tfp_seg.layers.HeteroscedasticLogits(C),
+        lambda s: tfp_seg.layers.HeteroscedasticLogits(C, spatial_dims=s),
         _heteroscedastic_params,
         _heteroscedastic_reference,
         parts_covariance=_heteroscedastic_parts_covariance,
     ),
     "HeteroscedasticLogits-low-rank": Equivalence(
-        lambda: tfp_seg.layers.HeteroscedasticLogits(C, low_rank_classes=R),
+        lambda s: tfp_seg.layers.HeteroscedasticLogits(C, low_rank_classes=R, spatial_dims=s),
         _heteroscedastic_params,
         _heteroscedastic_reference,
         parts_covariance=_heteroscedastic_parts_covariance,
     ),
     "CategoricalLogits": Equivalence(
-        lambda: tfp_seg.layers.CategoricalLogits(C),
+        lambda s: tfp_seg.layers.CategoricalLogits(C, spatial_dims=s),
         _categorical_params,
         _categorical_reference,
         default_antithetic=lambda head: False,  # a point mass: every sample is the mean
     ),
     "MixtureLowRankLogits": Equivalence(
-        lambda: tfp_seg.layers.MixtureLowRankLogits(C, num_components=3, rank=R),
+        lambda s: tfp_seg.layers.MixtureLowRankLogits(C, num_components=3, rank=R, spatial_dims=s),
         _mixture_params,
         _mixture_reference,
         antithetic_mean_exact=False,
         mean_atol=2e-6,  # sum_k pi_k mu_k in float32
     ),
     "LatentEncoder": Equivalence(
-        lambda: tfp_seg.layers.LatentEncoder(latent_dim=L, filters=(4,), epsilon=1e-3),
+        lambda s: tfp_seg.layers.LatentEncoder(latent_dim=L, filters=(4,), epsilon=1e-3),
         _latent_params,
         _latent_reference,
         sample=_sample_latent,
         default_antithetic=lambda encoder: False,  # `sample(antithetic=False)`
         event_shape=(L,),
+        volumes=False,  # an image-level latent: no spatial event
     ),
 }
+CASE_SHAPES = [
+    pytest.param(name, spatial, id=f"{name}-{spatial}")
+    for name, case in CASES.items()
+    for spatial in SPATIAL
+    if spatial == "image" or case.volumes
+]
 
 
 def _points(ref: Reference, seed) -> np.ndarray:
@@ -348,19 +371,21 @@ def _points(ref: Reference, seed) -> np.ndarray:
 
 
 @pytest.mark.parametrize("sampling", list(SAMPLING))
-@pytest.mark.parametrize("name", list(CASES))
-def test_distribution_matches_dense_reference(name, sampling):
+@pytest.mark.parametrize("name,spatial", CASE_SHAPES)
+def test_distribution_matches_dense_reference(name, spatial, sampling):
     case = CASES[name]
-    head = case.make()
-    params = case.params(head, seed=sorted(CASES).index(name))
+    shape = SPATIAL[spatial]
+    head = case.make(len(shape))
+    params = case.params(head, sorted(CASES).index(name), shape)
     ref = case.reference(head, params)
-    event_size = int(np.prod(case.event_shape))
+    event_shape = case.event_shape or (*shape, C)
+    event_size = int(np.prod(event_shape))
     dist = head.distribution(params)
-    assert tuple(dist.batch_shape) == (B,) and tuple(dist.event_shape) == case.event_shape
+    assert tuple(dist.batch_shape) == (B,) and tuple(dist.event_shape) == event_shape
 
     # log_prob at a few points.
     points = _points(ref, seed=1)
-    x = points.reshape((len(points), B) + case.event_shape).astype("float32")
+    x = points.reshape((len(points), B) + event_shape).astype("float32")
     np.testing.assert_allclose(
         np.asarray(dist.log_prob(x), np.float64), ref.log_prob(points), rtol=1e-4, atol=1e-4
     )
@@ -383,7 +408,7 @@ def test_distribution_matches_dense_reference(name, sampling):
     # Sample moments.
     antithetic = SAMPLING[sampling]
     samples = np.asarray(case.sample(head, params, NUM_SAMPLES, 1234, antithetic))
-    assert samples.shape == (NUM_SAMPLES, B) + case.event_shape
+    assert samples.shape == (NUM_SAMPLES, B) + event_shape
     if antithetic is None:
         antithetic = case.default_antithetic(head)
         explicit = np.asarray(case.sample(head, params, NUM_SAMPLES, 1234, antithetic))
@@ -392,17 +417,18 @@ def test_distribution_matches_dense_reference(name, sampling):
     mean_hat = samples.mean(axis=0)
     rounding = 1e-5 * (1.0 + np.abs(ref.mean) + np.sqrt(ref_variance))
     n_eff = NUM_SAMPLES // 2 if antithetic else NUM_SAMPLES
+    k_sigma = _k_sigma(ref.cov.size)
     if antithetic and case.antithetic_mean_exact:  # mirrored pairs: the sample mean is the mean
         mean_bound = rounding
     else:
-        mean_bound = K_SIGMA * np.sqrt(ref_variance / n_eff) + rounding
+        mean_bound = k_sigma * np.sqrt(ref_variance / n_eff) + rounding
     mean_error = np.abs(mean_hat - ref.mean)
     assert np.all(mean_error <= mean_bound), (
         f"sample mean off by up to {np.max(mean_error / mean_bound):.2f} x its bound"
     )
     deviations = samples - mean_hat
     cov_hat = np.einsum("nbi,nbj->bij", deviations, deviations) / (NUM_SAMPLES - 1)
-    cov_bound = K_SIGMA * np.sqrt(ref.cov_estimator_variance() / n_eff) + cov_atol
+    cov_bound = k_sigma * np.sqrt(ref.cov_estimator_variance() / n_eff) + cov_atol
     cov_error = np.abs(cov_hat - ref.cov)
     assert np.all(cov_error <= cov_bound), (
         f"sample covariance off by up to {np.max(cov_error / cov_bound):.2f} x its bound"

@@ -5,7 +5,9 @@ The label sampler draws from the C - 1 logit differences instead of arg-maxing f
 samples, so it is checked statistically against exact label probabilities: closed forms for
 two classes (a normal CDF; a bivariate normal orthant for pixel pairs, which tests the low-rank
 correlation), 1-D quadrature for independent logits with more classes, and a dense NumPy
-multivariate normal for correlated ones. Bounds are 5 standard errors of a frequency.
+multivariate normal for correlated ones. Bounds are 5 standard errors of a frequency. The
+closed forms and the head-level contract also run on volumes (`S = (D, H, W)`), with voxel
+pairs in different depth slices for the low-rank correlation.
 """
 
 import keras
@@ -25,10 +27,12 @@ from tfp_seg.models import ProbabilisticSegmenter, UNet
 N = 40_000
 
 
-def _params(rng, b=1, h=2, w=3, c=2, r=2, factor_scale=0.6):
-    loc = rng.normal(scale=0.8, size=(b, h, w, c)).astype("float32")
-    factor = (factor_scale * rng.normal(size=(b, h, w, c, r))).astype("float32")
-    diag = rng.uniform(0.2, 1.5, size=(b, h, w, c)).astype("float32")
+def _params(rng, b=1, h=2, w=3, c=2, r=2, factor_scale=0.6, d=None):
+    """Low-rank parameters over `S = (h, w)`, or the volume `(d, h, w)` when `d` is given."""
+    spatial = (h, w) if d is None else (d, h, w)
+    loc = rng.normal(scale=0.8, size=(b, *spatial, c)).astype("float32")
+    factor = (factor_scale * rng.normal(size=(b, *spatial, c, r))).astype("float32")
+    diag = rng.uniform(0.2, 1.5, size=(b, *spatial, c)).astype("float32")
     return loc, factor, diag
 
 
@@ -43,13 +47,20 @@ def _assert_freq(freq, p, n, what):
     assert z.max() < 5, f"{what}: max z = {z.max():.2f}; freq {freq.ravel()} vs {p.ravel()}"
 
 
+# Pixel pairs for the joint: (0, 1) neighbours, (0, 5) and (2, 4) across rows; on the volume
+# [2, 2, 3] (voxel (d, h, w) at 6 d + 3 h + w) pairs across the two depth slices.
+SHAPES = {"image": (None, [(0, 1), (0, 5), (2, 4)]), "volume": (2, [(0, 6), (1, 11), (5, 8)])}
+
+
+@pytest.mark.parametrize("spatial", sorted(SHAPES))
 @pytest.mark.parametrize("antithetic", [False, True])
-def test_two_classes_match_the_closed_form(rng, antithetic):
-    loc, factor, diag = _params(rng)
+def test_two_classes_match_the_closed_form(rng, antithetic, spatial):
+    depth, pairs = SHAPES[spatial]
+    loc, factor, diag = _params(rng, d=depth)
     maps = dists.sample_low_rank_labels(
         loc, factor, diag, N, seed=[4, 5], antithetic=antithetic
     ).numpy()
-    assert maps.shape == (N, 1, 2, 3) and maps.dtype == np.int32
+    assert maps.shape == (N,) + loc.shape[:-1] and maps.dtype == np.int32
     assert set(np.unique(maps)) <= {0, 1}
     # delta = eta_1 - eta_0 ~ N(mu_1 - mu_0, |P_1 - P_0|^2 + D_0 + D_1) at each pixel
     d_mean = (loc[..., 1] - loc[..., 0]).ravel().astype("float64")
@@ -61,7 +72,7 @@ def test_two_classes_match_the_closed_form(rng, antithetic):
     _assert_freq(_freq(maps, 1).ravel(), p1, n_eff, "P(label = 1)")
     # The joint of two pixels carries the low-rank correlation: a bivariate orthant.
     flat = maps.reshape(N, -1)
-    for i, j in [(0, 1), (0, 5), (2, 4)]:
+    for i, j in pairs:
         sub = d_cov[np.ix_([i, j], [i, j])]
         p11 = stats.multivariate_normal(mean=[0, 0], cov=sub).cdf(d_mean[[i, j]])
         f11 = ((flat[:, i] == 1) & (flat[:, j] == 1)).mean()
@@ -116,15 +127,26 @@ def test_correlated_classes_match_a_dense_reference(rng, antithetic):
             assert abs(f - g) < 5 * se, (a, b, f, g)
 
 
-def test_same_distribution_as_argmax_of_logit_samples(rng):
+@pytest.mark.parametrize(
+    "make, spatial",
+    [
+        (lambda: LowRankLogits(4, rank=3), (2, 2)),
+        (lambda: LowRankLogits(4, rank=3, spatial_dims=3), (2, 2, 2)),
+        (lambda: HeteroscedasticLogits(3, spatial_dims=3), (2, 2, 3)),
+    ],
+    ids=["low-rank-image", "low-rank-volume", "heteroscedastic-volume"],
+)
+def test_same_distribution_as_argmax_of_logit_samples(rng, make, spatial):
     # The head-level contract: maps from `sample_labels` vs arg maxes of `sample_logits`.
-    head = LowRankLogits(4, rank=3)
-    params = tf.constant(0.7 * rng.normal(size=(1, 2, 2, head.params_size)).astype("float32"))
+    head = make()
+    size = (1, *spatial, head.params_size)
+    params = tf.constant(0.7 * rng.normal(size=size).astype("float32"))
     n = 20_000
     fast = head.sample_labels(params, n, seed=[2, 3], antithetic=False).numpy()
     slow = dists.argmax_classes(head.sample_logits(params, n, seed=[2, 3], antithetic=False))
     slow = slow.numpy()
-    for c in range(4):
+    assert fast.shape == slow.shape == (n, 1, *spatial)
+    for c in range(head.num_classes):
         f, g = _freq(fast, c), _freq(slow, c)
         se = np.sqrt((f * (1 - f) + g * (1 - g)) / n) + 1e-4
         assert (np.abs(f - g) < 5 * se).all(), (c, f, g)
@@ -258,12 +280,13 @@ def test_standard_normal_reproducible_shape_and_pairs():
 
 
 # --- predictive probabilities on class planes ---------------------------------------------------
-def test_mean_probabilities_two_classes_match_quadrature(rng):
+@pytest.mark.parametrize("spatial", sorted(SHAPES))
+def test_mean_probabilities_two_classes_match_quadrature(rng, spatial):
     # E[softmax(eta)_1] = E[sigmoid(delta)], delta ~ N(mu_1 - mu_0, D_0 + D_1 + |P_1 - P_0|^2)
-    loc, factor, diag = _params(rng)
+    loc, factor, diag = _params(rng, d=SHAPES[spatial][0])
     n = 20_000
     probs = dists.low_rank_mean_probabilities(loc, factor, diag, n, seed=[3, 3]).numpy()
-    assert probs.shape == (1, 2, 3, 2)
+    assert probs.shape == loc.shape
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
     mean = (loc[..., 1] - loc[..., 0]).astype("float64")
     var = ((factor[..., 1, :] - factor[..., 0, :]) ** 2).sum(-1) + diag[..., 0] + diag[..., 1]

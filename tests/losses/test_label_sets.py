@@ -20,6 +20,8 @@ soft       one-hot soft labels = hard labels; mixed soft labels = a NumPy refere
            raters' fractions as soft labels = the rater mean (per-pixel losses); the joint
            losses reject soft labels
 fit        model.fit runs a step on annotation="all" and "marginal" data sets
+volumes    the NumPy, autodiff and soft-label checks run on images [H, W] and volumes
+           [D, H, W] alike (label sets [B, K, D, H, W], soft labels [B, D, H, W, C])
 ```
 """
 
@@ -44,6 +46,7 @@ from tfp_seg.layers import (
 from tfp_seg.losses import chunked, mixture_nll_terms
 
 B, H, W, C, R, M, K = 2, 5, 4, 3, 2, 8, 3
+SPATIAL = {"image": (H, W), "volume": (2, 3, 4)}  # S = (H, W) or (D, H, W)
 IGNORE = 255
 CW = [0.5, 1.0, 2.0]
 SOFT_REJECTED = "joint likelihood of a soft label map is not defined"
@@ -52,21 +55,24 @@ SOFT_REJECTED = "joint likelihood of a soft label map is not defined"
 # --- inputs ----------------------------------------------------------------------------------
 def _params(head, batch=B, seed=0, scale=1.0):
     rng = np.random.default_rng(seed)
-    values = scale * rng.normal(size=(batch, H, W, head.params_size))
+    spatial = SPATIAL["volume"] if head.spatial_dims == 3 else (H, W)
+    values = scale * rng.normal(size=(batch, *spatial, head.params_size))
     return tf.constant(values.astype("float32"))
 
 
-def _label_set(k=K, seed=2, ignore=True):
-    """int `[B, k, H, W]`; with `ignore`, each rater ignores a different set of pixels."""
-    labels = np.random.default_rng(seed).integers(0, C, size=(B, k, H, W)).astype("int32")
+def _label_set(k=K, seed=2, ignore=True, spatial=(H, W)):
+    """int `[B, k, *S]`; with `ignore`, each rater ignores a different set of pixels."""
+    labels = np.random.default_rng(seed).integers(0, C, size=(B, k, *spatial)).astype("int32")
     if ignore:
         for r in range(k):
-            labels[r % B, r, r % H, : 1 + r] = IGNORE
+            labels[(r % B, r) + (r % spatial[0],) + (0,) * (len(spatial) - 2) + (slice(1 + r),)] = (
+                IGNORE
+            )
     return labels
 
 
-def _soft_labels(seed=3):
-    q = np.random.default_rng(seed).gamma(0.7, size=(B, H, W, C))
+def _soft_labels(seed=3, spatial=(H, W)):
+    q = np.random.default_rng(seed).gamma(0.7, size=(B, *spatial, C))
     return (q / q.sum(-1, keepdims=True)).astype("float32")
 
 
@@ -74,7 +80,8 @@ def _noise(head, antithetic, rows=B, seed=1):
     """Fixed noise in `head.sample_logits(noise=...)` format for M samples of `rows` images."""
     rng = np.random.default_rng(seed)
     n = M // 2 if antithetic else M
-    eps = rng.normal(size=(n, rows, H, W, C)).astype("float32")
+    spatial = SPATIAL["volume"] if head.spatial_dims == 3 else (H, W)
+    eps = rng.normal(size=(n, rows, *spatial, C)).astype("float32")
     if isinstance(head, LowRankLogits):
         return rng.normal(size=(n, rows, head.rank)).astype("float32"), eps
     return eps
@@ -89,7 +96,7 @@ def _samples(head, params, noise, antithetic):
         return np.asarray(out, np.float64)
     loc, factor, diag = (np.asarray(t, np.float64) for t in head.covariance_parts(params))
     z, eps = (np.asarray(t, np.float64) for t in noise)
-    dev = np.einsum("bhwcr,nbr->nbhwc", factor, z) + np.sqrt(diag)[None] * eps
+    dev = np.einsum("b...cr,nbr->nb...c", factor, z) + np.sqrt(diag)[None] * eps
     return np.concatenate([loc + dev, loc - dev] if antithetic else [loc + dev])
 
 
@@ -102,7 +109,7 @@ def _weights(label_set, ignore_label, class_weights):
 
 
 def _np_terms(samples, label_set, ignore_label=IGNORE, class_weights=CW):
-    """(joint [B], marginal [B]) of the stated form, float64, from samples `[M, B, H, W, C]`."""
+    """(joint [B], marginal [B]) of the stated form, float64, from samples `[M, B, *S, C]`."""
     log_soft = samples - logsumexp(samples, axis=-1, keepdims=True)
     safe, w = _weights(label_set, ignore_label, class_weights)
     m, k = samples.shape[0], label_set.shape[1]
@@ -110,7 +117,8 @@ def _np_terms(samples, label_set, ignore_label=IGNORE, class_weights=CW):
     for b in range(B):
         for r in range(k):
             lp = np.take_along_axis(log_soft[:, b], safe[b, r][None, ..., None], -1)[..., 0]
-            joint[b] -= (logsumexp((w[b, r] * lp).sum(axis=(1, 2))) - np.log(m)) / k
+            pixels = tuple(range(1, lp.ndim))
+            joint[b] -= (logsumexp((w[b, r] * lp).sum(axis=pixels)) - np.log(m)) / k
             marginal[b] -= (w[b, r] * (logsumexp(lp, axis=0) - np.log(m))).sum() / k
     return joint, marginal
 
@@ -120,7 +128,7 @@ def _np_soft_marginal(samples, q, class_weights=CW):
     log_soft = samples - logsumexp(samples, axis=-1, keepdims=True)
     log_mean = logsumexp(log_soft, axis=0) - np.log(samples.shape[0])
     cw = np.ones(C) if class_weights is None else np.asarray(class_weights)
-    return -(q * cw * log_mean).sum(axis=(1, 2, 3))
+    return -(q * cw * log_mean).sum(axis=tuple(range(1, q.ndim)))
 
 
 def _tf_reference(head, label_set, noise, antithetic, ignore_label=IGNORE, class_weights=CW):
@@ -135,10 +143,11 @@ def _tf_reference(head, label_set, noise, antithetic, ignore_label=IGNORE, class
         for r in range(label_set.shape[1]):
             lp = tf.reduce_sum(log_soft * tf.one_hot(safe[:, r], C)[tf.newaxis], axis=-1)
             w_r = tf.constant(w[:, r], tf.float32)
-            loglik = tf.reduce_sum(lp * w_r[tf.newaxis], axis=[2, 3])  # [M, B]
+            pixels = list(range(1, w_r.shape.rank))  # the spatial axes of [B, *S]
+            loglik = tf.reduce_sum(lp * w_r[tf.newaxis], axis=[a + 1 for a in pixels])  # [M, B]
             joint -= tf.reduce_logsumexp(loglik, axis=0) - log_m
             pixel = tf.reduce_logsumexp(lp, axis=0) - log_m
-            marginal -= tf.reduce_sum(w_r * pixel, axis=[1, 2])
+            marginal -= tf.reduce_sum(w_r * pixel, axis=pixels)
         k = label_set.shape[1]
         return joint / k, marginal / k
 
@@ -175,8 +184,8 @@ def _terms(head, labels, noise, chunk_size, antithetic, **kw):
 
 
 HEADS = {
-    "fused": lambda: LowRankLogits(C, rank=R),
-    "generic": lambda: HeteroscedasticLogits(C),
+    "fused": lambda spatial_dims=2: LowRankLogits(C, rank=R, spatial_dims=spatial_dims),
+    "generic": lambda spatial_dims=2: HeteroscedasticLogits(C, spatial_dims=spatial_dims),
 }
 PATHS = [
     pytest.param(name, chunk, anti, id=f"{name}-chunk{chunk}-{'anti' if anti else 'indep'}")
@@ -263,11 +272,12 @@ def test_one_rater_label_set_is_the_label_map_exactly_in_every_loss(name):
 
 
 # --- (b), (c) K = 3 against NumPy and against autodiff of a plain reference --------------------
+@pytest.mark.parametrize("spatial", sorted(SPATIAL))
 @pytest.mark.parametrize("name,chunk_size,antithetic", PATHS)
-def test_label_set_terms_equal_numpy_on_the_same_samples(name, chunk_size, antithetic):
-    head = HEADS[name]()
+def test_label_set_terms_equal_numpy_on_the_same_samples(name, chunk_size, antithetic, spatial):
+    head = HEADS[name](len(SPATIAL[spatial]))
     params = _params(head)
-    labels = _label_set()
+    labels = _label_set(spatial=SPATIAL[spatial])
     noise = _noise(head, antithetic)
     joint, marginal = _terms(head, labels, noise, chunk_size, antithetic)(params)
     ref_joint, ref_marginal = _np_terms(_samples(head, params, noise, antithetic), labels)
@@ -280,11 +290,14 @@ def test_label_set_terms_equal_numpy_on_the_same_samples(name, chunk_size, antit
     np.testing.assert_allclose(alone.numpy(), marginal.numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("spatial", sorted(SPATIAL))
 @pytest.mark.parametrize("name,chunk_size,antithetic", PATHS)
-def test_label_set_gradients_equal_autodiff_of_a_plain_reference(name, chunk_size, antithetic):
-    head = HEADS[name]()
+def test_label_set_gradients_equal_autodiff_of_a_plain_reference(
+    name, chunk_size, antithetic, spatial
+):
+    head = HEADS[name](len(SPATIAL[spatial]))
     params = _params(head)
-    labels = _label_set()
+    labels = _label_set(spatial=SPATIAL[spatial])
     noise = _noise(head, antithetic)
     want = _value_and_grads(_tf_reference(head, labels, noise, antithetic), params)
     got = _value_and_grads(_terms(head, labels, noise, chunk_size, antithetic), params)
@@ -294,8 +307,8 @@ def test_label_set_gradients_equal_autodiff_of_a_plain_reference(name, chunk_siz
         _assert_close(got, whole)
 
 
-def _mixture_setup(antithetic, seed=0):
-    head = MixtureLowRankLogits(C, num_components=2, rank=R)
+def _mixture_setup(antithetic, seed=0, spatial_dims=2):
+    head = MixtureLowRankLogits(C, num_components=2, rank=R, spatial_dims=spatial_dims)
     params = _params(head, seed=seed, scale=0.7)
     noise = _noise(head.component_head, antithetic, rows=B * head.num_components, seed=seed + 1)
     return head, params, noise
@@ -306,8 +319,8 @@ def _np_mixture_terms(head, params, labels, noise, antithetic):
     mean over raters, float64."""
     kc = head.num_components
     comp = head.component_params(params)
-    samples = _samples(head.component_head, comp, noise, antithetic)  # [M, B*K_c, H, W, C]
-    samples = samples.reshape(M, B, kc, H, W, C)
+    samples = _samples(head.component_head, comp, noise, antithetic)  # [M, B*K_c, *S, C]
+    samples = samples.reshape(M, B, kc, *labels.shape[2:], C)
     log_pi = np.asarray(tf.nn.log_softmax(head.mixture_logits(params)), np.float64)
     log_soft = samples - logsumexp(samples, axis=-1, keepdims=True)
     safe, w = _weights(labels, IGNORE, CW)
@@ -315,19 +328,23 @@ def _np_mixture_terms(head, params, labels, noise, antithetic):
     for b in range(B):
         for r in range(labels.shape[1]):
             pick = safe[b, r][None, None, ..., None]
-            lp = np.take_along_axis(log_soft[:, b], pick, -1)[..., 0]  # [M, K_c, H, W]
-            terms = log_pi[b][None] + (w[b, r] * lp).sum(axis=(2, 3))  # [M, K_c]
-            joint[b] -= (logsumexp(terms) - np.log(M)) / labels.shape[1]
-            pixel = logsumexp(log_pi[b][None, :, None, None] + lp, axis=(0, 1)) - np.log(M)
+            lp = np.take_along_axis(log_soft[:, b], pick, -1)[..., 0]  # [M, K_c, *S]
+            terms = log_pi[b][None] + (w[b, r] * lp).sum(axis=tuple(range(2, lp.ndim)))
+            joint[b] -= (logsumexp(terms) - np.log(M)) / labels.shape[1]  # terms [M, K_c]
+            log_pi_b = log_pi[b].reshape((1, -1) + (1,) * (lp.ndim - 2))
+            pixel = logsumexp(log_pi_b + lp, axis=(0, 1)) - np.log(M)
             marginal[b] -= (w[b, r] * pixel).sum() / labels.shape[1]
     return joint, marginal
 
 
+@pytest.mark.parametrize("spatial", sorted(SPATIAL))
 @pytest.mark.parametrize("chunk_size", [None, 2])
-def test_mixture_label_set_equals_numpy_and_autodiff(chunk_size):
+def test_mixture_label_set_equals_numpy_and_autodiff(chunk_size, spatial):
     antithetic = True
-    head, params, noise = _mixture_setup(antithetic)
-    labels = _label_set()
+    shape = SPATIAL[spatial]
+    head, params, noise = _mixture_setup(antithetic, spatial_dims=len(shape))
+    labels = _label_set(spatial=shape)
+    s = len(shape)
 
     def fn(p):
         return mixture_nll_terms(
@@ -344,18 +361,19 @@ def test_mixture_label_set_equals_numpy_and_autodiff(chunk_size):
         samples = head.component_head.sample_logits(
             head.component_params(p), M, antithetic=antithetic, noise=noise
         )
-        log_soft = tf.reshape(tf.nn.log_softmax(samples), [M, B, kc, H, W, C])
+        log_soft = tf.reshape(tf.nn.log_softmax(samples), [M, B, kc, *shape, C])
         log_pi = tf.nn.log_softmax(head.mixture_logits(p))  # [B, K_c]
         safe, w = _weights(labels, IGNORE, CW)
         joint = marginal = 0.0
         for r in range(K):
             onehot = tf.one_hot(safe[:, r], C)[tf.newaxis, :, tf.newaxis]
-            lp = tf.reduce_sum(log_soft * onehot, axis=-1)  # [M, B, K_c, H, W]
+            lp = tf.reduce_sum(log_soft * onehot, axis=-1)  # [M, B, K_c, *S]
             w_r = tf.constant(w[:, r], tf.float32)[:, tf.newaxis]
-            terms = log_pi + tf.reduce_sum(lp * w_r, axis=[3, 4])
+            terms = log_pi + tf.reduce_sum(lp * w_r, axis=list(range(3, 3 + s)))
             joint -= tf.reduce_logsumexp(terms, axis=[0, 2]) - math.log(M)
-            pixel = tf.reduce_logsumexp(log_pi[:, :, None, None] + lp, axis=[0, 2])
-            marginal -= tf.reduce_sum(w_r[:, 0] * (pixel - math.log(M)), axis=[1, 2])
+            log_pi_s = tf.reshape(log_pi, [B, kc] + [1] * s)
+            pixel = tf.reduce_logsumexp(log_pi_s + lp, axis=[0, 2])
+            marginal -= tf.reduce_sum(w_r[:, 0] * (pixel - math.log(M)), axis=list(range(1, 1 + s)))
         return joint / K, marginal / K
 
     _assert_close(got, _value_and_grads(plain, params))
@@ -527,27 +545,31 @@ def test_raters_fractions_as_soft_labels_are_the_rater_mean(name):
     )
 
 
-def test_soft_labels_equal_numpy():
-    q = _soft_labels()
-    head = HeteroscedasticLogits(C)
+@pytest.mark.parametrize("spatial", sorted(SPATIAL))
+def test_soft_labels_equal_numpy(spatial):
+    shape = SPATIAL[spatial]
+    q = _soft_labels(spatial=shape)
+    head = HeteroscedasticLogits(C, spatial_dims=len(shape))
     params = _params(head, scale=0.5)
     loss = losses.HeteroscedasticNLL(head, M, class_weights=CW)
     tf.random.set_seed(4)
     samples = np.asarray(head.sample_logits(params, M, antithetic=loss.antithetic), np.float64)
-    want = np.mean(_np_soft_marginal(samples, q) / (H * W))
+    pixels = np.prod(shape)  # the count of normalize="pixels": every pixel (voxel)
+    want = np.mean(_np_soft_marginal(samples, q) / pixels)
     np.testing.assert_allclose(_seeded(loss, q, seed=4)(params).numpy(), want, rtol=1e-5)
     logits = params[..., :C]
     ce = losses.SegmentationCrossEntropy(C, class_weights=CW)(q, logits).numpy()
     ref = _np_soft_marginal(np.asarray(logits, np.float64)[None], q)
-    np.testing.assert_allclose(ce, np.mean(ref / (H * W)), rtol=1e-5)
+    np.testing.assert_allclose(ce, np.mean(ref / pixels), rtol=1e-5)
 
 
+@pytest.mark.parametrize("spatial", sorted(SPATIAL))
 @pytest.mark.parametrize("name,chunk_size,antithetic", PATHS)
-def test_soft_marginal_driver_equals_numpy_and_autodiff(name, chunk_size, antithetic):
+def test_soft_marginal_driver_equals_numpy_and_autodiff(name, chunk_size, antithetic, spatial):
     # `sampled_marginal_nll` scores soft labels as C constant maps weighted by q
-    head = HEADS[name]()
+    head = HEADS[name](len(SPATIAL[spatial]))
     params = _params(head)
-    q = _soft_labels()
+    q = _soft_labels(spatial=SPATIAL[spatial])
     noise = _noise(head, antithetic)
 
     def fn(p):
@@ -562,7 +584,7 @@ def test_soft_marginal_driver_equals_numpy_and_autodiff(name, chunk_size, antith
     def plain(p):
         samples = head.sample_logits(p, M, antithetic=antithetic, noise=noise)
         log_mean = tf.reduce_logsumexp(tf.nn.log_softmax(samples), axis=0) - math.log(M)
-        return -tf.reduce_sum(log_mean * q * tf.constant(CW), axis=[1, 2, 3])
+        return -tf.reduce_sum(log_mean * q * tf.constant(CW), axis=list(range(1, q.ndim)))
 
     _assert_close(got, _value_and_grads(plain, params))
 

@@ -9,17 +9,22 @@ distributions (TFP's `params_size` / `new` convention). Sampling that must survi
 #### Mathematical Details
 
 The low-rank logits distribution of a Stochastic Segmentation Network (Monteiro et al., 2020)
-is a multivariate normal over the flattened event of S = H*W pixels and C classes:
+is a multivariate normal over the flattened event of X = prod(S) pixels (or voxels) and C
+classes, `S = (H, W)` for images or `(D, H, W)` for volumes:
 
 ```none
-eta = vec(logits) in R^(S*C)
-eta ~ N(mu, P P^T + diag(D)),   P in R^(S*C x R),   D in R_+^(S*C)
-sample:  eta = mu + P z + sqrt(D) * eps,   z ~ N(0, I_R),  eps ~ N(0, I_(S*C))
+eta = vec(logits) in R^(X*C)
+eta ~ N(mu, P P^T + diag(D)),   P in R^(X*C x R),   D in R_+^(X*C)
+sample:  eta = mu + P z + sqrt(D) * eps,   z ~ N(0, I_R),  eps ~ N(0, I_(X*C))
 ```
 
 The covariance is never materialised: TFP's `MultivariateNormalDiagPlusLowRankCovariance`
 works through a `LinearOperatorLowRankUpdate` (Woodbury identity and the matrix determinant
-lemma), O(S*C*R^2) per log-density instead of O((S*C)^3).
+lemma), O(X*C*R^2) per log-density instead of O((X*C)^3).
+
+Every function takes parameters `[B, *S, C(, R)]` (mixtures `[B, K, *S, C(, R)]`) and tells
+`S` from their rank; distributions have batch `[B]` and event `[*S, C]`, samples are
+`[N, B, *S, C]` and label maps `[N, B, *S]`.
 
 #### Modules
 

@@ -22,22 +22,27 @@ __all__ = ["diagonal_logits", "sample_diagonal"]
 
 
 def diagonal_logits(loc, scale, validate_args: bool = False, name: str = "DiagonalLogits"):
-    """Independent normal logits, `tfd.Independent(tfd.Normal(loc, scale), 3)`.
+    """Independent normal logits, `tfd.Independent(tfd.Normal(loc, scale), len(S) + 1)`.
 
     Args:
-      loc: mean logits `[B, H, W, C]`.
+      loc: mean logits `[B, *S, C]`, `S = (H, W)` or `(D, H, W)` (told by the rank, 4 or 5).
       scale: positive standard deviations, same shape as `loc`.
 
     Returns:
-      A distribution with batch shape `[B]` and event shape `[H, W, C]`.
+      A distribution with batch shape `[B]` and event shape `[*S, C]`.
     """
     loc = tf.convert_to_tensor(loc)
     scale = tf.convert_to_tensor(scale, dtype=loc.dtype)
-    _checks.check_rank(loc, 4, "loc", "[B, H, W, C]")
-    _checks.check_rank(scale, 4, "scale", "[B, H, W, C]")
+    s = _checks.infer_spatial_dims(loc, "loc", 2, "[B, H, W, C]")
+    _checks.check_rank(scale, 2 + s, "scale", _checks.spatial_form(s, "B", "C"))
+    if not loc.shape.is_compatible_with(scale.shape):
+        raise ValueError(
+            f"`scale` must have the shape of `loc` {_checks.shape_str(loc)}; "
+            f"got {_checks.shape_str(scale)}."
+        )
     return tfd.Independent(
         tfd.Normal(loc, scale, validate_args=validate_args),
-        reinterpreted_batch_ndims=3,
+        reinterpreted_batch_ndims=s + 1,
         name=name,
     )
 
@@ -50,7 +55,10 @@ def sample_diagonal(
     antithetic: bool = False,
     noise: Optional[tf.Tensor] = None,
 ) -> tf.Tensor:
-    """Reparameterised samples of independent normal logits `[N, B, H, W, C]`."""
+    """Reparameterised samples of independent normal logits `[N, B, *S, C]`.
+
+    `loc`, `scale`: `[B, *S, C]`; `noise`: fixed `eps [N', B, *S, C]` (N' = N/2 when
+    `antithetic`); `eta = loc + scale * eps` (and `loc - scale * eps`)."""
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     n = num_samples // 2 if antithetic else num_samples
     if noise is None:

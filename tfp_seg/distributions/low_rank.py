@@ -1,8 +1,8 @@
 """The low-rank multivariate normal over logits of a Stochastic Segmentation Network.
 
 ```none
-eta = vec(logits) in R^(S*C),  S = H*W
-eta ~ N(mu, P P^T + diag(D)),   P in R^(S*C x R),   D in R_+^(S*C)
+eta = vec(logits) in R^(X*C),  X = prod(S),  S = (H, W) or (D, H, W)
+eta ~ N(mu, P P^T + diag(D)),   P in R^(X*C x R),   D in R_+^(X*C)
 sample:  eta = mu + P z + sqrt(D) * eps,   z ~ N(0, I_R),  eps ~ N(0, I_(S*C))
 ```
 
@@ -30,20 +30,35 @@ from tfp_seg.distributions import noise as noise_lib
 tfd = tfp.distributions
 tfb = tfp.bijectors
 
-__all__ = ["LowRankLogitsDistribution", "low_rank_logits", "sample_low_rank"]
+__all__ = [
+    "LowRankLogitsDistribution",
+    "low_rank_logits",
+    "sample_low_rank",
+    "check_low_rank_ranks",
+]
 
 
 class LowRankLogitsDistribution(tfp.distributions.TransformedDistribution):
-    """Low-rank multivariate normal over logits with event shape `[H, W, C]`.
+    """Low-rank multivariate normal over logits with event shape `[*S, C]`.
 
-    A `tfd.MultivariateNormalDiagPlusLowRankCovariance` over the flattened `H*W*C` event,
-    reshaped to `[H, W, C]` by a `tfb.Reshape` bijector (a volume-preserving map, so
+    A `tfd.MultivariateNormalDiagPlusLowRankCovariance` over the flattened `prod(S)*C`
+    event, reshaped to `[*S, C]` by a `tfb.Reshape` bijector (a volume-preserving map, so
     `log_prob` is the flat density). It adds what `TransformedDistribution` lacks for this
     case: `mean`, `stddev`, `variance` and `covariance` (flattened event, small sizes only),
-    and the parameters `loc`, `cov_factor`, `cov_diag` in their `[B, H, W, C(, R)]` layout.
+    and the parameters `loc`, `cov_factor`, `cov_diag` in their `[..., *S, C(, R)]` layout.
+    `spatial_dims` (2: `S = (H, W)`, the default; 3: `S = (D, H, W)`) is the number of
+    spatial axes of the event; every axis before them is a batch axis.
     """
 
-    def __init__(self, loc, cov_factor, cov_diag, validate_args=False, name="LowRankLogits"):
+    def __init__(
+        self,
+        loc,
+        cov_factor,
+        cov_diag,
+        validate_args=False,
+        name="LowRankLogits",
+        spatial_dims=2,
+    ):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
             loc = tf.convert_to_tensor(loc, name="loc")
@@ -53,8 +68,10 @@ class LowRankLogitsDistribution(tfp.distributions.TransformedDistribution):
             self._loc = loc
             self._cov_factor = cov_factor
             self._cov_diag = cov_diag
-            event_shape = tf.shape(loc)[-3:]
-            batch_shape = tf.shape(loc)[:-3]
+            self._spatial_dims = _checks.check_spatial_dims(spatial_dims)
+            event_ndims = self._spatial_dims + 1
+            event_shape = tf.shape(loc)[-event_ndims:]
+            batch_shape = tf.shape(loc)[:-event_ndims]
             flat_event = tf.reduce_prod(event_shape)
             rank = tf.shape(cov_factor)[-1]
             flat = tfd.MultivariateNormalDiagPlusLowRankCovariance(
@@ -65,7 +82,7 @@ class LowRankLogitsDistribution(tfp.distributions.TransformedDistribution):
                 ),
                 validate_args=validate_args,
             )
-            static_event = loc.shape[-3:]
+            static_event = loc.shape[-event_ndims:]
             event_out = static_event if static_event.is_fully_defined() else event_shape
             super().__init__(
                 distribution=flat,
@@ -77,30 +94,36 @@ class LowRankLogitsDistribution(tfp.distributions.TransformedDistribution):
 
     @classmethod
     def _parameter_properties(cls, dtype, num_classes=None):
+        # Instance-dependent event ranks (TFP's callable `event_ndims`): [*S, C] (+ R).
         return dict(
-            loc=tfp.util.ParameterProperties(event_ndims=3),
-            cov_factor=tfp.util.ParameterProperties(event_ndims=4),
-            cov_diag=tfp.util.ParameterProperties(event_ndims=3),
+            loc=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 1),
+            cov_factor=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 2),
+            cov_diag=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 1),
         )
 
     @property
+    def spatial_dims(self) -> int:
+        """The number of spatial axes of the event `[*S, C]` (2 or 3)."""
+        return self._spatial_dims
+
+    @property
     def loc(self) -> tf.Tensor:
-        """Mean logits `[B, H, W, C]`."""
+        """Mean logits `[B, *S, C]`."""
         return self._loc
 
     @property
     def cov_factor(self) -> tf.Tensor:
-        """Low-rank covariance factor `P` in its `[B, H, W, C, R]` layout."""
+        """Low-rank covariance factor `P` in its `[B, *S, C, R]` layout."""
         return self._cov_factor
 
     @property
     def cov_diag(self) -> tf.Tensor:
-        """Diagonal `D` of the covariance (variances, not standard deviations) `[B, H, W, C]`."""
+        """Diagonal `D` of the covariance (variances, not standard deviations) `[B, *S, C]`."""
         return self._cov_diag
 
     @property
     def flat_distribution(self) -> tfp.distributions.MultivariateNormalDiagPlusLowRankCovariance:
-        """The underlying distribution over the flattened `H*W*C` event."""
+        """The underlying distribution over the flattened `prod(S)*C` event."""
         return self.distribution
 
     def _mean(self, **kwargs):
@@ -113,7 +136,7 @@ class LowRankLogitsDistribution(tfp.distributions.TransformedDistribution):
         return tf.sqrt(self._variance())
 
     def _covariance(self, **kwargs):
-        # Dense [B, H*W*C, H*W*C]; only for small sizes (tests, diagnostics).
+        # Dense [B, X*C, X*C], X = prod(S); only for small sizes (tests, diagnostics).
         return self.distribution.covariance()
 
     def _mode(self, **kwargs):
@@ -127,17 +150,19 @@ def low_rank_logits(
     validate_args: bool = False,
     name: str = "LowRankLogits",
 ) -> LowRankLogitsDistribution:
-    """Low-rank multivariate normal over logits, event shape `[H, W, C]`.
+    """Low-rank multivariate normal over logits, event shape `[*S, C]`.
+
+    `S = (H, W)` or `(D, H, W)`, told by the rank of `loc` (4 or 5).
 
     Args:
-      loc: mean logits, float `[B, H, W, C]`.
-      cov_factor: covariance factor, float `[B, H, W, C, R]`; reshaped to `P` of shape
-        `[B, H*W*C, R]` (row-major over H, W, C, matching `tf.reshape(loc, [B, -1])`).
-      cov_diag: positive covariance diagonal `D` (variances), float `[B, H, W, C]`.
+      loc: mean logits, float `[B, *S, C]`.
+      cov_factor: covariance factor, float `[B, *S, C, R]`; reshaped to `P` of shape
+        `[B, prod(S)*C, R]` (row-major over *S, C, matching `tf.reshape(loc, [B, -1])`).
+      cov_diag: positive covariance diagonal `D` (variances), float `[B, *S, C]`.
       validate_args: check positivity and finiteness of the parameters at run time.
 
     Returns:
-      A `LowRankLogitsDistribution` with batch shape `[B]`, event shape `[H, W, C]` and
+      A `LowRankLogitsDistribution` with batch shape `[B]`, event shape `[*S, C]` and
       covariance `P P^T + diag(D)` over the flattened event; never materialised densely.
     """
     loc = tf.convert_to_tensor(loc)
@@ -145,9 +170,7 @@ def low_rank_logits(
         raise ValueError(f"`loc` must be a float tensor; got dtype {loc.dtype.name}.")
     cov_factor = tf.convert_to_tensor(cov_factor, dtype=loc.dtype)
     cov_diag = tf.convert_to_tensor(cov_diag, dtype=loc.dtype)
-    _checks.check_rank(loc, 4, "loc", "[B, H, W, C]")
-    _checks.check_rank(cov_factor, 5, "cov_factor", "[B, H, W, C, R]")
-    _checks.check_rank(cov_diag, 4, "cov_diag", "[B, H, W, C]")
+    spatial_dims = check_low_rank_ranks(loc, cov_factor, cov_diag)
     if loc.shape.is_fully_defined() and cov_diag.shape.is_fully_defined():
         if loc.shape != cov_diag.shape:
             raise ValueError(
@@ -169,8 +192,21 @@ def low_rank_logits(
         ):
             cov_diag = tf.identity(cov_diag)
     return LowRankLogitsDistribution(
-        loc, cov_factor, cov_diag, validate_args=validate_args, name=name
+        loc, cov_factor, cov_diag, validate_args=validate_args, name=name, spatial_dims=spatial_dims
     )
+
+
+def check_low_rank_ranks(loc, cov_factor, cov_diag, leading: str = "B") -> int:
+    """`spatial_dims` (2 or 3) of low-rank parameters `loc, cov_diag [B, *S, C]` and
+    `cov_factor [B, *S, C, R]` (or None), told by the rank of `loc`; a rank mismatch is a
+    `ValueError` naming the argument. `leading` names the batch axes in messages."""
+    extra = len(leading.split(",")) + 1  # the leading axes and C
+    s = _checks.infer_spatial_dims(loc, "loc", extra, f"[{leading}, H, W, C]")
+    _checks.check_rank(cov_diag, extra + s, "cov_diag", _checks.spatial_form(s, leading, "C"))
+    if cov_factor is not None:
+        form = _checks.spatial_form(s, leading, "C, R")
+        _checks.check_rank(cov_factor, extra + 1 + s, "cov_factor", form)
+    return s
 
 
 def sample_low_rank(
@@ -182,7 +218,7 @@ def sample_low_rank(
     antithetic: bool = False,
     noise: Optional[tuple] = None,
 ) -> tf.Tensor:
-    """Reparameterised samples of low-rank logits, `[N, B, H, W, C]`, in export-safe ops.
+    """Reparameterised samples of low-rank logits, `[N, B, *S, C]`, in export-safe ops.
 
     ```none
     eta_n = mu + P z_n + sqrt(D) * eps_n,   z_n ~ N(0, I_R),  eps_n ~ N(0, I)
@@ -190,11 +226,12 @@ def sample_low_rank(
     ```
 
     Args:
-      loc: `[B, H, W, C]`; cov_factor: `[B, H, W, C, R]`; cov_diag: `[B, H, W, C]` (variances).
+      loc: `[B, *S, C]`; cov_factor: `[B, *S, C, R]`; cov_diag: `[B, *S, C]` (variances),
+        `S = (H, W)` or `(D, H, W)`.
       num_samples: N, a Python int (even when `antithetic`).
       seed: None (stateful RNG) or an int / shape-[2] seed for stateless sampling.
       antithetic: draw N/2 samples and mirror them about the mean.
-      noise: optional `(z, eps)` with shapes `[N', B, R]` and `[N', B, H, W, C]`
+      noise: optional `(z, eps)` with shapes `[N', B, R]` and `[N', B, *S, C]`
         (N' = N/2 when antithetic) to make sampling deterministic (export parity tests).
     """
     num_samples = _checks.check_num_samples(num_samples, antithetic)
@@ -210,8 +247,8 @@ def sample_low_rank(
         )
     else:
         z, eps = (tf.convert_to_tensor(t, dtype=loc.dtype) for t in noise)
-    # P z: [B,H,W,C,R] x [N,B,R] -> [N,B,H,W,C], as one batched matmul [B,N,R] x [B,R,HWC]
-    # and a transpose of whole [H*W*C] rows (an einsum here is ~6x slower on CPU).
+    # P z: [B,*S,C,R] x [N,B,R] -> [N,B,*S,C], as one batched matmul [B,N,R] x [B,R,X*C]
+    # and a transpose of whole [X*C] rows (an einsum here is ~6x slower on CPU).
     shape = tf.shape(loc)
     flat_factor = tf.reshape(cov_factor, tf.stack([shape[0], -1, tf.shape(cov_factor)[-1]]))
     low_rank = tf.matmul(tf.transpose(z, [1, 0, 2]), flat_factor, transpose_b=True)

@@ -4,10 +4,10 @@
 eta | x  ~  sum_k pi_k N(mu_k, P_k P_k^T + diag(D_k)),   pi = softmax(mixture_logits)
 ```
 
-over the flattened `H*W*C` event of every image: the component `k` is one per image (a
-discrete choice shared by all pixels, e.g. "the faint object is there" or "the boundary is the
-outer one"), and within a component the logits are the low-rank normal of a Stochastic
-Segmentation Network (`tfp_seg.distributions.low_rank`).
+over the flattened `prod(S)*C` event of every image (`S = (H, W)` or `(D, H, W)`): the
+component `k` is one per image (a discrete choice shared by all pixels, e.g. "the faint
+object is there" or "the boundary is the outer one"), and within a component the logits are
+the low-rank normal of a Stochastic Segmentation Network (`tfp_seg.distributions.low_rank`).
 
 `mixture_low_rank_logits` builds the TFP distribution (densities, moments);
 `sample_mixture_low_rank` draws from it in export-safe ops (a component per image and sample
@@ -32,7 +32,7 @@ import tensorflow_probability as tfp
 from tfp_seg import _checks, _seeds
 from tfp_seg._seeds import SeedLike
 from tfp_seg.distributions import noise as noise_lib
-from tfp_seg.distributions.low_rank import LowRankLogitsDistribution
+from tfp_seg.distributions.low_rank import LowRankLogitsDistribution, check_low_rank_ranks
 
 tfd = tfp.distributions
 
@@ -47,10 +47,11 @@ __all__ = [
 class MixtureLowRankLogitsDistribution(tfp.distributions.MixtureSameFamily):
     """`tfd.MixtureSameFamily(Categorical(mixture_logits), K low-rank logits distributions)`.
 
-    Batch shape `[B]`, event shape `[H, W, C]`; the components are one
+    Batch shape `[B]`, event shape `[*S, C]`; the components are one
     `LowRankLogitsDistribution` with batch shape `[B, K]`. It adds what `MixtureSameFamily`
-    lacks for a rank-3 event: `covariance` (dense over the flattened `H*W*C` event, small
-    sizes only), and the parameters `mixture_logits`, `loc`, `cov_factor`, `cov_diag`.
+    lacks for a rank-3 (or 4) event: `covariance` (dense over the flattened `prod(S)*C`
+    event, small sizes only), and the parameters `mixture_logits`, `loc`, `cov_factor`,
+    `cov_diag`. `spatial_dims` (2 or 3) is the number of spatial axes of the event.
 
     ```none
     mean     = sum_k pi_k mu_k
@@ -67,6 +68,7 @@ class MixtureLowRankLogitsDistribution(tfp.distributions.MixtureSameFamily):
         cov_diag,
         validate_args=False,
         name="MixtureLowRankLogits",
+        spatial_dims=2,
     ):
         parameters = dict(locals())
         with tf.name_scope(name) as name:
@@ -75,7 +77,7 @@ class MixtureLowRankLogitsDistribution(tfp.distributions.MixtureSameFamily):
             mixture_logits = tf.convert_to_tensor(mixture_logits, dtype, name="mixture_logits")
             self._mixture_logits = mixture_logits
             self._components = LowRankLogitsDistribution(
-                loc, cov_factor, cov_diag, validate_args=validate_args
+                loc, cov_factor, cov_diag, validate_args=validate_args, spatial_dims=spatial_dims
             )
             super().__init__(
                 mixture_distribution=tfd.Categorical(
@@ -89,12 +91,18 @@ class MixtureLowRankLogitsDistribution(tfp.distributions.MixtureSameFamily):
 
     @classmethod
     def _parameter_properties(cls, dtype, num_classes=None):
+        # [K, *S, C] (+ R): instance-dependent event ranks (TFP's callable `event_ndims`).
         return dict(
             mixture_logits=tfp.util.ParameterProperties(event_ndims=1),
-            loc=tfp.util.ParameterProperties(event_ndims=4),
-            cov_factor=tfp.util.ParameterProperties(event_ndims=5),
-            cov_diag=tfp.util.ParameterProperties(event_ndims=4),
+            loc=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 2),
+            cov_factor=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 3),
+            cov_diag=tfp.util.ParameterProperties(event_ndims=lambda self: self.spatial_dims + 2),
         )
+
+    @property
+    def spatial_dims(self) -> int:
+        """The number of spatial axes of the event `[*S, C]` (2 or 3)."""
+        return self._components.spatial_dims
 
     @property
     def mixture_logits(self) -> tf.Tensor:
@@ -103,17 +111,17 @@ class MixtureLowRankLogitsDistribution(tfp.distributions.MixtureSameFamily):
 
     @property
     def loc(self) -> tf.Tensor:
-        """Component means `[B, K, H, W, C]`."""
+        """Component means `[B, K, *S, C]`."""
         return self._components.loc
 
     @property
     def cov_factor(self) -> tf.Tensor:
-        """Component covariance factors `[B, K, H, W, C, R]`."""
+        """Component covariance factors `[B, K, *S, C, R]`."""
         return self._components.cov_factor
 
     @property
     def cov_diag(self) -> tf.Tensor:
-        """Component covariance diagonals (variances) `[B, K, H, W, C]`."""
+        """Component covariance diagonals (variances) `[B, K, *S, C]`."""
         return self._components.cov_diag
 
     def _covariance(self, **kwargs):
@@ -137,18 +145,21 @@ def mixture_low_rank_logits(
     validate_args: bool = False,
     name: str = "MixtureLowRankLogits",
 ) -> MixtureLowRankLogitsDistribution:
-    """A mixture of K low-rank normal logits distributions per image, event `[H, W, C]`.
+    """A mixture of K low-rank normal logits distributions per image, event `[*S, C]`.
+
+    `S = (H, W)` or `(D, H, W)`, told by the rank of `loc` (5 or 6).
 
     Args:
       mixture_logits: unnormalised log weights of the components, float `[B, K]`.
-      loc: component means, float `[B, K, H, W, C]`.
-      cov_factor: component covariance factors `[B, K, H, W, C, R]` (the factor of component
-        `k` is `P_k = cov_factor[:, k]` reshaped to `[B, H*W*C, R]`, as in `low_rank_logits`).
-      cov_diag: positive component covariance diagonals (variances) `[B, K, H, W, C]`.
+      loc: component means, float `[B, K, *S, C]`.
+      cov_factor: component covariance factors `[B, K, *S, C, R]` (the factor of component
+        `k` is `P_k = cov_factor[:, k]` reshaped to `[B, prod(S)*C, R]`, as in
+        `low_rank_logits`).
+      cov_diag: positive component covariance diagonals (variances) `[B, K, *S, C]`.
       validate_args: check finiteness and positivity of the parameters at run time.
 
     Returns:
-      A `MixtureLowRankLogitsDistribution`: batch `[B]`, event `[H, W, C]`.
+      A `MixtureLowRankLogitsDistribution`: batch `[B]`, event `[*S, C]`.
     """
     loc = tf.convert_to_tensor(loc)
     if not loc.dtype.is_floating:
@@ -156,7 +167,7 @@ def mixture_low_rank_logits(
     mixture_logits = tf.convert_to_tensor(mixture_logits, loc.dtype)
     cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
     cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
-    _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag)
+    spatial_dims = _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag)
     if validate_args:
         mixture_logits = _checks.assert_finite(mixture_logits, "mixture_logits")
         loc = _checks.assert_finite(loc, "loc")
@@ -167,32 +178,37 @@ def mixture_low_rank_logits(
         ):
             cov_diag = tf.identity(cov_diag)
     return MixtureLowRankLogitsDistribution(
-        mixture_logits, loc, cov_factor, cov_diag, validate_args=validate_args, name=name
+        mixture_logits,
+        loc,
+        cov_factor,
+        cov_diag,
+        validate_args=validate_args,
+        name=name,
+        spatial_dims=spatial_dims,
     )
 
 
-def _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag) -> None:
+def _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag) -> int:
+    """The `spatial_dims` (2 or 3) of mixture parameters `loc [B, K, *S, C]`, after the
+    checks of their ranks and static shapes."""
     _checks.check_rank(mixture_logits, 2, "mixture_logits", "[B, K]")
-    _checks.check_rank(loc, 5, "loc", "[B, K, H, W, C]")
-    _checks.check_rank(cov_factor, 6, "cov_factor", "[B, K, H, W, C, R]")
-    _checks.check_rank(cov_diag, 5, "cov_diag", "[B, K, H, W, C]")
-    if loc.shape.rank == 5 and mixture_logits.shape.rank == 2:
-        if not loc.shape[:2].is_compatible_with(mixture_logits.shape):
-            raise ValueError(
-                f"`mixture_logits` must have shape [B, K] = {tuple(loc.shape[:2])} (the first "
-                f"two axes of `loc`); got {tuple(mixture_logits.shape)}."
-            )
-    if loc.shape.rank == 5 and not loc.shape.is_compatible_with(cov_diag.shape):
+    spatial_dims = check_low_rank_ranks(loc, cov_factor, cov_diag, leading="B, K")
+    if not loc.shape[:2].is_compatible_with(mixture_logits.shape):
+        raise ValueError(
+            f"`mixture_logits` must have shape [B, K] = {tuple(loc.shape[:2])} (the first "
+            f"two axes of `loc`); got {tuple(mixture_logits.shape)}."
+        )
+    if not loc.shape.is_compatible_with(cov_diag.shape):
         raise ValueError(
             f"`cov_diag` must have the shape of `loc` {tuple(loc.shape)}; "
             f"got {tuple(cov_diag.shape)}."
         )
-    if loc.shape.rank == 5 and cov_factor.shape.rank == 6:
-        if not cov_factor.shape[:-1].is_compatible_with(loc.shape):
-            raise ValueError(
-                f"`cov_factor` must have shape {tuple(loc.shape)} + (R,); "
-                f"got {tuple(cov_factor.shape)}."
-            )
+    if not cov_factor.shape[:-1].is_compatible_with(loc.shape):
+        raise ValueError(
+            f"`cov_factor` must have shape {tuple(loc.shape)} + (R,); "
+            f"got {tuple(cov_factor.shape)}."
+        )
+    return spatial_dims
 
 
 def _uniform(shape, seed: SeedLike, dtype) -> tf.Tensor:
@@ -253,7 +269,7 @@ def sample_mixture_low_rank(
     antithetic: bool = False,
     noise: Optional[tuple] = None,
 ) -> tf.Tensor:
-    """Samples `[N, B, H, W, C]` of a mixture of low-rank logits, in export-safe ops.
+    """Samples `[N, B, *S, C]` of a mixture of low-rank logits, in export-safe ops.
 
     ```none
     k_n ~ Categorical(softmax(mixture_logits))      inverse CDF of u_n ~ U[0, 1), per image
@@ -262,18 +278,18 @@ def sample_mixture_low_rank(
     ```
 
     The chosen component's parameters are read with one-hot matrix products (no gather):
-    `mu_k` and `sqrt(D_k)` as `[B, N, K] x [B, K, H*W*C]`, and `P_k z` as one batched matmul of
-    the factors of all components `[B, H*W*C, K*R]` with `z` placed in the chosen component's
-    block of `[B, N, K*R]` (zeros elsewhere).
+    `mu_k` and `sqrt(D_k)` as `[B, N, K] x [B, K, E]` (E = prod(S)*C), and `P_k z` as one
+    batched matmul of the factors of all components `[B, E, K*R]` with `z` placed in the
+    chosen component's block of `[B, N, K*R]` (zeros elsewhere).
 
     Args:
-      mixture_logits: `[B, K]`; loc: `[B, K, H, W, C]`; cov_factor: `[B, K, H, W, C, R]`;
-        cov_diag: `[B, K, H, W, C]` (variances).
+      mixture_logits: `[B, K]`; loc: `[B, K, *S, C]`; cov_factor: `[B, K, *S, C, R]`;
+        cov_diag: `[B, K, *S, C]` (variances).
       num_samples: N, a Python int (even when `antithetic`).
       seed: None (stateful RNG) or an int / shape-[2] seed for stateless sampling.
       antithetic: draw N/2 samples and mirror each about its component's mean.
       noise: optional fixed `(u, z, eps)`: uniforms `[N', B]` in `[0, 1)` (the components),
-        `z [N', B, R]`, `eps [N', B, H, W, C]` (N' = N/2 when antithetic).
+        `z [N', B, R]`, `eps [N', B, *S, C]` (N' = N/2 when antithetic).
     """
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     n = num_samples // 2 if antithetic else num_samples
@@ -281,8 +297,8 @@ def sample_mixture_low_rank(
     mixture_logits = tf.convert_to_tensor(mixture_logits, loc.dtype)
     cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
     cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
-    _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag)
-    shape = tf.shape(loc)  # [B, K, H, W, C]
+    spatial_dims = _check_mixture_args(mixture_logits, loc, cov_factor, cov_diag)
+    shape = tf.shape(loc)  # [B, K, *S, C]
     batch, k = shape[0], shape[1]
     rank = tf.shape(cov_factor)[-1]
     event = shape[2:]
@@ -297,7 +313,8 @@ def sample_mixture_low_rank(
     else:
         if not isinstance(noise, (tuple, list)) or len(noise) != 3:
             raise ValueError(
-                "`noise` must be a triple (u [N, B], z [N, B, R], eps [N, B, H, W, C]); got "
+                "`noise` must be a triple (u [N, B], z [N, B, R], eps "
+                f"{_checks.spatial_form(spatial_dims, 'N, B', 'C')}); got "
                 f"{type(noise).__name__}."
             )
         u, z, eps = (tf.convert_to_tensor(t, dtype=loc.dtype) for t in noise)

@@ -1,8 +1,9 @@
 """Class-planar samplers of low-rank logits: label maps and mean probabilities.
 
-Both draw the noise class-first (`[B, N, H*W]` planes), so no sample tensor
-`[N, B, H, W, C]` is transposed and no softmax or arg max runs over a short trailing axis;
-faster on CPU up to 8 classes (`tfp_seg.distributions.prefers_planar_sampling`).
+Both draw the noise class-first (`[B, N, X]` planes, `X = prod(S)` pixels or voxels of
+`S = (H, W)` or `(D, H, W)`), so no sample tensor `[N, B, *S, C]` is transposed and no softmax
+or arg max runs over a short trailing axis; faster on CPU up to 8 classes
+(`tfp_seg.distributions.prefers_planar_sampling`).
 """
 
 from __future__ import annotations
@@ -14,31 +15,40 @@ import tensorflow as tf
 from tfp_seg import _checks, _seeds
 from tfp_seg._seeds import SeedLike
 from tfp_seg.distributions import noise as noise_lib
+from tfp_seg.distributions.low_rank import check_low_rank_ranks
 
 __all__ = ["sample_low_rank_labels", "low_rank_mean_probabilities"]
 
 
-def _planar(t: tf.Tensor) -> tf.Tensor:
-    """`[B, H, W, C, ...]` -> `[B, C, H*W, ...]`."""
-    rank = t.shape.rank
-    moved = tf.transpose(t, [0, 3, 1, 2] + list(range(4, rank)))
+def pixel_count(shape: tf.Tensor, start: int, spatial_dims: int) -> tf.Tensor:
+    """`prod(shape[start : start + spatial_dims])`, the pixels (voxels) X of a dynamic shape,
+    as a product of scalars (for images the `H * W` of one multiplication)."""
+    count = shape[start]
+    for axis in range(start + 1, start + spatial_dims):
+        count = count * shape[axis]
+    return count
+
+
+def _planar(t: tf.Tensor, spatial_dims: int) -> tf.Tensor:
+    """`[B, *S, C, ...]` -> `[B, C, X, ...]`, X = prod(S)."""
+    rank, s = t.shape.rank, spatial_dims
+    moved = tf.transpose(t, [0, s + 1, *range(1, s + 1), *range(s + 2, rank)])
     shape = tf.shape(moved)
-    return tf.reshape(moved, tf.concat([shape[:2], [shape[2] * shape[3]], shape[4:]], 0))
+    return tf.reshape(moved, tf.concat([shape[:2], [pixel_count(shape, 2, s)], shape[2 + s :]], 0))
 
 
 def _check_low_rank_args(loc, cov_factor, cov_diag, num_samples, antithetic: bool):
-    """Validated `(num_samples, loc, cov_factor, cov_diag)` of the planar low-rank samplers."""
+    """Validated `(num_samples, loc, cov_factor, cov_diag, spatial_dims)` of the planar
+    low-rank samplers."""
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     loc = tf.convert_to_tensor(loc)
     cov_diag = tf.convert_to_tensor(cov_diag, loc.dtype)
-    _checks.check_rank(loc, 4, "loc", "[B, H, W, C]")
-    _checks.check_rank(cov_diag, 4, "cov_diag", "[B, H, W, C]")
     if cov_factor is not None:
         cov_factor = tf.convert_to_tensor(cov_factor, loc.dtype)
-        _checks.check_rank(cov_factor, 5, "cov_factor", "[B, H, W, C, R]")
+    spatial_dims = check_low_rank_ranks(loc, cov_factor, cov_diag)
     if loc.shape[-1] is None:
         raise ValueError("`loc` must have a known number of classes (last axis).")
-    return num_samples, loc, cov_factor, cov_diag
+    return num_samples, loc, cov_factor, cov_diag, spatial_dims
 
 
 def _planar_normals(noise_shape, planes: int, seed, dtype) -> list:
@@ -64,7 +74,7 @@ def sample_low_rank_labels(
     seed: SeedLike = None,
     antithetic: bool = False,
 ) -> tf.Tensor:
-    """Label maps `[N, B, H, W]` (int32) distributed as `argmax_c eta_c`, eta ~ low-rank logits.
+    """Label maps `[N, B, *S]` (int32) distributed as `argmax_c eta_c`, eta ~ low-rank logits.
 
     The arg max of a pixel's C logits depends only on the C - 1 differences
     `delta_c = eta_c - eta_0`, so the label maps are drawn from those directly, with C - 1
@@ -86,27 +96,28 @@ def sample_low_rank_labels(
     differences about their mean, which mirrors the logits.
 
     Args:
-      loc: `[B, H, W, C]`; cov_factor: `[B, H, W, C, R]` or None (independent logits);
-        cov_diag: `[B, H, W, C]` (variances, positive).
+      loc: `[B, *S, C]`, `S = (H, W)` or `(D, H, W)` (told by the rank); cov_factor:
+        `[B, *S, C, R]` or None (independent logits); cov_diag: `[B, *S, C]` (variances,
+        positive).
       num_samples: N, a Python int (even when `antithetic`).
       seed: None (stateful RNG) or an int / shape-[2] seed for stateless sampling.
       antithetic: draw N/2 maps and N/2 from the mirrored differences.
     """
-    num_samples, loc, cov_factor, cov_diag = _check_low_rank_args(
+    num_samples, loc, cov_factor, cov_diag, s = _check_low_rank_args(
         loc, cov_factor, cov_diag, num_samples, antithetic
     )
     n = num_samples // 2 if antithetic else num_samples
     num_classes = loc.shape[-1]
     shape = tf.shape(loc)
-    maps_shape = tf.concat([[num_samples], shape[:3]], 0)
+    maps_shape = tf.concat([[num_samples], shape[: 1 + s]], 0)
     if num_classes == 1:
         return tf.zeros(maps_shape, tf.int32)
     k = num_classes - 1
-    loc_p, var_p = _planar(loc), _planar(cov_diag)  # [B, C, X]
-    noise_shape = tf.stack([shape[0], n, k, shape[1] * shape[2]])
+    loc_p, var_p = _planar(loc, s), _planar(cov_diag, s)  # [B, C, X]
+    noise_shape = tf.stack([shape[0], n, k, pixel_count(shape, 1, s)])
     xi = _planar_normals(noise_shape, k, _seeds.split_seed(seed, 22), loc.dtype)
     if cov_factor is not None:
-        factor_p = _planar(cov_factor)  # [B, C, X, R]
+        factor_p = _planar(cov_factor, s)  # [B, C, X, R]
         low_rank = _planar_low_rank(
             factor_p[:, 1:] - factor_p[:, :1],
             noise_shape,
@@ -154,16 +165,16 @@ def low_rank_mean_probabilities(
     seed: SeedLike = None,
     antithetic: bool = False,
 ) -> tf.Tensor:
-    """Monte Carlo predictive probabilities `E[softmax(eta)]` `[B, H, W, C]` of low-rank logits.
+    """Monte Carlo predictive probabilities `E[softmax(eta)]` `[B, *S, C]` of low-rank logits.
 
     The same estimator as the mean of `softmax(sample_low_rank(...))`, computed on class planes
-    `[B, N, H*W]` (the samples are drawn class-first, so no transpose of the samples and no
+    `[B, N, prod(S)]` (the samples are drawn class-first, so no transpose of the samples and no
     softmax over a short trailing axis); faster on CPU up to 8 classes (see
     `prefers_planar_sampling`). Not the same draws as `sample_low_rank` for the same seed.
 
     Args: as `sample_low_rank_labels` (`cov_factor` may be None for independent logits).
     """
-    num_samples, loc, cov_factor, cov_diag = _check_low_rank_args(
+    num_samples, loc, cov_factor, cov_diag, s = _check_low_rank_args(
         loc, cov_factor, cov_diag, num_samples, antithetic
     )
     n = num_samples // 2 if antithetic else num_samples
@@ -171,12 +182,16 @@ def low_rank_mean_probabilities(
     shape = tf.shape(loc)
     if num_classes == 1:
         return tf.ones_like(loc)
-    loc_p, scale_p = _planar(loc), tf.sqrt(_planar(cov_diag))  # [B, C, X]
-    noise_shape = tf.stack([shape[0], n, num_classes, shape[1] * shape[2]])
+    loc_p, scale_p = _planar(loc, s), tf.sqrt(_planar(cov_diag, s))  # [B, C, X]
+    noise_shape = tf.stack([shape[0], n, num_classes, pixel_count(shape, 1, s)])
     eps = _planar_normals(noise_shape, num_classes, _seeds.split_seed(seed, 23), loc.dtype)
     if cov_factor is not None:
         low_rank = _planar_low_rank(
-            _planar(cov_factor), noise_shape, num_classes, _seeds.split_seed(seed, 24), loc.dtype
+            _planar(cov_factor, s),
+            noise_shape,
+            num_classes,
+            _seeds.split_seed(seed, 24),
+            loc.dtype,
         )
     deviations = [
         scale_p[:, c : c + 1] * eps[c] + (low_rank[c] if cov_factor is not None else 0.0)

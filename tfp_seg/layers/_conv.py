@@ -1,9 +1,12 @@
-"""Argument checks and shapes shared by the ensemble convolutions (`BatchEnsembleConv`,
-`PackedConv`): ranks 1-3, channels-last."""
+"""Argument checks and shapes shared by the convolutions of `tfp_seg.layers`: the ensemble
+convolutions (`BatchEnsembleConv`, `PackedConv`; ranks 1-3, channels-last) and the heads'
+projections (`keras_conv`: Conv2D for images, Conv3D for volumes)."""
 
 from __future__ import annotations
 
 from typing import Sequence, Union
+
+import keras
 
 from tfp_seg import _checks
 
@@ -13,6 +16,7 @@ __all__ = [
     "check_padding",
     "check_conv_input",
     "conv_output_shape",
+    "keras_conv",
 ]
 
 _PADDINGS = ("same", "valid")
@@ -70,3 +74,10 @@ def conv_output_shape(input_shape, kernel_size, strides, dilation_rate, padding)
             span = (k - 1) * dilation + 1
             spatial.append(max(0, -(-(size - span + 1) // stride)))
     return (input_shape[0], *spatial)
+
+
+def keras_conv(rank: int):
+    """The channels-last Keras convolution over `rank` spatial axes: `Conv1D`, `Conv2D`
+    (images `[B, H, W, F]`) or `Conv3D` (volumes `[B, D, H, W, F]`)."""
+    rank = check_conv_rank(rank)
+    return {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[rank]

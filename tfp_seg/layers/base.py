@@ -1,13 +1,16 @@
 """`DistributionHead`: the shared contract of every tfp_seg head.
 
-A head is a Keras layer `features [B, H, W, F] -> params [B, H, W, params_size]` plus pure
+A head is a Keras layer `features [B, *S, F] -> params [B, *S, params_size]` plus pure
 functions of those parameters: `distribution(params)` (a TFP distribution over logits with
-batch `[B]` and event `[H, W, C]`), `sample_logits(params, N)` (`[N, B, H, W, C]` in
+batch `[B]` and event `[*S, C]`), `sample_logits(params, N)` (`[N, B, *S, C]` in
 export-safe ops), `mean_logits(params)`, and the declared name of its likelihood
-(`likelihood`). The parameter functions use only the head's configuration, never its weights,
-so losses and exporters can rebuild them from a config. This is TFP's `params_size` / `new`
-convention (`tfp.layers.DistributionLambda`) adapted to Keras 3, whose models must output
-tensors. The contract is `tfp_seg.protocols.Head`.
+(`likelihood`). The spatial shape `S` is `(H, W)` for images (`spatial_dims=2`, the default)
+or `(D, H, W)` for volumes (`spatial_dims=3`); one code path serves both, every parameter
+function reads `S` from the tensors (`tf.shape`), and the low-rank covariances stay low rank
+over the flattened `prod(S) * C` event. The parameter functions use only the head's
+configuration, never its weights, so losses and exporters can rebuild them from a config.
+This is TFP's `params_size` / `new` convention (`tfp.layers.DistributionLambda`) adapted to
+Keras 3, whose models must output tensors. The contract is `tfp_seg.protocols.Head`.
 
 A head never imports a loss: `default_loss()` looks up the loss that `tfp_seg.losses`
 registered for the head's `likelihood` (`tfp_seg._registry`).
@@ -22,6 +25,7 @@ import tensorflow as tf
 
 from tfp_seg import _checks, _registry
 from tfp_seg import distributions as dists
+from tfp_seg.layers import _conv
 
 __all__ = ["DistributionHead"]
 
@@ -37,6 +41,10 @@ class DistributionHead(keras.layers.Layer):
       num_classes: number of classes C (>= 2).
       kernel_size: spatial size of the convolution that maps features to parameters.
       validate_args: check parameters/labels for NaN/Inf and range at run time.
+      spatial_dims: 2 (images: features `[B, H, W, F]`, a `Conv2D` projection) or 3
+        (volumes: features `[B, D, H, W, F]`, a `Conv3D` projection). Every shape below is
+        written `[B, *S, ...]` with `S = (H, W)` or `(D, H, W)`; a config without the key
+        (files saved before volumes existed) loads as 2.
 
     Subclasses declare `likelihood` (the name under which `tfp_seg.losses` registers their
     default loss) and, if they sample in mirrored pairs by default, `antithetic`.
@@ -54,6 +62,7 @@ class DistributionHead(keras.layers.Layer):
         kernel_size: int = 1,
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -61,6 +70,7 @@ class DistributionHead(keras.layers.Layer):
         self.kernel_size = _checks.positive_int(kernel_size, "kernel_size")
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.validate_args = bool(validate_args)
+        self.spatial_dims = _checks.check_spatial_dims(spatial_dims)
 
     # Subclasses end their __init__ with `self.projection = self._make_projection()` once
     # `params_size` is known (sublayers must be created in __init__ to be saved).
@@ -72,11 +82,11 @@ class DistributionHead(keras.layers.Layer):
         raise NotImplementedError
 
     def distribution(self, params):
-        """TFP distribution over logits, batch `[B]`, event `[H, W, C]`."""
+        """TFP distribution over logits, batch `[B]`, event `[*S, C]`."""
         raise NotImplementedError
 
     def sample_logits(self, params, num_samples: int, seed=None, antithetic=None, noise=None):
-        """Logit samples `[N, B, H, W, C]` in export-safe ops."""
+        """Logit samples `[N, B, *S, C]` in export-safe ops."""
         raise NotImplementedError
 
     def default_loss(self, **kwargs) -> keras.losses.Loss:
@@ -86,7 +96,7 @@ class DistributionHead(keras.layers.Layer):
         return _registry.default_loss(self, **kwargs)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None) -> tf.Tensor:
-        """Sampled label maps `[N, B, H, W]` (int32): the arg max of each logit sample.
+        """Sampled label maps `[N, B, *S]` (int32): the arg max of each logit sample.
 
         Heads with a faster exact sampler of the arg max override this (`LowRankLogits`,
         `HeteroscedasticLogits`); their maps have the distribution of
@@ -99,10 +109,12 @@ class DistributionHead(keras.layers.Layer):
     def _bias_initializer(self):
         return "zeros"
 
-    def _make_projection(self):
-        # One convolution to every parameter channel, always float32.
-        return keras.layers.Conv2D(
-            self.params_size,
+    def _make_projection(self, filters: Optional[int] = None):
+        # One convolution to every parameter channel (`params_size` unless `filters`), always
+        # float32: Conv2D for images (the layer that `.keras` files saved before volumes
+        # hold), Conv3D for volumes; the name "projection" is part of the saved files.
+        return _conv.keras_conv(self.spatial_dims)(
+            self.params_size if filters is None else filters,
             self.kernel_size,
             padding="same",
             kernel_initializer=self.kernel_initializer,
@@ -111,20 +123,57 @@ class DistributionHead(keras.layers.Layer):
             name="projection",
         )
 
+    # --- spatial rank -----------------------------------------------------------------------
+    def spatial_form(self, trailing: Optional[str] = None, leading: str = "B") -> str:
+        """The layout `[B, *S, trailing]` written out for this head's rank (error messages),
+        e.g. `"[B, D, H, W, F]"`."""
+        return _checks.spatial_form(self.spatial_dims, leading, trailing)
+
+    def _check_features(self, shape) -> None:
+        """Raise if a static `features` shape is not `[B, *S, F]` with a known F."""
+        shape = tf.TensorShape(shape)
+        want = 2 + self.spatial_dims
+        if shape.rank is not None and shape.rank != want:
+            hint = ""
+            if shape.rank - 2 in _checks.SPATIAL_DIMS:
+                hint = f" (a head for {shape.rank - 2}D inputs takes spatial_dims={shape.rank - 2})"
+            raise ValueError(
+                f"`features` must have rank {want} ({self.spatial_form('F')}) for "
+                f"spatial_dims={self.spatial_dims}; got shape {tuple(shape.as_list())}{hint}."
+            )
+        if shape.rank is not None and shape[-1] is None:
+            raise ValueError("`features` must have a known channel count F (last axis).")
+
+    def prepare_roi_mask(self, roi_mask, params=None) -> tf.Tensor:
+        """`roi_mask` `[B, *S]` or `[B, *S, 1]` (1 inside the region) as `[B, *S]`, else a
+        `ValueError` naming it; with `params [B, *S, P]` its static `[B, *S]` must match
+        theirs (no broadcasting)."""
+        roi_mask = tf.convert_to_tensor(roi_mask)
+        s = self.spatial_dims
+        rank = roi_mask.shape.rank
+        if rank == s + 2 and roi_mask.shape[-1] == 1:
+            roi_mask = roi_mask[..., 0]
+        elif rank != s + 1:
+            raise ValueError(
+                f"`roi_mask` must have shape {self.spatial_form()} or "
+                f"{self.spatial_form('1')}; got {_checks.shape_str(roi_mask)}."
+            )
+        if params is not None and not roi_mask.shape.is_compatible_with(params.shape[:-1]):
+            raise ValueError(
+                f"`roi_mask` shape {_checks.shape_str(roi_mask)} must equal the "
+                f"{self.spatial_form()} of the parameters {_checks.shape_str(params)}."
+            )
+        return roi_mask
+
     # --- shared ------------------------------------------------------------------------------
     def build(self, input_shape):
-        if len(input_shape) != 4:
-            raise ValueError(
-                f"`features` must have rank 4 ([B, H, W, F]); got shape {tuple(input_shape)}."
-            )
-        if input_shape[-1] is None:
-            raise ValueError("`features` must have a known channel count F (last axis).")
+        self._check_features(input_shape)
         self.projection.build(tuple(input_shape))
         self.built = True
 
     def call(self, features, roi_mask=None):
-        """Map features `[B, H, W, F]` to params `[B, H, W, params_size]` (float32)."""
-        _checks.check_rank(features, 4, "features", "[B, H, W, F]")
+        """Map features `[B, *S, F]` to params `[B, *S, params_size]` (float32)."""
+        self._check_features(features.shape)
         features = tf.cast(features, tf.float32)
         params = self.projection(features)
         return self._postprocess(params, roi_mask)
@@ -138,12 +187,17 @@ class DistributionHead(keras.layers.Layer):
         return tuple(input_shape[:-1]) + (self.params_size,)
 
     def check_params(self, params, name: str = "params") -> tf.Tensor:
-        """Validate packed parameters `[B, H, W, params_size]` and return them as float32."""
+        """Validate packed parameters `[B, *S, params_size]` and return them as float32."""
         params = tf.convert_to_tensor(params)
         if not params.dtype.is_floating:
             raise ValueError(f"`{name}` must be a float tensor; got dtype {params.dtype.name}.")
         params = tf.cast(params, tf.float32)
-        _checks.check_rank(params, 4, name, f"[B, H, W, {self.params_size}]")
+        _checks.check_rank(
+            params,
+            2 + self.spatial_dims,
+            name,
+            f"{self.spatial_form(str(self.params_size))}, spatial_dims={self.spatial_dims}",
+        )
         _checks.check_last_dim(
             params, self.params_size, name, f"params_size of {type(self).__name__}"
         )
@@ -159,7 +213,7 @@ class DistributionHead(keras.layers.Layer):
         return params
 
     def mean_logits(self, params) -> tf.Tensor:
-        """The mean of the logits distribution `[B, H, W, C]` (the first C channels)."""
+        """The mean of the logits distribution `[B, *S, C]` (the first C channels)."""
         params = self.check_params(params)
         return params[..., : self.num_classes]
 
@@ -170,7 +224,7 @@ class DistributionHead(keras.layers.Layer):
         return num_samples, bool(self.antithetic) and num_samples % 2 == 0
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
-        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: the mean
+        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, *S, C]`: the mean
         softmax of `sample_logits` (antithetic pairs when the head has them and N is even)."""
         num_samples, antithetic = self.mean_sampling(num_samples)
         return dists.mean_softmax(
@@ -185,6 +239,7 @@ class DistributionHead(keras.layers.Layer):
                 "kernel_size": self.kernel_size,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "validate_args": self.validate_args,
+                "spatial_dims": self.spatial_dims,
             }
         )
         return config

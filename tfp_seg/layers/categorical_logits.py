@@ -20,13 +20,14 @@ class CategoricalLogits(DistributionHead):
     """Deterministic per-pixel logits: a point mass over logits, softmax likelihood.
 
     ```none
-    params = logits in R^(H x W x C)
-    p(y | x) = prod_i softmax(logits_i)[y_i]
+    params = logits in R^(S x C),   S = (H, W) or (D, H, W)   (spatial_dims = 2 or 3)
+    p(y | x) = prod_i softmax(logits_i)[y_i]                  over the pixels (voxels) i
     ```
 
-    `distribution(params)` is `Independent(Deterministic(logits), 3)` so that every head
-    shares one interface; `sample_logits` repeats the logits, and the loss is the pixel-wise
-    cross-entropy (`SegmentationCrossEntropy`, registered for the likelihood `"categorical"`).
+    `distribution(params)` is `Independent(Deterministic(logits), spatial_dims + 1)` (batch
+    `[B]`, event `[*S, C]`) so that every head shares one interface; `sample_logits` repeats
+    the logits, and the loss is the pixel-wise cross-entropy (`SegmentationCrossEntropy`,
+    registered for the likelihood `"categorical"`).
 
     #### Examples
 
@@ -34,6 +35,8 @@ class CategoricalLogits(DistributionHead):
     head = tfp_seg.layers.CategoricalLogits(num_classes=3)
     params = head(tf.zeros([2, 16, 16, 8]))       # [2, 16, 16, 3]
     head.sample_logits(params, 4).shape           # ==> [4, 2, 16, 16, 3]
+    volume = tfp_seg.layers.CategoricalLogits(3, spatial_dims=3)
+    volume(tf.zeros([2, 4, 16, 16, 8])).shape     # ==> [2, 4, 16, 16, 3]
     ```
     """
 
@@ -54,7 +57,9 @@ class CategoricalLogits(DistributionHead):
 
     def distribution(self, params):
         logits = self.mean_logits(params)
-        return tfd.Independent(tfd.Deterministic(logits), reinterpreted_batch_ndims=3)
+        return tfd.Independent(
+            tfd.Deterministic(logits), reinterpreted_batch_ndims=self.spatial_dims + 1
+        )
 
     def sample_logits(self, params, num_samples: int, seed=None, antithetic=None, noise=None):
         num_samples = _checks.check_num_samples(num_samples, antithetic=False)
@@ -62,7 +67,7 @@ class CategoricalLogits(DistributionHead):
         return tf.repeat(logits[tf.newaxis], num_samples, axis=0)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
-        """The arg max of the logits, repeated: `[N, B, H, W]` (int32)."""
+        """The arg max of the logits, repeated: `[N, B, *S]` (int32)."""
         num_samples = _checks.check_num_samples(num_samples, antithetic=False)
         labels = dists.argmax_classes(self.mean_logits(params))
         return tf.repeat(labels[tf.newaxis], num_samples, axis=0)

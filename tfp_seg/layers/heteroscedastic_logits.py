@@ -75,7 +75,7 @@ class HeteroscedasticLogits(DistributionHead):
     #### Mathematical Details
 
     ```none
-    params[b, h, w] = [ mu (C) | s = log sigma^2 (C) | V (C*K, row-major as [C, K]) ]
+    params[b, *s] = [ mu (C) | s = log sigma^2 (C) | V (C*K, row-major as [C, K]) ]
     sigma^2 = exp(clip(s, -20, 20))                     (clip only keeps exp finite)
     K = 0 (Kendall & Gal 2017):    u_i ~ N(mu_i, diag(sigma_i^2))
     K > 0 (Collier et al. 2021):   u_i ~ N(mu_i, V_i V_i^T + diag(sigma_i^2))  (over classes)
@@ -97,14 +97,15 @@ class HeteroscedasticLogits(DistributionHead):
     `tau` makes it uniform, `1 / C`. Label samples are `argmax eta = argmax u`, the same for
     every `tau` (the `tau -> 0` model). `tau = 1` (the default) leaves every output as it was.
 
-    Pixels are independent (unlike `LowRankLogits`, whose covariance couples all pixels);
+    Pixels (voxels, with `spatial_dims=3`: params `[B, D, H, W, P]`, event `[D, H, W, C]`)
+    are independent (unlike `LowRankLogits`, whose covariance couples all pixels);
     `K = low_rank_classes > 0` adds a per-pixel low-rank covariance between classes. The
     log-variance channels start at a bias of -10 (sigma^2 ~ 4.5e-5, as in the reference code),
     so training starts from an almost deterministic softmax classifier.
 
     The parameter interface (`split_params`, `pack_params`, `diag_from_raw`, `raw_from_diag`,
     `covariance_parts`) mirrors `LowRankLogits`, with `raw` = log sigma^2 and the factor
-    `[B, H, W, C, K]` (K may be 0), so `tfp_seg.calibration.scale_class_covariance` and
+    `[B, *S, C, K]` (K may be 0), so `tfp_seg.calibration.scale_class_covariance` and
     `with_temperature` accept this head too.
 
     Args:
@@ -113,7 +114,7 @@ class HeteroscedasticLogits(DistributionHead):
       antithetic: default for `sample_logits` and the loss: mirrored pairs `mu +/- noise`.
       temperature: the softmax temperature `tau`, a finite float > 0 (default 1.0); the head's
         logits are `u / tau`.
-      kernel_size, kernel_initializer, validate_args: see `DistributionHead`.
+      kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`.
 
     #### Examples
 
@@ -144,6 +145,7 @@ class HeteroscedasticLogits(DistributionHead):
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
         temperature: float = 1.0,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(
@@ -151,6 +153,7 @@ class HeteroscedasticLogits(DistributionHead):
             kernel_size=kernel_size,
             kernel_initializer=kernel_initializer,
             validate_args=validate_args,
+            spatial_dims=spatial_dims,
             **kwargs,
         )
         self.low_rank_classes = _checks.positive_int(low_rank_classes, "low_rank_classes", 0)
@@ -179,7 +182,7 @@ class HeteroscedasticLogits(DistributionHead):
 
     # --- parameter packing ---------------------------------------------------------------------
     def split_params(self, params):
-        """Split params into `(loc, log_variance, factor)`: `[B,H,W,C]` x2, `[B,H,W,C,K]`."""
+        """Split params into `(loc, log_variance, factor)`: `[B,*S,C]` x2, `[B,*S,C,K]`."""
         params = self.check_params(params)
         c, k = self.num_classes, self.low_rank_classes
         # A split, not slices: the gradient of a split is one concat, while each slice's
@@ -224,7 +227,7 @@ class HeteroscedasticLogits(DistributionHead):
         return x / tf.constant(self.temperature**power, x.dtype)
 
     def covariance_parts(self, params):
-        """`(loc, cov_factor [B,H,W,C,K], variance [B,H,W,C])` of the logits `u / tau`:
+        """`(loc, cov_factor [B,*S,C,K], variance [B,*S,C])` of the logits `u / tau`:
         `(mu / tau, V / tau, sigma^2 / tau^2)`."""
         loc, log_variance, factor = self.split_params(params)
         return (
@@ -234,7 +237,7 @@ class HeteroscedasticLogits(DistributionHead):
         )
 
     def scale(self, params):
-        """Per-class standard deviations `sigma / tau` `[B, H, W, C]` of the logits (diagonal
+        """Per-class standard deviations `sigma / tau` `[B, *S, C]` of the logits (diagonal
         part only)."""
         _, log_variance, _ = self.split_params(params)
         return self._tempered(
@@ -242,12 +245,12 @@ class HeteroscedasticLogits(DistributionHead):
         )
 
     def mean_logits(self, params) -> tf.Tensor:
-        """The mean of the logits distribution, `mu / tau` `[B, H, W, C]`."""
+        """The mean of the logits distribution, `mu / tau` `[B, *S, C]`."""
         return self._tempered(super().mean_logits(params))
 
     # --- distribution interface ---------------------------------------------------------------
     def distribution(self, params):
-        """Batch `[B]`, event `[H, W, C]`: independent normals, or per-pixel low-rank MVNs."""
+        """Batch `[B]`, event `[*S, C]`: independent normals, or per-pixel low-rank MVNs."""
         loc, factor, variance = self.covariance_parts(params)
         if not self.low_rank_classes:
             return dists.diagonal_logits(loc, tf.sqrt(variance))
@@ -255,7 +258,7 @@ class HeteroscedasticLogits(DistributionHead):
             tfd.MultivariateNormalDiagPlusLowRankCovariance(
                 loc=loc, cov_diag_factor=variance, cov_perturb_factor=factor
             ),
-            reinterpreted_batch_ndims=2,
+            reinterpreted_batch_ndims=self.spatial_dims,
             name="HeteroscedasticLowRankLogits",
         )
 
@@ -267,16 +270,16 @@ class HeteroscedasticLogits(DistributionHead):
         antithetic: Optional[bool] = None,
         noise=None,
     ):
-        """Samples `[N, B, H, W, C]`: `(mu + V z + sigma * eps) / tau` in plain (export-safe)
+        """Samples `[N, B, *S, C]`: `(mu + V z + sigma * eps) / tau` in plain (export-safe)
         ops.
 
         Args:
-          params: `[B, H, W, params_size]`.
+          params: `[B, *S, params_size]`.
           num_samples: N (even when antithetic).
           seed: None (stateful RNG) or an int / shape-[2] seed (stateless, reproducible).
           antithetic: override the head's default (mirrored pairs about the mean).
           noise: fixed noise instead of random draws, with N' = N/2 when antithetic:
-            `eps [N', B, H, W, C]` when K = 0, or `(z [N', B, H, W, K], eps)` when K > 0.
+            `eps [N', B, *S, C]` when K = 0, or `(z [N', B, *S, K], eps)` when K > 0.
         """
         antithetic = self.antithetic if antithetic is None else bool(antithetic)
         loc, log_variance, factor = self.split_params(params)
@@ -297,19 +300,24 @@ class HeteroscedasticLogits(DistributionHead):
             )
         else:
             if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+                z_form = self.spatial_form("K", "N, B")
+                eps_form = self.spatial_form("C", "N, B")
                 raise ValueError(
-                    "`noise` must be a pair (z [N, B, H, W, K], eps [N, B, H, W, C]) when "
+                    f"`noise` must be a pair (z {z_form}, eps {eps_form}) when "
                     f"`low_rank_classes` > 0; got {type(noise).__name__}."
                 )
             z, eps = (tf.convert_to_tensor(t, dtype=loc.dtype) for t in noise)
-        # V z: [B,H,W,C,K] x [N,B,H,W,K] -> [N,B,H,W,C]
-        deviation = tf.einsum("bhwck,nbhwk->nbhwc", factor, z) + scale[tf.newaxis] * eps
+        # V z: [B,*S,C,K] x [N,B,*S,K] -> [N,B,*S,C] ("bhwck,nbhwk->nbhwc" for images)
+        axes = "dhw"[-self.spatial_dims :]
+        deviation = (
+            tf.einsum(f"b{axes}ck,nb{axes}k->nb{axes}c", factor, z) + scale[tf.newaxis] * eps
+        )
         if antithetic:
             deviation = tf.concat([deviation, -deviation], axis=0)
         return self._tempered(loc[tf.newaxis] + deviation)
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
-        """Label maps `[N, B, H, W]` distributed as `argmax` of logit samples. Without class
+        """Label maps `[N, B, *S]` distributed as `argmax` of logit samples. Without class
         factors and up to 8 classes they are drawn from the C - 1 logit differences
         (`tfp_seg.distributions.sample_low_rank_labels`), which is cheaper than the arg max of
         `sample_logits` but not the same draws for the same seed. The temperature does not
@@ -328,7 +336,7 @@ class HeteroscedasticLogits(DistributionHead):
         )
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
-        """Monte Carlo predictive probabilities `E[softmax(u / tau)]`, `[B, H, W, C]`:
+        """Monte Carlo predictive probabilities `E[softmax(u / tau)]`, `[B, *S, C]`:
         antithetic pairs when the head's default is antithetic and `num_samples` is even; on
         class planes without class factors and up to 8 classes."""
         if self.low_rank_classes or not dists.prefers_planar_sampling(self.num_classes):

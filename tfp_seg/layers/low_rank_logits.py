@@ -27,13 +27,17 @@ class LowRankLogits(DistributionHead):
     #### Mathematical Details
 
     ```none
-    params[b, h, w] = [ mu (C) | d_raw (C) | P (C*R, row-major as [C, R]) ]
+    params[b, *s] = [ mu (C) | d_raw (C) | P (C*R, row-major as [C, R]) ]   at every pixel s
     D = transform(d_raw) + epsilon          transform = exp (SSN) or softplus
-    eta ~ N(mu, P P^T + diag(D))            over the flattened H*W*C event
+    eta ~ N(mu, P P^T + diag(D))            over the flattened prod(S)*C event
     sample: eta = mu + P z + sqrt(D) * eps,  z ~ N(0, I_R), eps ~ N(0, I)
     ```
 
-    With an `roi_mask` (`[B, H, W]` or `[B, H, W, 1]`, 1 inside), `P` is zeroed and `D`
+    `S = (H, W)` for images, `(D, H, W)` for volumes (`spatial_dims=3`, the setting of the
+    official SSN on BraTS): params `[B, *S, C (2 + R)]`, event `[*S, C]`; the covariance is
+    never dense (one `z` per image couples all of its voxels).
+
+    With an `roi_mask` (`[B, *S]` or `[B, *S, 1]`, 1 inside), `P` is zeroed and `D`
     becomes `epsilon` outside the region, as in the SSN reference implementation: the logits
     there are (almost) deterministic and only the region's pixels covary.
 
@@ -44,7 +48,7 @@ class LowRankLogits(DistributionHead):
       diagonal_transform: "exp" (SSN) or "softplus" maps `d_raw` to a positive variance.
       antithetic: default for `sample_logits` and the loss: mirrored pairs
         `mu +/- (P z + sqrt(D) eps)`, as in the reference code.
-      kernel_size, kernel_initializer, validate_args: see `DistributionHead`.
+      kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`.
 
     #### Examples
 
@@ -53,6 +57,8 @@ class LowRankLogits(DistributionHead):
     params = head(features)                         # [B, H, W, 2 + 2 + 2*10]
     dist = head.distribution(params)                # batch [B], event [H, W, 2]
     samples = head.sample_logits(params, 16)        # [16, B, H, W, 2]
+    volume = tfp_seg.layers.LowRankLogits(num_classes=4, rank=10, spatial_dims=3)
+    params = volume(volume_features)                # [B, D, H, W, 4 * 12]
     ```
 
     #### References
@@ -73,6 +79,7 @@ class LowRankLogits(DistributionHead):
         kernel_size: int = 1,
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(
@@ -80,6 +87,7 @@ class LowRankLogits(DistributionHead):
             kernel_size=kernel_size,
             kernel_initializer=kernel_initializer,
             validate_args=validate_args,
+            spatial_dims=spatial_dims,
             **kwargs,
         )
         rank = _checks.positive_int(rank, "rank")
@@ -106,7 +114,7 @@ class LowRankLogits(DistributionHead):
 
     # --- parameter packing ---------------------------------------------------------------------
     def split_params(self, params):
-        """Split params into `(loc [B,H,W,C], raw_diag [B,H,W,C], factor [B,H,W,C,R])`."""
+        """Split params into `(loc [B,*S,C], raw_diag [B,*S,C], factor [B,*S,C,R])`."""
         params = self.check_params(params)
         c, r = self.num_classes, self.rank
         # One split, not three slices: the gradient of a split is one concat, while each
@@ -138,12 +146,12 @@ class LowRankLogits(DistributionHead):
         return tfp.math.softplus_inverse(value)
 
     def covariance_parts(self, params):
-        """`(loc, cov_factor, cov_diag)` of the distribution, in their `[B,H,W,C(,R)]` layout."""
+        """`(loc, cov_factor, cov_diag)` of the distribution, in their `[B,*S,C(,R)]` layout."""
         loc, raw_diag, factor = self.split_params(params)
         return loc, factor, self.diag_from_raw(raw_diag)
 
     def planar_low_rank_parts(self, params):
-        """`[loc [B,C,1,X], factor [B,C,R,X], scale [B,C,1,X]]`, X = H*W, `scale = sqrt(D)`:
+        """`[loc [B,C,1,X], factor [B,C,R,X], scale [B,C,1,X]]`, X = prod(S), `scale = sqrt(D)`:
         the parameters in the class-planar layout of the fused loss path
         (`tfp_seg.protocols.PlanarLowRankLogits`, `tfp_seg.losses.chunked`)."""
         params = self.check_params(params)
@@ -161,19 +169,7 @@ class LowRankLogits(DistributionHead):
     def _postprocess(self, params, roi_mask):
         if roi_mask is None:
             return params
-        roi_mask = tf.convert_to_tensor(roi_mask)
-        if roi_mask.shape.rank == 4:
-            if roi_mask.shape[-1] != 1:
-                raise ValueError(
-                    "`roi_mask` must have shape [B, H, W] or [B, H, W, 1]; "
-                    f"got {tuple(roi_mask.shape)}."
-                )
-            roi_mask = roi_mask[..., 0]
-        if roi_mask.shape.rank != 3:
-            raise ValueError(
-                "`roi_mask` must have shape [B, H, W] or [B, H, W, 1]; "
-                f"got {tuple(roi_mask.shape)}."
-            )
+        roi_mask = self.prepare_roi_mask(roi_mask, params)
         m = tf.cast(roi_mask, params.dtype)[..., tf.newaxis]
         c = self.num_classes
         loc = params[..., :c]
@@ -187,8 +183,8 @@ class LowRankLogits(DistributionHead):
         event = loc.shape[1:]
         if event.is_fully_defined() and self.rank > event.num_elements():
             raise ValueError(
-                f"`rank` ({self.rank}) must not exceed H*W*C = {event.num_elements()} of `params` "
-                f"with shape {tuple(loc.shape)}."
+                f"`rank` ({self.rank}) must not exceed prod(S)*C = {event.num_elements()} of "
+                f"`params` with shape {tuple(loc.shape)}."
             )
         return dists.low_rank_logits(loc, factor, diag, validate_args=False)
 
@@ -200,7 +196,8 @@ class LowRankLogits(DistributionHead):
         antithetic: Optional[bool] = None,
         noise=None,
     ):
-        """Samples `[N, B, H, W, C]`: `mu + P z + sqrt(D) eps` (mirrored pairs if antithetic)."""
+        """Samples `[N, B, *S, C]`: `mu + P z + sqrt(D) eps` (mirrored pairs if antithetic);
+        `noise`: fixed `(z [N', B, R], eps [N', B, *S, C])`, N' = N/2 when antithetic."""
         antithetic = self.antithetic if antithetic is None else bool(antithetic)
         loc, factor, diag = self.covariance_parts(params)
         return dists.sample_low_rank(
@@ -208,7 +205,7 @@ class LowRankLogits(DistributionHead):
         )
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
-        """Label maps `[N, B, H, W]` distributed as `argmax` of logit samples. Up to 8 classes
+        """Label maps `[N, B, *S]` distributed as `argmax` of logit samples. Up to 8 classes
         they are drawn from the C - 1 logit differences
         (`tfp_seg.distributions.sample_low_rank_labels`; 0.75x the time of the arg max of
         `sample_logits` for 3 classes), so they are not the same draws for the same seed;
@@ -222,7 +219,7 @@ class LowRankLogits(DistributionHead):
         )
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
-        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`: antithetic
+        """Monte Carlo predictive probabilities `E[softmax(eta)]`, `[B, *S, C]`: antithetic
         pairs when the head's default is antithetic and `num_samples` is even, independent
         samples otherwise; on class planes up to 8 classes
         (`tfp_seg.distributions.low_rank_mean_probabilities`)."""

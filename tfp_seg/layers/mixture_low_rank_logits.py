@@ -28,20 +28,20 @@ class MixtureLowRankLogits(DistributionHead):
     #### Mathematical Details
 
     ```none
-    params[b, h, w] = [ component 0 (S) | ... | component K-1 (S) | a (K) ],   S = C (2 + R)
-    component k     = [ mu_k (C) | d_raw_k (C) | P_k (C*R, row-major as [C, R]) ]   (SSN layout)
-    a               = W_g mean_(h,w) features[b] + b_g     the gate: global average pooling of the
-                                                          features and a dense layer, the same
-                                                          K values written at every pixel
+    params[b, *s] = [ component 0 (Q) | ... | component K-1 (Q) | a (K) ],   Q = C (2 + R)
+    component k   = [ mu_k (C) | d_raw_k (C) | P_k (C*R, row-major as [C, R]) ]   (SSN layout)
+    a             = W_g mean_s features[b] + b_g     the gate: global average pooling of the
+                                                    features and a dense layer, the same
+                                                    K values written at every pixel
     mixture_logits  = mean over pixels of the last K channels;   pi = softmax(mixture_logits)
     D_k = transform(d_raw_k) + epsilon
-    eta | x ~ sum_k pi_k N(mu_k, P_k P_k^T + diag(D_k))   over the flattened H*W*C event
+    eta | x ~ sum_k pi_k N(mu_k, P_k P_k^T + diag(D_k))   over the flattened prod(S)*C event
     sample: k ~ Categorical(pi) per image, then eta = mu_k + P_k z + sqrt(D_k) * eps
     ```
 
-    So the layer still maps a feature map to ONE params tensor,
-    `[B, H, W, K * C * (2 + R) + K]`. Its default loss (`tfp_seg.losses.MixtureNLL`,
-    `compile(loss="auto")`) is the negative log-likelihood
+    with `S = (H, W)` for images and `(D, H, W)` for volumes (`spatial_dims=3`). So the layer
+    still maps a feature map to ONE params tensor, `[B, *S, K * C * (2 + R) + K]`. Its default
+    loss (`tfp_seg.losses.MixtureNLL`, `compile(loss="auto")`) is the negative log-likelihood
 
     ```none
     -log p(y | x) ~= -log sum_k pi_k (1/M) sum_m prod_i softmax(eta_(k,m),i)[y_i]
@@ -50,7 +50,7 @@ class MixtureLowRankLogits(DistributionHead):
     with M samples of every component (logsumexp over components and samples), so every
     component and the gate get a gradient at every step.
 
-    With an `roi_mask` (`[B, H, W]` or `[B, H, W, 1]`) every component's factor is zeroed and
+    With an `roi_mask` (`[B, *S]` or `[B, *S, 1]`) every component's factor is zeroed and
     its diagonal set to `epsilon` outside the region, as in `LowRankLogits`.
 
     Trained by the likelihood alone from its symmetric start, the gate can collapse onto one
@@ -67,8 +67,9 @@ class MixtureLowRankLogits(DistributionHead):
       diagonal_transform: "exp" (SSN) or "softplus" maps `d_raw` to a positive variance.
       antithetic: default of `sample_logits` and of the loss: mirrored pairs about the
         component's mean (a pair shares its component).
-      kernel_size, kernel_initializer, validate_args: see `DistributionHead` (the kernel
-        initializer also initialises the gate; its bias starts at 0: equal weights).
+      kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`
+        (the kernel initializer also initialises the gate; its bias starts at 0: equal
+        weights).
 
     #### Examples
 
@@ -101,6 +102,7 @@ class MixtureLowRankLogits(DistributionHead):
         kernel_size: int = 1,
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(
@@ -108,6 +110,7 @@ class MixtureLowRankLogits(DistributionHead):
             kernel_size=kernel_size,
             kernel_initializer=kernel_initializer,
             validate_args=validate_args,
+            spatial_dims=spatial_dims,
             **kwargs,
         )
         self._num_components = _checks.positive_int(num_components, "num_components")
@@ -130,18 +133,11 @@ class MixtureLowRankLogits(DistributionHead):
             diagonal_transform=diagonal_transform,
             antithetic=self.antithetic,
             validate_args=False,
+            spatial_dims=self.spatial_dims,
             name=f"{self.name}_component",
         )
         object.__setattr__(self, "_component_head", component)
-        self.projection = keras.layers.Conv2D(
-            self.num_components * self.component_size,
-            self.kernel_size,
-            padding="same",
-            kernel_initializer=self.kernel_initializer,
-            bias_initializer="zeros",
-            dtype="float32",
-            name="projection",
-        )
+        self.projection = self._make_projection(self.num_components * self.component_size)
         self.gate = keras.layers.Dense(
             self.num_components,
             # A copy: an unseeded initializer object draws from one fixed seed per instance.
@@ -185,42 +181,63 @@ class MixtureLowRankLogits(DistributionHead):
         return self._component_head
 
     # --- parameter packing ---------------------------------------------------------------------
+    @property
+    def _spatial(self) -> list:
+        """The spatial axes `1..spatial_dims` of `[B, *S, ...]`."""
+        return list(range(1, 1 + self.spatial_dims))
+
     def _split(self, params):
-        """`(components [B, H, W, K, S], gate channels [B, H, W, K])`."""
+        """`(components [B, *S, K, Q], gate channels [B, *S, K])`, Q = `component_size`."""
         params = self.check_params(params)
         k = self.num_components
         components, gate = tf.split(params, [k * self.component_size, k], axis=-1)
-        components = tf.reshape(
-            components, tf.concat([tf.shape(components)[:3], [k, self.component_size]], 0)
-        )
-        return components, gate
+        return self._by_component(components), gate
+
+    def _by_component(self, components):
+        """`[B, *S, K*Q]` -> `[B, *S, K, Q]`."""
+        s, k = self.spatial_dims, self.num_components
+        shape = tf.concat([tf.shape(components)[: 1 + s], [k, self.component_size]], 0)
+        return tf.reshape(components, shape)
+
+    def _components_first(self, components):
+        """`[B, *S, K, Q]` -> `[B, K, *S, Q]`."""
+        s = self.spatial_dims
+        return tf.transpose(components, [0, s + 1, *self._spatial, s + 2])
 
     def mixture_logits(self, params) -> tf.Tensor:
         """Unnormalised log weights `[B, K]`: the mean over pixels of the last K channels (the
         layer writes the same gate values at every pixel)."""
         _, gate = self._split(params)
-        return tf.reduce_mean(gate, axis=[1, 2])
+        return tf.reduce_mean(gate, axis=self._spatial)
 
     def mixture_weights(self, params) -> tf.Tensor:
         """The mixture weights `pi = softmax(mixture_logits)`, `[B, K]`."""
         return tf.nn.softmax(self.mixture_logits(params), axis=-1)
 
     def component_params(self, params) -> tf.Tensor:
-        """The components' packed `LowRankLogits` params `[B*K, H, W, S]`, component `k` of
+        """The components' packed `LowRankLogits` params `[B*K, *S, Q]`, component `k` of
         image `b` at row `b*K + k`."""
         components, _ = self._split(params)
-        moved = tf.transpose(components, [0, 3, 1, 2, 4])  # [B, K, H, W, S]
+        moved = self._components_first(components)  # [B, K, *S, Q]
         shape = tf.shape(moved)
         return tf.reshape(moved, tf.concat([[shape[0] * shape[1]], shape[2:]], 0))
 
+    def _gate_at_every_pixel(self, gate, like):
+        """`gate [B, K]` written at every pixel of `like [B, *S, ...]`: `[B, *S, K]`."""
+        s = self.spatial_dims
+        shape = tf.concat([tf.shape(like)[: 1 + s], [self.num_components]], 0)
+        return tf.broadcast_to(tf.reshape(gate, [-1] + [1] * s + [self.num_components]), shape)
+
     def pack_mixture_params(self, component_params, mixture_logits) -> tf.Tensor:
-        """Packed params `[B, H, W, P]` from `component_params [B*K, H, W, S]` and
+        """Packed params `[B, *S, P]` from `component_params [B*K, *S, Q]` and
         `mixture_logits [B, K]` (written at every pixel): the inverse of `component_params`
         and `mixture_logits`."""
-        k = self.num_components
+        k, s = self.num_components, self.spatial_dims
         component_params = tf.convert_to_tensor(component_params, tf.float32)
         mixture_logits = tf.convert_to_tensor(mixture_logits, tf.float32)
-        _checks.check_rank(component_params, 4, "component_params", "[B*K, H, W, S]")
+        _checks.check_rank(
+            component_params, 2 + s, "component_params", self.spatial_form("Q", "B*K")
+        )
         _checks.check_last_dim(
             component_params, self.component_size, "component_params", "C * (2 + R)"
         )
@@ -228,23 +245,20 @@ class MixtureLowRankLogits(DistributionHead):
         _checks.check_last_dim(mixture_logits, k, "mixture_logits", "num_components")
         shape = tf.shape(component_params)
         grouped = tf.reshape(component_params, tf.concat([[-1, k], shape[1:]], 0))
-        moved = tf.transpose(grouped, [0, 2, 3, 1, 4])  # [B, H, W, K, S]
-        flat = tf.reshape(moved, tf.concat([[-1], shape[1:3], [k * self.component_size]], 0))
-        gate = tf.broadcast_to(
-            mixture_logits[:, tf.newaxis, tf.newaxis], tf.concat([tf.shape(flat)[:3], [k]], 0)
-        )
-        return tf.concat([flat, gate], axis=-1)
+        moved = tf.transpose(grouped, [0, *range(2, s + 2), 1, s + 2])  # [B, *S, K, Q]
+        flat = tf.reshape(moved, tf.concat([[-1], shape[1 : 1 + s], [k * self.component_size]], 0))
+        return tf.concat([flat, self._gate_at_every_pixel(mixture_logits, flat)], axis=-1)
 
     def mixture_parts(self, params):
-        """`(mixture_logits [B, K], loc [B, K, H, W, C], cov_factor [B, K, H, W, C, R],
-        cov_diag [B, K, H, W, C])` of the distribution."""
+        """`(mixture_logits [B, K], loc [B, K, *S, C], cov_factor [B, K, *S, C, R],
+        cov_diag [B, K, *S, C])` of the distribution."""
         components, gate = self._split(params)
         c, r = self.num_classes, self.rank
-        moved = tf.transpose(components, [0, 3, 1, 2, 4])  # [B, K, H, W, S]
+        moved = self._components_first(components)  # [B, K, *S, Q]
         loc, raw_diag, factor = tf.split(moved, [c, c, c * r], axis=-1)
         factor = tf.reshape(factor, tf.concat([tf.shape(factor)[:-1], [c, r]], 0))
         diag = self.component_head.diag_from_raw(raw_diag)
-        return tf.reduce_mean(gate, axis=[1, 2]), loc, factor, diag
+        return tf.reduce_mean(gate, axis=self._spatial), loc, factor, diag
 
     def _grouped(self, t):
         """`[B*K, ...]` -> `[B, K, ...]`."""
@@ -252,44 +266,26 @@ class MixtureLowRankLogits(DistributionHead):
 
     # --- Keras ---------------------------------------------------------------------------------
     def build(self, input_shape):
-        if len(input_shape) != 4:
-            raise ValueError(
-                f"`features` must have rank 4 ([B, H, W, F]); got shape {tuple(input_shape)}."
-            )
-        if input_shape[-1] is None:
-            raise ValueError("`features` must have a known channel count F (last axis).")
+        self._check_features(input_shape)
         self.projection.build(tuple(input_shape))
         self.gate.build((input_shape[0], input_shape[-1]))
         self.built = True
 
     def call(self, features, roi_mask=None):
-        """Map features `[B, H, W, F]` to params `[B, H, W, params_size]` (float32)."""
-        _checks.check_rank(features, 4, "features", "[B, H, W, F]")
+        """Map features `[B, *S, F]` to params `[B, *S, params_size]` (float32)."""
+        self._check_features(features.shape)
         features = tf.cast(features, tf.float32)
         components = self.projection(features)
         if roi_mask is not None:
             components = self._mask_components(components, roi_mask)
-        gate = self.gate(tf.reduce_mean(features, axis=[1, 2]))  # [B, K]
-        gate = tf.broadcast_to(
-            gate[:, tf.newaxis, tf.newaxis],
-            tf.concat([tf.shape(components)[:3], [self.num_components]], 0),
-        )
-        return tf.concat([components, gate], axis=-1)
+        gate = self.gate(tf.reduce_mean(features, axis=self._spatial))  # [B, K]
+        return tf.concat([components, self._gate_at_every_pixel(gate, components)], axis=-1)
 
     def _mask_components(self, components, roi_mask):
-        roi_mask = tf.convert_to_tensor(roi_mask)
-        if roi_mask.shape.rank == 4 and roi_mask.shape[-1] == 1:
-            roi_mask = roi_mask[..., 0]
-        if roi_mask.shape.rank != 3:
-            raise ValueError(
-                "`roi_mask` must have shape [B, H, W] or [B, H, W, 1]; "
-                f"got {tuple(roi_mask.shape)}."
-            )
-        c, k = self.num_classes, self.num_components
+        roi_mask = self.prepare_roi_mask(roi_mask, components)
+        c = self.num_classes
         m = tf.cast(roi_mask, components.dtype)[..., tf.newaxis, tf.newaxis]
-        grouped = tf.reshape(
-            components, tf.concat([tf.shape(components)[:3], [k, self.component_size]], 0)
-        )
+        grouped = self._by_component(components)
         loc, raw, factor = tf.split(grouped, [c, c, c * self.rank], axis=-1)
         raw = raw * m + (1.0 - m) * _MASKED_RAW_DIAG
         masked = tf.concat([loc, raw, factor * m], axis=-1)
@@ -298,22 +294,23 @@ class MixtureLowRankLogits(DistributionHead):
     # --- distribution interface ---------------------------------------------------------------
     def distribution(self, params):
         """`MixtureSameFamily(Categorical(mixture_logits), K LowRankLogitsDistribution)`:
-        batch `[B]`, event `[H, W, C]` (`tfp_seg.distributions.mixture_low_rank_logits`)."""
+        batch `[B]`, event `[*S, C]` (`tfp_seg.distributions.mixture_low_rank_logits`)."""
         logits, loc, factor, diag = self.mixture_parts(params)
         event = loc.shape[2:]
         if event.is_fully_defined() and self.rank > event.num_elements():
             raise ValueError(
-                f"`rank` ({self.rank}) must not exceed H*W*C = {event.num_elements()} of the "
-                f"components' parameters {tuple(loc.shape)}."
+                f"`rank` ({self.rank}) must not exceed prod(S)*C = {event.num_elements()} of "
+                f"the components' parameters {tuple(loc.shape)}."
             )
         return dists.mixture_low_rank_logits(logits, loc, factor, diag, validate_args=False)
 
     def mean_logits(self, params) -> tf.Tensor:
-        """The mean of the logits distribution `sum_k pi_k mu_k`, `[B, H, W, C]`."""
+        """The mean of the logits distribution `sum_k pi_k mu_k`, `[B, *S, C]`."""
+        s, k = self.spatial_dims, self.num_components
         weights = self.mixture_weights(params)  # [B, K]
         components, _ = self._split(params)
-        loc = components[..., : self.num_classes]  # [B, H, W, K, C]
-        return tf.reduce_sum(weights[:, tf.newaxis, tf.newaxis, :, tf.newaxis] * loc, axis=3)
+        loc = components[..., : self.num_classes]  # [B, *S, K, C]
+        return tf.reduce_sum(tf.reshape(weights, [-1] + [1] * s + [k, 1]) * loc, axis=s + 1)
 
     def sample_logits(
         self,
@@ -323,16 +320,16 @@ class MixtureLowRankLogits(DistributionHead):
         antithetic: Optional[bool] = None,
         noise=None,
     ):
-        """Samples `[N, B, H, W, C]`: a component per image and sample (inverse CDF of a
+        """Samples `[N, B, *S, C]`: a component per image and sample (inverse CDF of a
         uniform), then its `mu_k + P_k z + sqrt(D_k) eps`; export-safe ops
         (`tfp_seg.distributions.sample_mixture_low_rank`).
 
         Args:
-          params: `[B, H, W, params_size]`.
+          params: `[B, *S, params_size]`.
           num_samples: N (even when antithetic).
           seed: None (stateful RNG) or an int / shape-[2] seed (stateless, reproducible).
           antithetic: override the head's default (mirrored pairs sharing a component).
-          noise: fixed `(u [N', B], z [N', B, R], eps [N', B, H, W, C])` instead of random
+          noise: fixed `(u [N', B], z [N', B, R], eps [N', B, *S, C])` instead of random
             draws, N' = N/2 when antithetic (u: uniforms in [0, 1) that pick the components).
         """
         antithetic = self.antithetic if antithetic is None else bool(antithetic)
@@ -342,10 +339,10 @@ class MixtureLowRankLogits(DistributionHead):
         )
 
     def sample_labels(self, params, num_samples: int, seed=None, antithetic=None):
-        """Label maps `[N, B, H, W]` (int32): the arg max of `sample_logits` (the same draws).
+        """Label maps `[N, B, *S]` (int32): the arg max of `sample_logits` (the same draws).
 
         A class-planar sampler (`tfp_seg.distributions.sample_low_rank_labels`) would first
-        have to gather every sample's component parameters (`[N*B, H, W, C, R]`); measured on
+        have to gather every sample's component parameters (`[N*B, *S, C, R]`); measured on
         CPU (64x64, B = 8, N = 16, K = 3, R = 10) that is 1.8x (2 classes) and 2.3x (3 classes)
         the time of the arg max of `sample_logits`, so it is not used.
         """
@@ -353,7 +350,7 @@ class MixtureLowRankLogits(DistributionHead):
 
     def mean_probabilities(self, params, num_samples: int = 16, seed=None) -> tf.Tensor:
         """Predictive probabilities `E[softmax(eta)] = sum_k pi_k E_k[softmax(eta)]`,
-        `[B, H, W, C]`, stratified by component: the weights enter exactly and each component
+        `[B, *S, C]`, stratified by component: the weights enter exactly and each component
         gets `ceil(N / K)` Monte Carlo samples (about N in all), drawn by the component head's
         own estimator (antithetic pairs when its default is antithetic and the count is even;
         class-planar up to 8 classes)."""
@@ -362,10 +359,11 @@ class MixtureLowRankLogits(DistributionHead):
         per_component = max(1, math.ceil(num_samples / self.num_components))
         probs = self.component_head.mean_probabilities(
             self.component_params(params), num_samples=per_component, seed=seed
-        )  # [B*K, H, W, C]
+        )  # [B*K, *S, C]
         weights = self.mixture_weights(params)
-        grouped = self._grouped(probs)  # [B, K, H, W, C]
-        return tf.reduce_sum(weights[:, :, tf.newaxis, tf.newaxis, tf.newaxis] * grouped, axis=1)
+        grouped = self._grouped(probs)  # [B, K, *S, C]
+        shape = [-1, self.num_components] + [1] * (self.spatial_dims + 1)
+        return tf.reduce_sum(tf.reshape(weights, shape) * grouped, axis=1)
 
     def get_config(self):
         config = super().get_config()

@@ -18,13 +18,18 @@ mixture         MixtureNLL, mixture_nll_terms (mixture heads: logsumexp over com
 elbo            ELBO, GECO (Probabilistic U-Net)
 chunked         sampled_nll_terms: Monte Carlo NLL terms in sample chunks, fused SSN path
 planar          the fused class-planar SSN kernels (sampling, label pick, hand-written VJP)
-targets         what y_true holds: label maps, label sets [B, K, H, W], soft labels
+targets         what y_true holds: label maps, label sets [B, K, *S], soft labels
 ```
 
-`y_true` may be label maps `[B, H, W]`, label sets `[B, K, H, W]` (K raters of each image,
+Images and volumes share every loss: the spatial shape `S` is `(H, W)` or `(D, H, W)`; a
+loss bound to a head (`head.default_loss()`, `compile(loss="auto")`) checks the parameters
+against the head's `spatial_dims`, and `SegmentationCrossEntropy` (which holds no head) and
+the kernels (`mc_categorical_nll`, ...) tell `S` from the rank of `y_pred` / the samples.
+
+`y_true` may be label maps `[B, *S]`, label sets `[B, K, *S]` (K raters of each image,
 scored under one shared set of samples; the loss is the mean over raters) or, for the
 per-pixel losses (`HeteroscedasticNLL`, `SegmentationCrossEntropy`), soft labels
-`[B, H, W, C]`; the joint losses (SSN, mixture) reject soft labels (`tfp_seg.losses.targets`).
+`[B, *S, C]`; the joint losses (SSN, mixture) reject soft labels (`tfp_seg.losses.targets`).
 """
 
 from tfp_seg.losses.base import default_loss, register_default_loss

@@ -81,10 +81,10 @@ class HeadLoss(keras.losses.Loss):
         """`nll [B]` per scored pixel (`normalize="pixels"`) or unchanged (`"none"`).
 
         The count is `targets.valid_pixel_count`: the non-ignored pixels of one label map;
-        for a label set `[B, K, H, W]` (told from labels by `y_pred`'s shape) those of each
+        for a label set `[B, K, *S]` (told from labels by `y_pred`'s shape) those of each
         rater's map averaged over the K raters, `n_b = (1/K) sum_k n_{b,k}`, so that
         `nll_b / n_b = sum_k nll_{b,k} / sum_k n_{b,k}` with `nll_b` the mean over raters; for
-        soft labels all H*W pixels. At least 1 (an image with every pixel ignored adds 0).
+        soft labels all prod(S) pixels. At least 1 (an image with every pixel ignored adds 0).
         """
         if self.normalize == "none":
             return nll
@@ -156,9 +156,17 @@ class SampledHeadLoss(HeadLoss):
         """The loss for `head` (`default_loss`): holds a weightless copy of it."""
         return cls(head, **kwargs)
 
+    def _check_y_pred(self, y_pred) -> tf.Tensor:
+        """`y_pred` as a tensor, after the check of its rank against the head's spatial rank
+        (`[B, *S, params_size]`, `S` of `head.spatial_dims` axes), naming `y_pred`."""
+        y_pred = tf.convert_to_tensor(y_pred)
+        chunked.check_head_params(self.head, y_pred, "y_pred")
+        return y_pred
+
     def _nll_terms(self, y_true, y_pred):
         """Joint and marginal Monte Carlo NLL `([B], [B])` (`chunked.sampled_nll_terms`): of
         label maps, or the means over the raters of a label set (one shared set of samples)."""
+        y_pred = self._check_y_pred(y_pred)
         return chunked.sampled_nll_terms(
             self.head,
             y_true,

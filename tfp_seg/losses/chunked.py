@@ -1,9 +1,10 @@
 """Monte Carlo NLL terms computed from a head's parameters, optionally in sample chunks.
 
 `StochasticSegmentationNLL` scores labels under `M` logit samples. Materialising all samples
-costs memory proportional to `M * B * H * W * C` (several such tensors are kept for the
-backward pass). With `chunk_size=S` the samples are drawn, scored and discarded `S` at a time
-inside a `tf.while_loop`, and the two reductions over samples are carried online:
+costs memory proportional to `M * B * X * C`, X the pixels of an image `[H, W]` or the voxels
+of a volume `[D, H, W]` (several such tensors are kept for the backward pass). With
+`chunk_size=S` the samples are drawn, scored and discarded `S` at a time inside a
+`tf.while_loop`, and the two reductions over samples are carried online:
 
 ```none
 joint:     loglik[b, m] = sum_i w_i log p(y_i | eta_i^m)             ([B, M]: kept, tiny)
@@ -11,7 +12,7 @@ marginal:  lse[b, i]    = logsumexp_m log p(y_i | eta_i^m)            (running m
            chunk s:  hi = max(hi, max_s lp);  t = t * exp(hi_old - hi) + sum_s exp(lp - hi)
 ```
 
-Label sets `[B, K, H, W]` (K raters of each image): the samples depend on the image only, so
+Label sets `[B, K, *S]` (K raters of each image): the samples depend on the image only, so
 each chunk's samples of image b are drawn once and scored against its K label maps (each
 sample's log-softmax computed once, the K maps picked from it); the rows `b*K + k` then go
 through the same reductions, and the drivers average the K raters' terms
@@ -31,10 +32,10 @@ the samples (sampling noise included) in the backward pass.
 
 For heads with the SSN covariance that offer their parameters class-planar
 (`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) the samples are drawn and scored in
-a class-planar layout (`[B, C, S, H*W]`) straight from the parameters (noise by Box-Muller
+a class-planar layout (`[B, C, S, X]`) straight from the parameters (noise by Box-Muller
 from stateless uniforms), with a hand-written gradient through the softmax, the sampling and,
 without chunks, the two reductions: on CPU this is several times faster than sampling
-`[M, B, H, W, C]` and scoring with a softmax over the trailing class axis (measurements in
+`[M, B, *S, C]` and scoring with a softmax over the trailing class axis (measurements in
 `benchmarks/README.md`). Other heads (any `tfp_seg.protocols.Head`) are sampled through
 their own `sample_logits`. The planar kernels are `tfp_seg.losses.planar`.
 """
@@ -83,7 +84,7 @@ def _normal(shape, seed) -> tf.Tensor:
 
 # --- chunk scorers -------------------------------------------------------------------------------
 # A scorer maps (differentiable tensors `theta`, chunk index k) to the log-probabilities
-# `lp [B*K, M_k, H*W]` of the K label maps of each image (row b*K + k) under the chunk's M_k
+# `lp [B*K, M_k, X]` of the K label maps of each image (row b*K + k) under the chunk's M_k
 # samples of that image; it is a pure function of k (stateless noise or sliced fixed noise),
 # so the backward pass can recompute it. The samples depend on the image only: its K raters
 # share them.
@@ -119,7 +120,7 @@ def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
                 tf.stack([batch, c, base, tf.shape(theta[0])[-1]]), _seeds.fold_seed(seed_k, 1)
             )
             return z, eps
-        # Head layout (z [N', B, R], eps [N', B, H, W, C]) -> planar.
+        # Head layout (z [N', B, R], eps [N', B, *S, C]) -> planar.
         z, eps = _slice_noise((z_all, eps_all), k * base, base)
         z = tf.transpose(z, [1, 0, 2])[:, tf.newaxis]
         eps = tf.reshape(eps, tf.stack([base, batch, -1, c]))
@@ -150,7 +151,7 @@ def _generic_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
         else:
             chunk_noise = _slice_noise(noise, k * base, base)
             samples = head.sample_logits(params, chunk, antithetic=antithetic, noise=chunk_noise)
-        log_p = pixelwise.label_set_log_probs(labels, samples)  # [M_k, B, K, H, W]
+        log_p = pixelwise.label_set_log_probs(labels, samples)  # [M_k, B, K, *S]
         shape = tf.shape(log_p)
         flat = tf.reshape(log_p, tf.stack([shape[0], shape[1] * shape[2], -1]))
         return tf.transpose(flat, [1, 0, 2])
@@ -273,7 +274,7 @@ def sampled_nll_terms(
     over k, and with shared samples each term is exactly the single-rater estimator (the same
     bias of the log of a Monte Carlo mean; the terms' errors are correlated across k). One
     sampling pass serves all K raters, and K = 1 is the single-rater loss exactly (the same
-    samples and value for a label map `[B, H, W]` and a label set `[B, 1, H, W]`).
+    samples and value for a label map `[B, *S]` and a label set `[B, 1, *S]`).
 
     The two reductions it combines are `sampled_log_likelihoods` (same arguments).
 
@@ -281,10 +282,11 @@ def sampled_nll_terms(
       head: a distribution head (`tfp_seg.protocols.Head`); one that offers its parameters
         class-planar (`tfp_seg.protocols.PlanarLowRankLogits`: `LowRankLogits`) takes the
         fused planar path.
-      labels: int `[B, H, W]` (or `[B, H, W, 1]`) label maps, or a label set `[B, K, H, W]`
+      labels: int `[B, *S]` (or `[B, *S, 1]`) label maps, or a label set `[B, K, *S]`
         (told apart by their shape against `params`: `tfp_seg.losses.targets`). Soft labels
-        `[B, H, W, C]` are a `ValueError`: the joint likelihood of a soft map is not defined.
-      params: the head's parameters `[B, H, W, params_size]`.
+        `[B, *S, C]` are a `ValueError`: the joint likelihood of a soft map is not defined.
+      params: the head's parameters `[B, *S, params_size]`, `S = (H, W)` or `(D, H, W)` as
+        the head's `spatial_dims` says (a head without the attribute is 2D).
       num_samples: M (even with antithetic sampling).
       chunk_size: None (all M samples at once) or S dividing M: draw, score and discard S
         samples at a time and recompute them in the backward pass (memory flat in M).
@@ -337,11 +339,11 @@ def sampled_log_likelihoods(
 
     ```none
     loglik    [B*K, M]   sum_i w_{b,k,i} lp[b, k, m, i]     (joint log-likelihood of sample m)
-    pixel_lse [B*K, X]   logsumexp_m lp[b, k, m, i]         (X = H * W)
+    pixel_lse [B*K, X]   logsumexp_m lp[b, k, m, i]         (X = prod(S))
     weights   [B*K, X]   w_{b,k,i} (0 for ignored pixels)
     ```
 
-    one row per rater map (row `b*K + k`; K = 1 for label maps `[B, H, W]`: rows are the
+    one row per rater map (row `b*K + k`; K = 1 for label maps `[B, *S]`: rows are the
     images), all K rows of an image scored under the same M samples. Differentiable in
     `params` (chunked: with the recomputing gradient). Arguments as in `sampled_nll_terms`.
     Losses that combine several heads' samples (the mixture NLL, `tfp_seg.losses.mixture`)
@@ -357,7 +359,9 @@ def sampled_log_likelihoods(
         ignore_label,
         validate_args=validate_args,
         name=name,
-        soft=targets.soft_rejected(name, "the joint Monte Carlo NLL (sampled_nll_terms)"),
+        soft=targets.soft_rejected(
+            name, "the joint Monte Carlo NLL (sampled_nll_terms)", head_spatial_dims(head)
+        ),
     )
     safe_labels, weights = pixelwise.pixel_weights(prepared.labels, ignore_label, class_weights)
     weights = _fold_rows(weights)  # [B*K, X]
@@ -388,7 +392,7 @@ def sampled_marginal_nll(
     soft:  -sum_i sum_c cw_c q_{b,i,c} [ logsumexp_m log softmax(eta^m_{b,i})_c - log M ]
     ```
 
-    Soft labels `q [B, H, W, C]` (float, per-pixel class fractions) are scored as C constant
+    Soft labels `q [B, *S, C]` (float, per-pixel class fractions) are scored as C constant
     label maps (map c is class c everywhere) whose pixel weights are `cw_c q_{b,i,c}`, summed
     over c: every class's log-probability under the same samples, with the same chunked and
     fused paths (and memory) as a label set of C raters. Arguments as in `sampled_nll_terms`
@@ -405,12 +409,13 @@ def sampled_marginal_nll(
         safe_labels, weights = pixelwise.pixel_weights(prepared.labels, ignore_label, class_weights)
         weights = _fold_rows(weights)
     else:
-        c = head.num_classes
-        q = tf.transpose(prepared.labels, [0, 3, 1, 2])  # [B, C, H, W]
+        c, rank = head.num_classes, prepared.labels.shape.rank
+        q = tf.transpose(prepared.labels, [0, rank - 1, *range(1, rank - 1)])  # [B, C, *S]
+        ones = [1] * (rank - 2)
         if class_weights is not None:
-            q = q * tf.reshape(tf.constant(class_weights, q.dtype), [1, c, 1, 1])
+            q = q * tf.reshape(tf.constant(class_weights, q.dtype), [1, c, *ones])
         weights = _fold_rows(q)
-        classes = tf.reshape(tf.range(c, dtype=tf.int32), [1, c, 1, 1])
+        classes = tf.reshape(tf.range(c, dtype=tf.int32), [1, c, *ones])
         safe_labels = tf.broadcast_to(classes, tf.shape(q))
         safe_labels.set_shape(q.shape)
     loglik, pixel_lse = _reductions(
@@ -433,18 +438,34 @@ def _check_sampling(head, params, num_samples, chunk_size, antithetic):
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     chunk = check_chunk_size(chunk_size, num_samples, antithetic) or num_samples
     params = tf.convert_to_tensor(params)
-    _checks.check_rank(params, 4, "params", f"[B, H, W, {head.params_size}]")
+    check_head_params(head, params)
     return fused, num_samples, chunk, params
 
 
+def head_spatial_dims(head) -> int:
+    """The head's `spatial_dims` (2 for a head that does not declare one: images)."""
+    return getattr(head, "spatial_dims", 2)
+
+
+def check_head_params(head, params, name: str = "params") -> None:
+    """Raise if `params` has a known rank other than `[B, *S, params_size]` of the head's
+    spatial rank (`head_spatial_dims`), naming `name`."""
+    s = head_spatial_dims(head)
+    form = _checks.spatial_form(s, "B", str(head.params_size))
+    _checks.check_rank(params, 2 + s, name, f"{form}, spatial_dims={s}")
+
+
 def _fold_rows(t):
-    """`[B, K, H, W]` -> `[B*K, H*W]` (row b*K + k), static sizes kept where known."""
+    """`[B, K, *S]` -> `[B*K, prod(S)]` (row b*K + k), static sizes kept where known."""
     dims = [d if d is not None else tf.shape(t)[i] for i, d in enumerate(t.shape.as_list())]
-    return tf.reshape(t, tf.stack([dims[0] * dims[1], dims[2] * dims[3]]))
+    pixels = dims[2]
+    for d in dims[3:]:
+        pixels = pixels * d
+    return tf.reshape(t, tf.stack([dims[0] * dims[1], pixels]))
 
 
 def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused):
-    """`loglik [B*K, M]`, `pixel_lse [B*K, X]` of safe label maps `labels [B, K, H, W]`."""
+    """`loglik [B*K, M]`, `pixel_lse [B*K, X]` of safe label maps `labels [B, K, *S]`."""
     num_chunks = num_samples // chunk
     if noise is None:
         seed = _seeds.draw_seed() if seed is None else _seeds.stateless_seed(seed)

@@ -43,7 +43,8 @@ __all__ = ["HeteroscedasticNLL"]
 class HeteroscedasticNLL(base.SampledHeadLoss):
     """Per-pixel Monte Carlo NLL of a heteroscedastic head, a Keras `Loss` on packed params.
 
-    `y_true` are label maps `[B, H, W]`; `y_pred` are the head's params. Each call draws
+    `y_true` are label maps `[B, *S]`; `y_pred` are the head's params `[B, *S, P]`
+    (`S = (H, W)` or `(D, H, W)`, the head's `spatial_dims`). Each call draws
     `num_samples` logit samples through `head.sample_logits` and returns `mc_marginal_nll`
     per example, divided by the number of non-ignored pixels when `normalize="pixels"` (the
     default: nats per pixel, comparable to a cross-entropy) or summed with `normalize="none"`.
@@ -51,10 +52,10 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
     `y_true` may also be (told apart by `tfp_seg.losses.targets`)
 
     ```none
-    label sets [B, K, H, W]   nll_b = (1/K) sum_k [ -sum_i w_bki ( logsumexp_t lp_bkit - log T ) ]
+    label sets [B, K, *S]     nll_b = (1/K) sum_k [ -sum_i w_bki ( logsumexp_t lp_bkit - log T ) ]
                               lp_bkit = log softmax(eta^t_bi)[y_bki], one set of T samples
                               of each image shared by its K raters (annotation="all")
-    soft labels [B, H, W, C]  nll_b = -sum_i sum_c cw_c q_bic log( (1/T) sum_t softmax(eta^t_bi)_c )
+    soft labels [B, *S, C]    nll_b = -sum_i sum_c cw_c q_bic log( (1/T) sum_t softmax(eta^t_bi)_c )
                               float per-pixel class fractions (annotation="marginal")
     ```
 
@@ -62,7 +63,7 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
     (K = 1 is the single-rater loss exactly); its count for `normalize="pixels"` is the
     non-ignored pixels of one map averaged over the raters. Soft labels must be non-negative
     and sum to 1 over the classes (checked with `validate_args`); they have no ignored pixels
-    (count H*W), and one-hot soft labels give the hard-label loss. Because the likelihood is
+    (count prod(S)), and one-hot soft labels give the hard-label loss. Because the likelihood is
     per pixel, the mean over K raters and the soft label of the raters' fractions give the
     same value on the same samples (without ignored pixels).
 
@@ -114,6 +115,7 @@ class HeteroscedasticNLL(base.SampledHeadLoss):
         self.temperature = None if temperature is None else float(temperature)
 
     def call(self, y_true, y_pred):
+        y_pred = self._check_y_pred(y_pred)
         if self.chunk_size is not None:
             nll = chunked.sampled_marginal_nll(
                 self.head,

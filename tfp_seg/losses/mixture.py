@@ -80,7 +80,7 @@ def mixture_nll_terms(
     lp[b, k, m, i]  = log softmax(eta_(b,k,m),i)[y_(b,i)],   eta_(b,k,m) ~ component k of image b
     ```
 
-    A label set `[B, R, H, W]` (R raters of each image) is scored under the same samples of
+    A label set `[B, R, *S]` (R raters of each image) is scored under the same samples of
     every component for all R raters, and both terms are the mean over the raters of the
     single-rater terms above (`y_(b,i)` -> `y_(b,r,i)`, `w_i` -> `w_(b,r,i)`): the reasons are
     those of `tfp_seg.losses.chunked.sampled_nll_terms`; R = 1 is the single-rater loss
@@ -88,9 +88,10 @@ def mixture_nll_terms(
 
     Args:
       head: a mixture head (`tfp_seg.protocols.MixtureHead`).
-      labels: int `[B, H, W]` (or `[B, H, W, 1]`) label maps, or a label set `[B, R, H, W]`
+      labels: int `[B, *S]` (or `[B, *S, 1]`) label maps, or a label set `[B, R, *S]`
         (the rule of `tfp_seg.losses.targets`).
-      params: the head's parameters `[B, H, W, params_size]`.
+      params: the head's parameters `[B, *S, params_size]` (`S` of the head's
+        `spatial_dims`: `(H, W)` or `(D, H, W)`).
       num_samples: M samples of every component (even with antithetic sampling).
       chunk_size: None (all M samples at once) or K' dividing M: draw, score and discard K'
         samples at a time and recompute them in the backward pass (memory flat in M).
@@ -99,7 +100,7 @@ def mixture_nll_terms(
       seed: None (fresh noise at every call) or an int / shape-[2] seed.
       noise: fixed noise of the components in the component head's `sample_logits(noise=...)`
         format for its `B*K` rows (`head.component_params`: component `k` of image `b` at row
-        `b*K + k`); for SSN components `(z [M', B*K, R], eps [M', B*K, H, W, C])`, M' = M/2
+        `b*K + k`); for SSN components `(z [M', B*K, R], eps [M', B*K, *S, C])`, M' = M/2
         when antithetic.
       validate_args: run-time checks of labels (range) and parameters (NaN/Inf).
       name: the name of `labels` in error messages (the loss passes "y_true").
@@ -107,7 +108,7 @@ def mixture_nll_terms(
     head = check_mixture_head(head)
     num_samples = _checks.check_num_samples(num_samples, antithetic)
     params = tf.convert_to_tensor(params)
-    _checks.check_rank(params, 4, "params", f"[B, H, W, {head.params_size}]")
+    chunked.check_head_params(head, params)
     prepared = targets.prepare_targets(
         labels,
         params,
@@ -115,12 +116,14 @@ def mixture_nll_terms(
         ignore_label,
         validate_args=validate_args,
         name=name,
-        soft=targets.soft_rejected(name, "the mixture NLL (mixture_nll_terms)"),
+        soft=targets.soft_rejected(
+            name, "the mixture NLL (mixture_nll_terms)", chunked.head_spatial_dims(head)
+        ),
     )
     k = head.num_components
     loglik, pixel_lse, weights = chunked.sampled_log_likelihoods(
         head.component_head,
-        tf.repeat(prepared.labels, k, axis=0),  # [B*K_c, R, H, W]: row b*K_c + c
+        tf.repeat(prepared.labels, k, axis=0),  # [B*K_c, R, *S]: row b*K_c + c
         head.component_params(params),
         num_samples,
         chunk_size=chunk_size,
@@ -150,7 +153,7 @@ def mixture_nll_terms(
 class MixtureNLL(base.SampledHeadLoss):
     """Monte Carlo NLL of a mixture head, a Keras `Loss` on packed params (`mixture_nll_terms`).
 
-    `y_true` are label maps `[B, H, W]` or label sets `[B, R, H, W]` (R raters of each image,
+    `y_true` are label maps `[B, *S]` or label sets `[B, R, *S]` (R raters of each image,
     `annotation="all"`: every rater scored under the same samples, the loss the mean over
     raters; see `mixture_nll_terms`); `y_pred` are the head's params. Soft labels
     (`annotation="marginal"`) are rejected with a `ValueError`: the joint likelihood of a soft
@@ -219,6 +222,7 @@ class MixtureNLL(base.SampledHeadLoss):
         check_mixture_head(self.head)
 
     def _nll_terms(self, y_true, y_pred):
+        y_pred = self._check_y_pred(y_pred)
         return mixture_nll_terms(
             self.head,
             y_true,

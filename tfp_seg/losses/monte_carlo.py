@@ -46,8 +46,9 @@ __all__ = [
 class StochasticSegmentationNLL(base.SampledHeadLoss):
     """Monte Carlo NLL of a distribution head (SSN loss), a Keras `Loss` on packed params.
 
-    `y_true` are label maps `[B, H, W]` or label sets `[B, K, H, W]` (K raters of each image,
-    `annotation="all"` of `tfp_seg.data`); `y_pred` are the head's params. Each call draws
+    `y_true` are label maps `[B, *S]` or label sets `[B, K, *S]` (K raters of each image,
+    `annotation="all"` of `tfp_seg.data`); `y_pred` are the head's params `[B, *S, P]`, with
+    `S = (H, W)` or `(D, H, W)` as the head's `spatial_dims` says. Each call draws
     `num_samples` logit samples through `head.sample_logits` (antithetic pairs by default) and
     scores the labels with
 
@@ -74,7 +75,7 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
     are correlated across k), so K = 1 reproduces the single-rater loss exactly.
     `ignore_label` and `class_weights` apply per rater map, and `normalize="pixels"` divides
     by the non-ignored pixels of one map averaged over the raters (`(1/K) sum_k n_{b,k}`).
-    How `y_true` is told apart is `tfp_seg.losses.targets`. Soft labels `[B, H, W, C]`
+    How `y_true` is told apart is `tfp_seg.losses.targets`. Soft labels `[B, *S, C]`
     (`annotation="marginal"`) are rejected with a `ValueError`: the joint likelihood of a soft
     label map is not defined (use label sets or one label map per image).
 
@@ -155,18 +156,20 @@ class SegmentationCrossEntropy(base.HeadLoss):
     cross-entropy is summed over non-ignored pixels and divided by their count
     (`normalize="pixels"`), or left summed (`"none"`).
 
-    `y_true` (told apart by `tfp_seg.losses.targets`) is one of
+    `y_pred` is `[B, *S, P]` with `S = (H, W)` (rank 4) or `(D, H, W)` (rank 5, volumes),
+    told by its rank (the loss holds no head). `y_true` (told apart by
+    `tfp_seg.losses.targets`) is one of
 
     ```none
-    label maps [B, H, W]        nll_b = -sum_i w_i log softmax(logits_bi)[y_bi]
-    label sets [B, K, H, W]     nll_b = (1/K) sum_k [ -sum_i w_bki log softmax(logits_bi)[y_bki] ]
-    soft labels [B, H, W, C]    nll_b = -sum_i sum_c cw_c q_bic log softmax(logits_bi)_c
+    label maps [B, *S]          nll_b = -sum_i w_i log softmax(logits_bi)[y_bi]
+    label sets [B, K, *S]       nll_b = (1/K) sum_k [ -sum_i w_bki log softmax(logits_bi)[y_bki] ]
+    soft labels [B, *S, C]      nll_b = -sum_i sum_c cw_c q_bic log softmax(logits_bi)_c
     ```
 
     with `w_i = class_weight[y_i]` (0 for ignored pixels). For a label set the count is the
     non-ignored pixels of one map averaged over the K raters; soft labels (float class
     fractions, `annotation="marginal"` of `tfp_seg.data`: non-negative, summing to 1 over the
-    classes, checked with `validate_args`) have no ignored pixels, so the count is H*W. The
+    classes, checked with `validate_args`) have no ignored pixels, so the count is prod(S). The
     mean over raters equals the cross-entropy of the raters' empirical soft label (without
     ignored pixels), and one-hot soft labels give the hard-label loss.
     """
@@ -193,7 +196,7 @@ class SegmentationCrossEntropy(base.HeadLoss):
 
     def call(self, y_true, y_pred):
         y_pred = tf.cast(y_pred, tf.float32)
-        _checks.check_rank(y_pred, 4, "y_pred", "[B, H, W, C] logits")
+        _checks.infer_spatial_dims(y_pred, "y_pred", 2, "[B, H, W, C] logits")
         logits = y_pred if self.num_classes is None else y_pred[..., : self.num_classes]
         classes = logits.shape[-1]
         class_weights = pixelwise.check_class_weights(self.class_weights, classes)

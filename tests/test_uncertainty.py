@@ -160,3 +160,53 @@ def test_moved_names_are_lazy_compatibility_aliases():
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
     assert not {m for m in imported if m and m.startswith("tfp_seg")}, imported
+
+
+# --- volumes -----------------------------------------------------------------------------------
+def test_volume_maps_are_the_maps_of_the_tall_image():
+    """Per-voxel maps: `[N, B, D, H, W, C]` gives `[B, D, H, W]`, equal to the maps of the
+    `[N, B, D*H, W, C]` image reshaped; `per_image` with `spatial_dims=3` averages D, H, W."""
+    n, b, d, h, w, c = 5, 2, 3, 4, 5, 3
+    p = _prob_samples((n, b, d, h, w, c), seed=3)
+    volume = uncertainty.uncertainty_maps(p)
+    image = uncertainty.uncertainty_maps(p.reshape(n, b, d * h, w, c))
+    for key, value in volume.items():
+        assert value.shape == (b, d, h, w)
+        np.testing.assert_allclose(value.reshape(b, d * h, w), image[key], rtol=1e-6)
+    per_volume = uncertainty.uncertainty_maps(p, per_image=True, spatial_dims=3)
+    per_image = uncertainty.uncertainty_maps(p.reshape(n, b, d * h, w, c), per_image=True)
+    for key, value in per_volume.items():
+        assert value.shape == (b,)
+        np.testing.assert_allclose(value, per_image[key], rtol=1e-5)
+    # Brute force: the predictive entropy of one voxel, and the mean over one volume.
+    assert volume["predictive_entropy"][1, 2, 3, 4] == pytest.approx(
+        _entropy_ref(p[:, 1, 2, 3, 4].astype(np.float64).mean(0)), rel=1e-5
+    )
+    assert predictive_entropy(p, per_image=True, spatial_dims=3)[1] == pytest.approx(
+        np.mean(volume["predictive_entropy"][1], dtype=np.float64), rel=1e-5
+    )
+    for fn in (expected_entropy, mutual_information):
+        assert fn(p, per_image=True, spatial_dims=3).shape == (b,)
+    # The default spatial_dims=2 averages the last two axes only: [B, D] for a volume.
+    assert predictive_entropy(p, per_image=True).shape == (b, d)
+
+
+def test_volume_maps_from_logits():
+    logits = tf.random.stateless_normal([4, 2, 3, 4, 5, 3], seed=[3, 4])
+    maps = uncertainty.uncertainty_maps_from_logits(logits)
+    ref = uncertainty.uncertainty_maps(softmax(logits.numpy().astype(np.float64), axis=-1))
+    for key, value in maps.items():
+        assert value.shape == (2, 3, 4, 5)
+        np.testing.assert_allclose(value.numpy(), ref[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [1, 4, 2.0, True, "3"])
+def test_spatial_dims_is_checked(spatial_dims):
+    p = _prob_samples((3, 2, 3, 4, 5, 2))
+    with pytest.raises(ValueError, match="`spatial_dims` must be 2"):
+        predictive_entropy(p, per_image=True, spatial_dims=spatial_dims)
+
+
+def test_per_image_volume_needs_the_spatial_axes():
+    with pytest.raises(ValueError, match=r"\[N, \.\.\., D, H, W, C\] \(spatial_dims=3\)"):
+        predictive_entropy(_prob_samples((3, 4, 5, 2)), per_image=True, spatial_dims=3)

@@ -4,8 +4,9 @@ Every protocol is `typing.runtime_checkable`: `isinstance(obj, protocols.X)` che
 members exist (not their signatures), so a capability is stated once here and tested by name
 instead of `hasattr` probes or `isinstance` on a concrete class. No logic lives here.
 
-Shapes: B batch, H x W pixels, C classes, R covariance rank, N samples, X = H * W, P the
-head's `params_size`.
+Shapes: B batch, S the spatial shape (`(H, W)` for images, `(D, H, W)` for volumes: a head's
+`spatial_dims` is 2 or 3), C classes, R covariance rank, N samples, X = prod(S) (H * W for
+images), P the head's `params_size`.
 
 Who uses which protocol:
   `Head`                   losses (`losses/base.py`: head check and weightless copy,
@@ -58,17 +59,21 @@ class Head(Protocol):
     and exporters rebuild them from `get_config()`.
 
     ```none
-    params  [B, H, W, P]          P = params_size; the first C channels are the mean logits
-    distribution(params)          batch [B], event [H, W, C] (a TFP distribution over logits)
-    sample_logits(params, N)      [N, B, H, W, C] float32, export-safe ops
-    sample_labels(params, N)      [N, B, H, W] int32, distributed as argmax of logit samples
-    mean_logits(params)           [B, H, W, C]
-    mean_probabilities(params, N) [B, H, W, C], E[softmax(eta)] by Monte Carlo
+    params  [B, *S, P]            P = params_size; the first C channels are the mean logits
+    distribution(params)          batch [B], event [*S, C] (a TFP distribution over logits)
+    sample_logits(params, N)      [N, B, *S, C] float32, export-safe ops
+    sample_labels(params, N)      [N, B, *S] int32, distributed as argmax of logit samples
+    mean_logits(params)           [B, *S, C]
+    mean_probabilities(params, N) [B, *S, C], E[softmax(eta)] by Monte Carlo
     ```
     """
 
     num_classes: int
     """C, the number of classes (>= 2)."""
+
+    spatial_dims: int
+    """The number of spatial axes of S: 2 (images, `S = (H, W)`) or 3 (volumes,
+    `S = (D, H, W)`). Models check their backbone's rank against it."""
 
     likelihood: str
     """Declared name of the head's likelihood (e.g. `"low_rank_normal_logits"`); the key under
@@ -84,11 +89,11 @@ class Head(Protocol):
         ...
 
     def check_params(self, params: Any, name: str = "params") -> tf.Tensor:
-        """Validate packed parameters `[B, H, W, P]` and return them as float32."""
+        """Validate packed parameters `[B, *S, P]` and return them as float32."""
         ...
 
     def distribution(self, params: tf.Tensor) -> Any:
-        """TFP distribution over logits: batch `[B]`, event `[H, W, C]`."""
+        """TFP distribution over logits: batch `[B]`, event `[*S, C]`."""
         ...
 
     def sample_logits(
@@ -99,7 +104,7 @@ class Head(Protocol):
         antithetic: Optional[bool] = None,
         noise: Any = None,
     ) -> tf.Tensor:
-        """Logit samples `[N, B, H, W, C]` in export-safe ops.
+        """Logit samples `[N, B, *S, C]` in export-safe ops.
 
         `antithetic=None` takes the head's default (N must then be even); `noise` replaces the
         random draws by fixed noise in the head's own layout (N/2 leading entries when
@@ -114,12 +119,12 @@ class Head(Protocol):
         seed: SeedLike = None,
         antithetic: Optional[bool] = None,
     ) -> tf.Tensor:
-        """Label maps `[N, B, H, W]` (int32) distributed as `argmax(sample_logits(...), -1)`
+        """Label maps `[N, B, *S]` (int32) distributed as `argmax(sample_logits(...), -1)`
         (not necessarily the same draws for the same seed)."""
         ...
 
     def mean_logits(self, params: tf.Tensor) -> tf.Tensor:
-        """Mean of the logits distribution, `[B, H, W, C]`."""
+        """Mean of the logits distribution, `[B, *S, C]`."""
         ...
 
     def mean_sampling(self, num_samples: int) -> Tuple[int, bool]:
@@ -129,7 +134,7 @@ class Head(Protocol):
     def mean_probabilities(
         self, params: tf.Tensor, num_samples: int = 16, seed: SeedLike = None
     ) -> tf.Tensor:
-        """Predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`.
+        """Predictive probabilities `E[softmax(eta)]`, `[B, *S, C]`.
 
         The default `num_samples` is the head's (`CategoricalLogits`, a point mass: 1).
         """
@@ -151,7 +156,7 @@ class CovarianceHead(Head, Protocol):
 
     ```none
     params = pack_params(loc, raw, factor)         raw = raw_from_diag(cov_diag)
-    loc [B, H, W, C],  cov_factor [B, H, W, C, R],  cov_diag [B, H, W, C] (variances)
+    loc [B, *S, C],  cov_factor [B, *S, C, R],  cov_diag [B, *S, C] (variances)
     ```
 
     The layout of `cov_factor` is the head's: `LowRankLogits` couples all pixels and classes
@@ -166,19 +171,19 @@ class CovarianceHead(Head, Protocol):
         ...
 
     def covariance_parts(self, params: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """`(loc [B,H,W,C], cov_factor [B,H,W,C,R], cov_diag [B,H,W,C])`."""
+        """`(loc [B,*S,C], cov_factor [B,*S,C,R], cov_diag [B,*S,C])`."""
         ...
 
     # The raw diagonal is each head's own parameterisation (`HeteroscedasticLogits`: the log
     # variance, named so in its signatures), so these arguments are positional-only.
     def split_params(self, params: tf.Tensor, /) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-        """`(loc [B,H,W,C], raw_diag [B,H,W,C], cov_factor [B,H,W,C,R])` of packed params."""
+        """`(loc [B,*S,C], raw_diag [B,*S,C], cov_factor [B,*S,C,R])` of packed params."""
         ...
 
     def pack_params(
         self, loc: tf.Tensor, raw_diag: tf.Tensor, cov_factor: Optional[tf.Tensor], /
     ) -> tf.Tensor:
-        """Inverse of `split_params`: `[B, H, W, P]`."""
+        """Inverse of `split_params`: `[B, *S, P]`."""
         ...
 
     def diag_from_raw(self, raw_diag: tf.Tensor, /) -> tf.Tensor:
@@ -224,9 +229,9 @@ class MixtureHead(Head, Protocol):
 
     ```none
     mixture_logits(params)          [B, K]      unnormalised log weights (image-level)
-    component_params(params)        [B*K, H, W, P_c]   component k of image b at row b*K + k,
+    component_params(params)        [B*K, *S, P_c]     component k of image b at row b*K + k,
                                                 in `component_head`'s packed layout
-    pack_mixture_params(cp, logits) [B, H, W, P]   the inverse of the two
+    pack_mixture_params(cp, logits) [B, *S, P]     the inverse of the two
     p(eta | x) = sum_k pi_k p_k(eta | component_params[b*K + k])
     ```
     """
@@ -246,20 +251,20 @@ class MixtureHead(Head, Protocol):
         ...
 
     def component_params(self, params: tf.Tensor) -> tf.Tensor:
-        """The components' packed parameters `[B*K, H, W, P_c]` (row `b*K + k`)."""
+        """The components' packed parameters `[B*K, *S, P_c]` (row `b*K + k`)."""
         ...
 
     def pack_mixture_params(
         self, component_params: tf.Tensor, mixture_logits: tf.Tensor
     ) -> tf.Tensor:
-        """Packed mixture parameters `[B, H, W, P]` from `component_params [B*K, H, W, P_c]` and
+        """Packed mixture parameters `[B, *S, P]` from `component_params [B*K, *S, P_c]` and
         `mixture_logits [B, K]` (the inverse of `component_params` / `mixture_logits`)."""
         ...
 
 
 @runtime_checkable
 class Sampler(Protocol):
-    """A model that draws segmentations for images `x [B, H, W, channels]` (numpy read-outs,
+    """A model that draws segmentations for images `x [B, *S, channels]` (numpy read-outs,
     computed `batch_size` images at a time). `num_samples=None` is the model's own default
     (`default_num_samples`: 16, or an `MCDropout` / `DeepEnsemble`'s `num_samples`); models
     may take further keyword arguments (`antithetic`)."""
@@ -271,7 +276,7 @@ class Sampler(Protocol):
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Logit samples `[N, B, H, W, C]` (float32), independent draws."""
+        """Logit samples `[N, B, *S, C]` (float32), independent draws."""
         ...
 
     def sample(
@@ -281,7 +286,7 @@ class Sampler(Protocol):
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Label maps `[N, B, H, W]` (int32), distributed as the arg max of logit samples."""
+        """Label maps `[N, B, *S]` (int32), distributed as the arg max of logit samples."""
         ...
 
     def probability_samples(
@@ -291,7 +296,7 @@ class Sampler(Protocol):
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Softmax of each logit sample, `[N, B, H, W, C]`."""
+        """Softmax of each logit sample, `[N, B, *S, C]`."""
         ...
 
     def predict_proba(
@@ -301,7 +306,7 @@ class Sampler(Protocol):
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Predictive probabilities `E[softmax(eta)]`, `[B, H, W, C]`."""
+        """Predictive probabilities `E[softmax(eta)]`, `[B, *S, C]`."""
         ...
 
 
@@ -319,12 +324,12 @@ class GraphSampler(Protocol):
     def sample_logits_tensor(
         self, images: tf.Tensor, num_samples: int, seed: SeedLike = None
     ) -> tf.Tensor:
-        """Logit samples `[N, B, H, W, C]` (float32 tensor), independent draws; `seed` is None
+        """Logit samples `[N, B, *S, C]` (float32 tensor), independent draws; `seed` is None
         or a shape-[2] int64 tensor."""
         ...
 
     def mean_logits_tensor(self, images: tf.Tensor) -> tf.Tensor:
-        """Deterministic logits `[B, H, W, C]` (float32 tensor)."""
+        """Deterministic logits `[B, *S, C]` (float32 tensor)."""
         ...
 
 
@@ -333,5 +338,5 @@ class GraphParams(Protocol):
     """Optional: extra named outputs of the exported `params` signature."""
 
     def params_tensors(self, images: tf.Tensor) -> Mapping[str, tf.Tensor]:
-        """`{name: tensor}` computed from images `[B, H, W, channels]`."""
+        """`{name: tensor}` computed from images `[B, *S, channels]`."""
         ...

@@ -3,8 +3,15 @@
 - From probability samples `[N, ..., C]` (numpy): `predictive_entropy` (total),
   `expected_entropy` (aleatoric), `mutual_information` (epistemic), and `uncertainty_maps`
   for all of them plus the probability variance.
-- From logit samples `[N, B, H, W, C]` (tensors, export-safe ops, used by the exported
+- From logit samples `[N, B, *S, C]` (tensors, export-safe ops, used by the exported
   `uncertainty` signature): `uncertainty_maps_from_logits`, the same maps.
+
+Images and volumes, `S = (H, W)` or `(D, H, W)`: every map is per pixel (voxel), computed over
+the sample and class axes only, so `[N, B, *S, C]` gives `[B, *S]` whatever the rank of `S`
+(a `[N, B, D, H, W, C]` volume gives the maps of the `[N, B, D*H, W, C]` image, reshaped). Only
+`per_image=True` needs the rank of `S` (which trailing axes to average): `spatial_dims`
+(2 by default), never read from the input's rank, which does not tell `[N, B, H, W, C]` from
+`[N, D, H, W, C]`.
 
 Both map functions return the same keys, computed by one implementation:
 
@@ -83,7 +90,7 @@ def __dir__():
 _PROB_ATOL = 1e-3
 
 
-def _check_prob_samples(prob_samples, per_image: bool) -> np.ndarray:
+def _check_prob_samples(prob_samples, per_image: bool, spatial_dims: int) -> np.ndarray:
     p = np.asarray(prob_samples)
     if not np.issubdtype(p.dtype, np.floating):
         raise ValueError(
@@ -94,10 +101,11 @@ def _check_prob_samples(prob_samples, per_image: bool) -> np.ndarray:
             f"`prob_samples` must have shape [N, ..., C] (sample axis first, classes last); "
             f"got shape {p.shape}."
         )
-    if per_image and p.ndim < 4:
+    if per_image and p.ndim < spatial_dims + 2:
+        form = "[N, ..., H, W, C]" if spatial_dims == 2 else "[N, ..., D, H, W, C]"
         raise ValueError(
-            "`per_image=True` needs `prob_samples` of shape [N, ..., H, W, C]; "
-            f"got shape {p.shape}."
+            f"`per_image=True` needs `prob_samples` of shape {form} "
+            f"(spatial_dims={spatial_dims}); got shape {p.shape}."
         )
     if p.shape[0] == 0 or p.shape[-1] == 0:
         raise ValueError(f"`prob_samples` has an empty sample or class axis: shape {p.shape}.")
@@ -115,6 +123,18 @@ def _check_prob_samples(prob_samples, per_image: bool) -> np.ndarray:
             f"[{sums.min():.4g}, {sums.max():.4g}]."
         )
     return np.clip(p, 0.0, 1.0)
+
+
+def _check_spatial_dims(spatial_dims) -> int:
+    """2 or 3 as an int, else `ValueError` (this leaf module imports nothing of tfp_seg, so
+    not `tfp_seg._checks.check_spatial_dims`; the same message)."""
+    integer = isinstance(spatial_dims, (int, np.integer))
+    if not integer or isinstance(spatial_dims, (bool, np.bool_)) or spatial_dims not in (2, 3):
+        raise ValueError(
+            f"`spatial_dims` must be 2 (images [H, W]) or 3 (volumes [D, H, W]); got "
+            f"{spatial_dims!r}."
+        )
+    return int(spatial_dims)
 
 
 def _decomposition(p: tf.Tensor, log_p: tf.Tensor) -> Dict[str, tf.Tensor]:
@@ -140,20 +160,25 @@ def _decomposition(p: tf.Tensor, log_p: tf.Tensor) -> Dict[str, tf.Tensor]:
     }
 
 
-def uncertainty_maps(prob_samples, per_image: bool = False) -> Dict[str, np.ndarray]:
+def uncertainty_maps(
+    prob_samples, per_image: bool = False, spatial_dims: int = 2
+) -> Dict[str, np.ndarray]:
     """All read-outs of probability samples `[N, ..., C]`, as numpy maps.
 
     Args:
       prob_samples: probabilities `[N, ..., C]` (sample axis first, classes last), e.g.
-        `[N, B, H, W, C]` from `model.probability_samples(x, N)`.
-      per_image: average each map over its last two axes (H, W).
+        `[N, B, *S, C]` from `model.probability_samples(x, N)`, `S = (H, W)` or `(D, H, W)`.
+      per_image: average each map over its last `spatial_dims` axes (`S`).
+      spatial_dims: the rank of `S` that `per_image` averages over: 2 (`H, W`, the default)
+        or 3 (`D, H, W`); the maps themselves do not depend on it.
 
     Returns:
       `{"predictive_entropy", "expected_entropy", "mutual_information", "variance"}` (see
-      the module docstring), each `[...]` (e.g. `[B, H, W]`), or without `H, W` when
+      the module docstring), each `[...]` (e.g. `[B, *S]`), or without `S` when
       `per_image` (e.g. `[B]`), in the input's float dtype; computed in float64.
     """
-    p = _check_prob_samples(prob_samples, per_image)
+    spatial_dims = _check_spatial_dims(spatial_dims)
+    p = _check_prob_samples(prob_samples, per_image, spatial_dims)
     p64 = tf.constant(p, tf.float64)
     log_p = tf.math.log(tf.maximum(p64, np.finfo(np.float64).tiny))
     maps = _decomposition(p64, log_p)
@@ -161,49 +186,54 @@ def uncertainty_maps(prob_samples, per_image: bool = False) -> Dict[str, np.ndar
     for key, value in maps.items():
         value = value.numpy()
         if per_image:
-            value = value.mean(axis=(-2, -1))
+            value = value.mean(axis=tuple(range(-spatial_dims, 0)))
         out[key] = np.asarray(value, dtype=p.dtype)
     return out
 
 
 def uncertainty_maps_from_logits(logit_samples) -> Dict[str, tf.Tensor]:
-    """The maps of `uncertainty_maps` from logit samples `[N, B, H, W, C]`, as tensors.
+    """The maps of `uncertainty_maps` from logit samples `[N, B, *S, C]`, as tensors.
 
     `p_n = softmax(eta_n)`; computed in the samples' float dtype with export-safe ops (the
     exported `uncertainty` signature and ONNX graph use it).
 
     Returns:
       `{"predictive_entropy", "expected_entropy", "mutual_information", "variance"}`, each
-      `[B, H, W]` (nats; the variance is unitless).
+      `[B, *S]` (nats; the variance is unitless): any `[N, ..., C]` works, the maps are per
+      pixel (voxel).
     """
     log_p = tf.nn.log_softmax(logit_samples, axis=-1)
     return _decomposition(tf.exp(log_p), log_p)
 
 
-def predictive_entropy(prob_samples, per_image: bool = False) -> np.ndarray:
+def predictive_entropy(prob_samples, per_image: bool = False, spatial_dims: int = 2) -> np.ndarray:
     """Total uncertainty `H[(1/N) sum_n p_n]` in nats.
 
     Args:
       prob_samples: probabilities `[N, ..., C]` (sample axis first, classes last), e.g.
-        `[N, B, H, W, C]` from `model.probability_samples(x, N)`.
-      per_image: average the map over its last two axes (H, W).
+        `[N, B, *S, C]` from `model.probability_samples(x, N)`.
+      per_image: average the map over its last `spatial_dims` axes (`S`).
+      spatial_dims: 2 (`S = (H, W)`, the default) or 3 (`S = (D, H, W)`); used by
+        `per_image` only.
 
     Returns:
-      The per-pixel map `[...]` (e.g. `[B, H, W]`), or `[...]` without `H, W` when
-      `per_image` (e.g. `[B]`), in the input's float dtype.
+      The per-pixel map `[...]` (e.g. `[B, *S]`), or `[...]` without `S` when `per_image`
+      (e.g. `[B]`), in the input's float dtype.
     """
-    return uncertainty_maps(prob_samples, per_image)["predictive_entropy"]
+    return uncertainty_maps(prob_samples, per_image, spatial_dims)["predictive_entropy"]
 
 
-def expected_entropy(prob_samples, per_image: bool = False) -> np.ndarray:
-    """Aleatoric uncertainty `(1/N) sum_n H[p_n]` in nats (shapes as `predictive_entropy`)."""
-    return uncertainty_maps(prob_samples, per_image)["expected_entropy"]
+def expected_entropy(prob_samples, per_image: bool = False, spatial_dims: int = 2) -> np.ndarray:
+    """Aleatoric uncertainty `(1/N) sum_n H[p_n]` in nats (arguments and shapes as
+    `predictive_entropy`)."""
+    return uncertainty_maps(prob_samples, per_image, spatial_dims)["expected_entropy"]
 
 
-def mutual_information(prob_samples, per_image: bool = False) -> np.ndarray:
+def mutual_information(prob_samples, per_image: bool = False, spatial_dims: int = 2) -> np.ndarray:
     """Epistemic uncertainty `H[p_bar] - (1/N) sum_n H[p_n]` in nats (`>= 0`).
 
     Mutual information is non-negative (entropy is concave); round-off negatives are clipped
-    to 0. It is 0 exactly when all samples agree. Shapes as `predictive_entropy`.
+    to 0. It is 0 exactly when all samples agree. Arguments and shapes as
+    `predictive_entropy`.
     """
-    return uncertainty_maps(prob_samples, per_image)["mutual_information"]
+    return uncertainty_maps(prob_samples, per_image, spatial_dims)["mutual_information"]

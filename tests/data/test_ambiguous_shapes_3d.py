@@ -400,7 +400,7 @@ def test_2d_data_unchanged(kwargs, digest, summary, first_object):
 
 @pytest.mark.parametrize("spatial_dims", [1, 4, 0, "3", 3.0, True, None])
 def test_bad_spatial_dims_raise(spatial_dims):
-    with pytest.raises(ValueError, match=r"spatial_dims must be 2 \(images.*or 3 \(volumes"):
+    with pytest.raises(ValueError, match=r"`spatial_dims` must be 2 \(images.*or 3 \(volumes"):
         ambiguous_shapes(num_images=2, spatial_dims=spatial_dims)
 
 

@@ -14,6 +14,12 @@ image: pixels of one image are not exchangeable with pixels of another (they sha
 content and the model's errors on it), so `ConformalRiskControl` scores whole images and
 `ConformalPredictionSets` calibrates on one random pixel per image by default.
 
+Images and volumes alike (`S = (H, W)` or `(D, H, W)`): each of the `N` items of `[N, *S]`
+is an image or a volume, the unit of exchangeability, and nothing depends on the rank of `S`
+(the pixels / voxels of an item are flattened). `ConformalRiskControl` tells foreground
+probabilities `[N, *S]` from class probabilities `[N, *S, C]` by the rank of its companion
+`labels [N, *S]`.
+
 NumPy in, NumPy out (float64 arithmetic); inputs are checked early with errors that name the
 argument. Plain Python objects (not Keras layers): `get_config` / `from_config` give a JSON-able
 round trip that keeps the fitted threshold / quantile.
@@ -199,8 +205,9 @@ class ConformalRiskControl:
         """Calibrate `threshold` on held-out images.
 
         Args:
-          probabilities: Foreground probabilities `[N, *S]` of `N` calibration images, or class
-            probabilities `[N, *S, C]` (then `P(foreground) = 1 - p[..., 0]`).
+          probabilities: Foreground probabilities `[N, *S]` of `N` calibration images (or
+            volumes), or class probabilities `[N, *S, C]` (then `P(foreground) = 1 -
+            p[..., 0]`): class probabilities are those with one axis more than `labels`.
           labels: Integer (or boolean) label maps `[N, *S]`; foreground = `labels != 0`.
           ignore_label: Label value of pixels that are neither foreground nor background.
 

@@ -44,10 +44,13 @@ def _control_components(params, head, loc_scale, diag_scale, factor_scale) -> tf
     k, c = head.num_components, head.num_classes
     loc, raw, factor = component.split_params(head.component_params(params))
 
-    def scaled(t, scale):  # t [B*K, H, W, C, ...], scale [K, C]
+    spatial = getattr(head, "spatial_dims", 2)
+
+    def scaled(t, scale):  # t [B*K, *S, C, ...], scale [K, C]
         shape = tf.shape(t)
-        grouped = tf.reshape(t, tf.concat([[-1, k], shape[1:]], 0))
-        s = tf.reshape(tf.constant(scale, tf.float32), [1, k, 1, 1, c] + [1] * (t.shape.rank - 4))
+        grouped = tf.reshape(t, tf.concat([[-1, k], shape[1:]], 0))  # [B, K, *S, C, ...]
+        trailing = [1] * (t.shape.rank - 2 - spatial)
+        s = tf.reshape(tf.constant(scale, tf.float32), [1, k] + [1] * spatial + [c] + trailing)
         return tf.reshape(grouped * s, shape)
 
     diag = scaled(component.diag_from_raw(raw), diag_scale)
@@ -128,13 +131,13 @@ def scale_class_covariance(params, head, class_scales) -> tf.Tensor:
 
     Args:
       params: packed `LowRankLogits`, `HeteroscedasticLogits` or `MixtureLowRankLogits`
-        params `[B, H, W, P]`.
+        params `[B, *S, P]` (`S = (H, W)` or `(D, H, W)`).
       head: the head that produced `params` (its configuration only).
       class_scales: `C` non-negative scales, or a dict `{class_id: scale}` (others 1); for a
         mixture head also K such entries (per component).
 
     Returns:
-      float32 `[B, H, W, P]` packed params.
+      float32 `[B, *S, P]` packed params.
     """
     _check_head(head)
     if isinstance(head, protocols.MixtureHead):
@@ -164,7 +167,7 @@ def with_temperature(params, head, t: float) -> tf.Tensor:
 
     Args:
       params: packed `LowRankLogits`, `HeteroscedasticLogits` or `MixtureLowRankLogits`
-        params `[B, H, W, P]`.
+        params `[B, *S, P]` (`S = (H, W)` or `(D, H, W)`).
       head: the head that produced `params`.
       t: finite, > 0 (for a mixture head also K such values, one per component).
     """

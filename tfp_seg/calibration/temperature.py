@@ -29,7 +29,7 @@ def _flatten_logits_labels(logits, labels, ignore_label, sample_axis: bool):
     y = np.asarray(labels)
     lead = 1 if sample_axis else 0
     name = "logit_samples" if sample_axis else "logits"
-    form = "[S, N, C] or [S, B, H, W, C]" if sample_axis else "[N, C] or [B, H, W, C]"
+    form = "[M, n, C] or [M, B, *S, C]" if sample_axis else "[n, C] or [B, *S, C]"
     if z.ndim < 2 + lead:
         raise ValueError(f"`{name}` must have shape {form}; got shape {z.shape}.")
     if y.shape != z.shape[lead:-1]:
@@ -67,7 +67,7 @@ class TemperatureScaling:
 
     ```none
     T* = argmin_T  -(1/n) sum_i log softmax(z_i / T)[y_i]            (fit)
-    T* = argmin_T  -(1/n) sum_i log (1/S) sum_s softmax(z_i^s / T)[y_i]   (fit_samples)
+    T* = argmin_T  -(1/n) sum_i log (1/M) sum_m softmax(z_i^m / T)[y_i]   (fit_samples)
     ```
 
     For distribution heads (SSN, heteroscedastic), the choice made here is to calibrate the
@@ -120,7 +120,9 @@ class TemperatureScaling:
         return self
 
     def fit(self, logits, labels, ignore_label: Optional[int] = None) -> "TemperatureScaling":
-        """Fit T on logits `[N, C]` or `[B, H, W, C]` (any `[..., C]`) and integer `labels [...]`.
+        """Fit T on logits `[n, C]` or `[B, *S, C]` (any `[..., C]`: images `S = (H, W)` and
+        volumes `S = (D, H, W)` alike, every pixel / voxel one term of the NLL) and integer
+        `labels [...]` (the logits' shape without the class axis).
 
         Returns self.
         """
@@ -136,9 +138,11 @@ class TemperatureScaling:
     def fit_samples(
         self, logit_samples, labels, ignore_label: Optional[int] = None
     ) -> "TemperatureScaling":
-        """Fit T on Monte Carlo predictive probabilities of logit samples `[S, ..., C]`.
+        """Fit T on Monte Carlo predictive probabilities of logit samples `[M, ..., C]`
+        (e.g. `[M, B, *S, C]`, `S = (H, W)` or `(D, H, W)`).
 
-        `labels` have the shape of `logit_samples` without its first and last axes. Returns self.
+        `labels` have the shape of `logit_samples` without its first (sample) and last (class)
+        axes, which is how the two are matched: no spatial rank is needed. Returns self.
         """
         z, y = _flatten_logits_labels(logit_samples, labels, ignore_label, sample_axis=True)
         s = z.shape[0]

@@ -36,7 +36,7 @@ from tfp_seg.data.modes import sample_annotations
 
 __all__ = ["AmbiguousShapes", "ShapeObject", "ambiguous_shapes", "sample_annotations"]
 
-SPATIAL_DIMS = (2, 3)
+SPATIAL_DIMS = _checks.SPATIAL_DIMS
 MIN_SIZE = 16
 
 
@@ -207,19 +207,6 @@ def _check_int(name, value, low, high=None):
     return value
 
 
-def _check_spatial_dims(spatial_dims) -> int:
-    if (
-        isinstance(spatial_dims, (bool, np.bool_))
-        or not isinstance(spatial_dims, (int, np.integer))
-        or spatial_dims not in SPATIAL_DIMS
-    ):
-        raise ValueError(
-            f"spatial_dims must be 2 (images [N, H, W, channels]) or 3 (volumes "
-            f"[N, D, H, W, channels]), got {spatial_dims!r}"
-        )
-    return int(spatial_dims)
-
-
 def _check_size(image_size, spatial_dims: int) -> tuple[int, ...]:
     """`image_size` (one side, or `spatial_dims` sides, each >= 16) as the spatial shape S."""
     if isinstance(image_size, (tuple, list)):
@@ -316,7 +303,7 @@ def ambiguous_shapes(
     ```
     """
     num_images = _check_int("num_images", num_images, 1)
-    spatial_dims = _check_spatial_dims(spatial_dims)
+    spatial_dims = _checks.check_spatial_dims(spatial_dims)
     shape = _check_size(image_size, spatial_dims)
     num_annotations = _check_int("num_annotations", num_annotations, 1)
     max_objects = _check_int("max_objects", max_objects, 1, MAX_OBJECTS_LIMIT)

@@ -35,7 +35,7 @@ noise       standard_normal                            (Box-Muller, export-safe)
 planar      sample_low_rank_labels, low_rank_mean_probabilities   (class-planar samplers)
 mixture     MixtureLowRankLogitsDistribution, mixture_low_rank_logits, sample_mixture_low_rank,
             mixture_components                 (K low-rank components, image-level weights)
-readouts    argmax_classes, mean_softmax, prefers_planar_sampling
+readouts    argmax_classes, class_softmax, mean_softmax, prefers_planar_sampling
 ```
 
 #### References
@@ -60,7 +60,12 @@ from tfp_seg.distributions.mixture import (
 )
 from tfp_seg.distributions.noise import standard_normal
 from tfp_seg.distributions.planar import low_rank_mean_probabilities, sample_low_rank_labels
-from tfp_seg.distributions.readouts import argmax_classes, mean_softmax, prefers_planar_sampling
+from tfp_seg.distributions.readouts import (
+    argmax_classes,
+    class_softmax,
+    mean_softmax,
+    prefers_planar_sampling,
+)
 
 __all__ = [
     "low_rank_logits",
@@ -72,6 +77,7 @@ __all__ = [
     "sample_low_rank_labels",
     "argmax_classes",
     "low_rank_mean_probabilities",
+    "class_softmax",
     "mean_softmax",
     "prefers_planar_sampling",
     "check_num_samples",

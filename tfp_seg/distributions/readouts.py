@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["argmax_classes", "mean_softmax", "prefers_planar_sampling"]
+__all__ = ["argmax_classes", "class_softmax", "mean_softmax", "prefers_planar_sampling"]
 
 _PLANAR_MAX_CLASSES = 32  # argmax_classes: plane by plane up to here
 # The planar softmax and the planar samplers (label maps from differences, mean probabilities)
@@ -50,6 +50,17 @@ def argmax_classes(logits: tf.Tensor) -> tf.Tensor:
     return _argmax_planes(tf.unstack(planar, num_classes, axis=0))
 
 
+def class_softmax(logits) -> tf.Tensor:
+    """`softmax` over the last (class) axis of a tensor of any rank (`tf.nn.softmax` takes at
+    most rank 5 on CPU; volume samples `[N, B, D, H, W, C]` have rank 6)."""
+    logits = tf.convert_to_tensor(logits)
+    if logits.shape.rank is not None and logits.shape.rank <= 5:
+        return tf.nn.softmax(logits, -1)
+    shape = tf.shape(logits)
+    flat = tf.reshape(logits, tf.stack([-1, shape[-1]]))
+    return tf.reshape(tf.nn.softmax(flat, -1), shape)
+
+
 def mean_softmax(logit_samples: tf.Tensor) -> tf.Tensor:
     """`mean_n softmax(logit_samples[n])`: `[N, ..., C]` -> `[..., C]`.
 
@@ -61,7 +72,7 @@ def mean_softmax(logit_samples: tf.Tensor) -> tf.Tensor:
     rank = samples.shape.rank
     num_classes = samples.shape[-1]
     if rank is None or num_classes is None or not prefers_planar_sampling(num_classes):
-        return tf.reduce_mean(tf.nn.softmax(samples, axis=-1), axis=0)
+        return tf.reduce_mean(class_softmax(samples), axis=0)
     planar = tf.transpose(samples, [rank - 1] + list(range(rank - 1)))
     exps = tf.exp(planar - tf.reduce_max(planar, axis=0, keepdims=True))
     probs = tf.reduce_mean(exps / tf.reduce_sum(exps, axis=0, keepdims=True), axis=1)

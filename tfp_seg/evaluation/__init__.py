@@ -10,7 +10,10 @@ benchmark, and against the raters of users' data.
   raters' marginals, `ignore_label`, arrays or a stream of batches.
 * `format_report(report)`: a text table of either report.
 
-Any model with `sample_logits(x, num_samples, seed=None, batch_size=None) -> [N,B,H,W,C]`
+Images and volumes alike: `x [B, *S, channels]` with `S = (H, W)` or `(D, H, W)`, told by the
+rank of the images (their channel axis makes it unambiguous); annotations `[B, K, *S]`.
+
+Any model with `sample_logits(x, num_samples, seed=None, batch_size=None) -> [N, B, *S, C]`
 (numpy) can be evaluated: `ProbabilisticSegmenter`, `ProbabilisticUNet`, `MCDropout`,
 `DeepEnsemble`. Both evaluations stream (`_stream`): one `sample_logits` call per batch of
 `batch_size` images, with the seed the Sampler gives its own batch (`seed`, then

@@ -3,11 +3,18 @@ object or a stream of batches, turned into checked batches of `batch_size` image
 
 ```none
 images                         annotations       source
-[B, H, W, channels] array      [B, K, H, W] int  sliced into batches of batch_size
-AnnotatedImages/AmbiguousShapes None              its .images / .annotations (and .num_classes)
+[B, H, W, channels] array      [B, K, H, W] int  sliced into batches of batch_size (arrays,
+                                                  tensors, array-likes such as the memory-map
+                                                  views of tfp_seg.data.MappedArray: only
+                                                  each batch is read)
+AnnotatedImages/AmbiguousShapes None              its .images / .annotations (and .num_classes);
+  DiskAnnotatedImages                             read batch by batch from its cache
 iterable or tf.data.Dataset     None              (images [b,H,W,ch], annotations [b,K,H,W])
   of (images, annotations)                        pairs, re-batched to batch_size images
 ```
+
+Volumes take the same paths with `S = (D, H, W)`: images `[B, D, H, W, channels]` (rank 5) and
+annotations `[B, K, D, H, W]`; the images' rank tells the two apart (their channel axis).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
+
+from tfp_seg import _checks
 
 __all__ = ["annotated_batches", "check_labels"]
 
@@ -31,32 +40,40 @@ def _shape(x: Any) -> tuple:
 
 
 class _Checker:
-    """Checks the batches of one source: ranks, sizes, dtypes, and the same K, H, W in all."""
+    """Checks the batches of one source: ranks, sizes, dtypes, and the same K, *S in all.
+
+    The spatial rank comes from the images, whose channel axis makes it unambiguous:
+    `[B, H, W, channels]` (rank 4) are images, `[B, D, H, W, channels]` (rank 5) volumes; the
+    annotations must then be `[B, K, *S]`, of the same rank."""
 
     def __init__(self):
-        self.layout: Optional[tuple] = None  # (K, H, W) of the first batch
+        self.layout: Optional[tuple] = None  # (K, *S) of the first batch
 
     def __call__(self, images: Any, annotations: Any, where: str) -> tuple[np.ndarray, ...]:
         x, y = np.asarray(images), np.asarray(annotations)
-        if x.ndim != 4:
+        if x.ndim not in (4, 5):
             raise ValueError(
-                f"`images` must have rank 4 ([B, H, W, channels]){where}; got shape {x.shape}."
+                f"`images` must have rank 4 ([B, H, W, channels] images) or 5 ([B, D, H, W, "
+                f"channels] volumes){where}; got shape {x.shape}."
             )
+        spatial = x.ndim - 2
+        form = _checks.spatial_form(spatial, "B, K")
+        axes = _checks.spatial_axes(spatial)
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
             raise ValueError(f"`images` must be a real array{where}; got dtype {x.dtype}.")
-        if y.ndim != 4:
+        if y.ndim != x.ndim:
             raise ValueError(
-                f"`annotations` must have rank 4 ([B, K, H, W]: K label maps per image){where}; "
-                f"got shape {y.shape}."
+                f"`annotations` must have rank {x.ndim} ({form}: K label maps per image, for "
+                f"images of shape {x.shape}){where}; got shape {y.shape}."
             )
         if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
             raise ValueError(
-                f"`annotations` must hold integer class labels ([B, K, H, W]){where}; got dtype "
+                f"`annotations` must hold integer class labels ({form}){where}; got dtype "
                 f"{y.dtype}. Cast label maps to an integer dtype."
             )
-        if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[1:3]:
+        if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[1:-1]:
             raise ValueError(
-                f"`annotations` must be [B, K, H, W] with B, H, W of the images {x.shape}{where}; "
+                f"`annotations` must be {form} with B, {axes} of the images {x.shape}{where}; "
                 f"got shape {y.shape}."
             )
         if y.shape[1] == 0:
@@ -69,24 +86,34 @@ class _Checker:
             self.layout = layout
         elif layout != self.layout:
             raise ValueError(
-                f"every batch must have the same K, H, W (annotations [b, K, H, W] = [b, "
+                f"every batch must have the same K, {axes} (annotations "
+                f"{_checks.spatial_form(spatial, 'b, K')} = [b, "
                 f"{', '.join(map(str, self.layout))}] so far){where}; got shape {y.shape}."
             )
         return x, y
 
 
+def _sliceable(x: Any) -> bool:
+    """An array, tensor or array-like with a shape that is sliced batch by batch, not read
+    whole (a disk-backed `tfp_seg.data.MappedArray`, an h5py or zarr dataset)."""
+    if isinstance(x, (np.ndarray, tf.Tensor)):
+        return True
+    return all(hasattr(x, a) for a in ("shape", "dtype", "__getitem__", "__len__"))
+
+
 def _array_batches(images: Any, annotations: Any, batch_size: Optional[int]) -> Iterator:
     if isinstance(images, tf.data.Dataset) or isinstance(annotations, tf.data.Dataset):
         raise ValueError(f"`images` must be {_FORMS}; got a tf.data.Dataset with annotations.")
-    if not isinstance(images, (np.ndarray, tf.Tensor)):
+    if not _sliceable(images):
         images = np.asarray(images)
-    if not isinstance(annotations, (np.ndarray, tf.Tensor)):
+    if not _sliceable(annotations):
         annotations = np.asarray(annotations)
     check = _Checker()
     num_images = _shape(images)[0] if len(images.shape) else 0
-    if len(images.shape) == 4 and num_images == 0:
+    rank = len(images.shape)
+    if rank in (4, 5) and num_images == 0:
         raise ValueError(f"`images` holds no images (shape {_shape(images)}).")
-    if len(images.shape) != 4 or len(annotations.shape) != 4:
+    if rank not in (4, 5) or len(annotations.shape) != rank:
         check(images, annotations, "")  # raises the error of the wrong rank
     if _shape(annotations)[0] != num_images:
         check(images, annotations, "")  # raises the error of the mismatch
@@ -133,7 +160,7 @@ def _stream_batches(stream: Iterator, batch_size: Optional[int]) -> Iterator:
 def annotated_batches(
     images: Any, annotations: Any, batch_size: Optional[int]
 ) -> tuple[Iterator, Optional[int]]:
-    """`(batches, num_classes)`: checked `(images [b, H, W, ch], annotations [b, K, H, W])`
+    """`(batches, num_classes)`: checked `(images [b, *S, ch], annotations [b, K, *S])`
     numpy batches of `batch_size` images (the last may be smaller; None: arrays whole, a
     stream's batches as they come), and the `num_classes` of a data set object (else None)."""
     if annotations is not None:
@@ -141,7 +168,7 @@ def annotated_batches(
     if hasattr(images, "images") and hasattr(images, "annotations"):
         num_classes = getattr(images, "num_classes", None)
         return _array_batches(images.images, images.annotations, batch_size), num_classes
-    if isinstance(images, (np.ndarray, tf.Tensor)):
+    if _sliceable(images):
         raise ValueError(
             f"`annotations` is required with an array of images (shape {_shape(images)}): "
             f"pass `images` as {_FORMS}."
@@ -156,8 +183,8 @@ def annotated_batches(
 def check_labels(
     annotations: np.ndarray, num_classes: int, ignore_label: Optional[int], first: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`(annotations, valid)`: `annotations [b, K, H, W]` as int64 with labels checked to lie in
-    `[0, C)` or be `ignore_label`, and the valid pixels `[b, H, W]` (no annotation has
+    """`(annotations, valid)`: `annotations [b, K, *S]` as int64 with labels checked to lie in
+    `[0, C)` or be `ignore_label`, and the valid pixels `[b, *S]` (no annotation has
     ignore_label); an image without valid pixels is an error naming it (`first` = the index
     of the batch's first image)."""
     y = annotations.astype(np.int64, copy=False)

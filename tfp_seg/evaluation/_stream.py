@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import scipy.special
 
-from tfp_seg import _seeds, metrics
+from tfp_seg import _checks, _seeds, metrics
 
 __all__ = ["CalibrationSums", "RiskCoverageSums", "batch_seed", "draw_logits", "softmax"]
 
@@ -46,18 +46,19 @@ def draw_logits(
     batch_size: Optional[int],
     index: int,
 ) -> np.ndarray:
-    """`model.sample_logits` of one batch `images [b, H, W, channels]` -> float32
-    `[N, b, H, W, C]`, checked."""
+    """`model.sample_logits` of one batch `images [b, *S, channels]` -> float32
+    `[N, b, *S, C]`, checked (`S = (H, W)` or `(D, H, W)`, from the images' rank)."""
     logits = np.asarray(
         model.sample_logits(
             images, num_samples, seed=batch_seed(seed, index), batch_size=batch_size
         ),
         dtype=np.float32,
     )
-    expected = (num_samples,) + tuple(images.shape[:3])
-    if logits.ndim != 5 or logits.shape[:4] != expected:
+    expected = (num_samples,) + tuple(images.shape[:-1])
+    if logits.ndim != len(expected) + 1 or logits.shape[:-1] != expected:
+        form = _checks.spatial_form(images.ndim - 2, "N, B", "C")
         raise ValueError(
-            f"`model.sample_logits` must return [N, B, H, W, C] = {expected + ('C',)} logits for "
+            f"`model.sample_logits` must return {form} = {expected + ('C',)} logits for "
             f"a batch of images {tuple(images.shape)}; got shape {logits.shape}."
         )
     if not np.all(np.isfinite(logits)):

@@ -44,7 +44,8 @@ def _joint_nll_sum(logit_samples: np.ndarray, annotations: np.ndarray) -> float:
 def _ged_terms(
     samples: np.ndarray, modes: np.ndarray, weights: np.ndarray, num_classes: int
 ) -> dict:
-    """Unbiased `D_GED^2` terms of one image: `N >= 2` samples `[N,H,W]` vs the exact modes.
+    """Unbiased `D_GED^2` terms of one image: `N >= 2` samples `[N, *S]` vs the exact modes
+    `[M, *S]` (any spatial rank: the distances are over all pixels / voxels).
 
     ```none
     cross               = (1/N) sum_n sum_k w_k d(s_n, m_k)              unbiased for E[d(S,Y)]
@@ -83,14 +84,16 @@ def evaluate_ambiguous(
 
     Streams: the images are evaluated `batch_size` at a time (one `model.sample_logits` call
     per batch), every metric kept as running sums, so memory holds one batch's samples
-    `[N, batch_size, H, W, C]` whatever the size of `data`. Batch `k` is drawn with the seed
+    `[N, batch_size, *S, C]` whatever the size of `data`. Batch `k` is drawn with the seed
     the Sampler base gives its own batch `k` (`seed`, then `fold_seed(seed, k)`), so the report
     equals the one of all samples drawn at once by `model.sample_logits(data.images, N, seed,
     batch_size)`; like that call it is reproducible for a fixed `batch_size`, not across them.
 
     Args:
       model: exposes `sample_logits(x, num_samples, seed=..., batch_size=...)`.
-      data: an `AmbiguousShapes` split (held out from training).
+      data: an `AmbiguousShapes` split (held out from training): images `S = (H, W)` or
+        volumes `S = (D, H, W)` (`ambiguous_shapes(..., spatial_dims=3)`), told by the rank
+        of `data.images [n, *S, channels]`; a voxel counts as a pixel in every metric.
       num_samples: N >= 2 samples per image for sampled metrics (GED, HM-IoU, diversity,
         MC NLL). They are taken to be independent draws (as `sample_logits` gives by
         default). `DeepEnsemble` draws sample n from member n mod M, a stratified design, so
@@ -145,6 +148,7 @@ def evaluate_ambiguous(
     seed = _seeds.check_seed(seed)
     num_classes, num_images = data.num_classes, len(data)
     k = data.num_annotations
+    spatial = data.images.ndim - 2  # images [N, *S, channels]: 2 (H, W) or 3 (D, H, W)
     step = batch_size or num_images
 
     rng = np.random.default_rng(seed)
@@ -163,7 +167,7 @@ def evaluate_ambiguous(
         part = data[start : start + step]
         logit_samples = draw_logits(model, part.images, num_samples, seed, batch_size, index)
         probs = softmax(logit_samples).mean(axis=0)
-        label_samples = logit_samples.argmax(axis=-1).astype(np.int32)  # [N,b,H,W]
+        label_samples = logit_samples.argmax(axis=-1).astype(np.int32)  # [N, b, *S]
         marginals, annotations = part.marginals(), part.annotations
         for j in range(len(part)):
             modes, weights = data.modes_of(start + j)
@@ -174,9 +178,13 @@ def evaluate_ambiguous(
             oracle_samples = sample_annotations(modes, weights, num_samples, rng)
             oracle_terms = _ged_terms(oracle_samples, modes, weights, num_classes)
             per_image["oracle_ged"].append(oracle_terms["ged"])
-            per_image["hm"].append(metrics.hungarian_matched_iou(s, annotations[j], num_classes))
+            per_image["hm"].append(
+                metrics.hungarian_matched_iou(s, annotations[j], num_classes, spatial_dims=spatial)
+            )
             per_image["oracle_hm"].append(
-                metrics.hungarian_matched_iou(oracle_samples, annotations[j], num_classes)
+                metrics.hungarian_matched_iou(
+                    oracle_samples, annotations[j], num_classes, spatial_dims=spatial
+                )
             )
             if bar is not None:
                 bar.update(1)
@@ -203,7 +211,7 @@ def evaluate_ambiguous(
     if bar is not None:
         bar.close()
 
-    total_pixels = num_images * int(np.prod(data.images.shape[1:3]))
+    total_pixels = num_images * int(np.prod(data.images.shape[1:-1]))
     report = {
         "num_images": num_images,
         "num_samples": int(num_samples),
@@ -242,7 +250,8 @@ def evaluate_ambiguous(
 
 
 def format_report(report: dict, keys: Optional[list] = None) -> str:
-    """A two-column text table of a report (model value and oracle where there is one)."""
+    """A two-column text table of a report (model value and oracle where there is one); by
+    default the usual keys, then the region Dice scores `dice_<region>` it has."""
     keys = keys or [
         "ged",
         "ged_16",
@@ -266,7 +275,7 @@ def format_report(report: dict, keys: Optional[list] = None) -> str:
         "aurc_image",
         "e_aurc_image",
         "augrc_image",
-    ]
+    ] + sorted(key for key in report if key.startswith("dice_"))
     lines = [f"{'metric':<16}{'model':>10}{'oracle':>10}"]
     for key in keys:
         if key not in report:

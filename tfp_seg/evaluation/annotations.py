@@ -23,7 +23,7 @@ against exact modes; the two are not comparable number for number.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -53,8 +53,10 @@ def _check_sample_counts(sample_counts: Any) -> tuple[int, ...]:
 class _RaterSums:
     """Running sums of every metric of `evaluate_annotations`, one batch at a time."""
 
-    def __init__(self, num_samples, sample_counts, num_classes, ignore_label, num_bins):
+    def __init__(self, num_samples, sample_counts, num_classes, ignore_label, num_bins, regions):
         self.num_samples, self.sample_counts = num_samples, sample_counts
+        self.regions = regions
+        self.region_dice: dict[str, list] = {name: [] for name in regions or ()}
         self.sizes = sorted({num_samples, *sample_counts})
         self.num_classes, self.ignore_label = num_classes, ignore_label
         self.per_image: dict[str, list] = {}
@@ -70,18 +72,24 @@ class _RaterSums:
         self.per_image.setdefault(key, []).append(value)
 
     def add(self, logits: np.ndarray, annotations: np.ndarray, valid: np.ndarray) -> None:
-        """One batch: logit samples `[N, b, H, W, C]`, annotations `[b, K, H, W]`, valid
-        pixels `[b, H, W]`."""
+        """One batch: logit samples `[N, b, *S, C]`, annotations `[b, K, *S]`, valid
+        pixels `[b, *S]`."""
         c, ignore = self.num_classes, self.ignore_label
         k = self.num_annotations = annotations.shape[1]
+        spatial = annotations.ndim - 2
         for j in range(annotations.shape[0]):
-            samples = logits[:, j].argmax(axis=-1)  # [N, H, W]: the first n are used for n
+            samples = logits[:, j].argmax(axis=-1)  # [N, *S]: the first n are used for n
             for n in self.sizes:
                 terms = metrics.generalized_energy_distance(
-                    samples[:n], annotations[j], c, return_terms=True, ignore_label=ignore
+                    samples[:n],
+                    annotations[j],
+                    c,
+                    return_terms=True,
+                    ignore_label=ignore,
+                    spatial_dims=spatial,
                 )
                 hm = metrics.hungarian_matched_iou(
-                    samples[:n], annotations[j], c, ignore_label=ignore
+                    samples[:n], annotations[j], c, ignore_label=ignore, spatial_dims=spatial
                 )
                 if n == self.num_samples:
                     for key in _TERMS:
@@ -91,9 +99,9 @@ class _RaterSums:
                     self._record(f"ged_{n}", terms["ged"])
                     self._record(f"hm_iou_{n}", hm)
 
-        probs = softmax(logits[: self.num_samples]).mean(axis=0)  # [b, H, W, C] float32
+        probs = softmax(logits[: self.num_samples]).mean(axis=0)  # [b, *S, C] float32
         marginals = np.stack([np.mean(annotations == i, axis=1) for i in range(c)], axis=-1)
-        raters = np.moveaxis(annotations, 1, -1)  # [b, H, W, K]
+        raters = np.moveaxis(annotations, 1, -1)  # [b, *S, K]
         p, q, y = probs[valid], marginals[valid], raters[valid]  # valid pixels: [n, C], [n, K]
         self.sums["pixels"] += p.shape[0]
         self.sums["nll"] += metrics.negative_log_likelihood(p, q) * p.shape[0]
@@ -103,18 +111,31 @@ class _RaterSums:
         for i in range(k):
             self.confusion += metrics.confusion_matrix(pred, y[:, i], c)
         self.pixel.add(p.max(axis=-1), np.sum(pred[:, None] != y, axis=1), k)
+        shared = annotations if ignore is None else np.where(valid[:, None], annotations, ignore)
         if ignore is None:
             kappa, risks = metrics.image_confidence_risks(probs, annotations)
         else:  # Dice and the image's mean entropy over its valid pixels only
             p64 = probs.astype(np.float64)
             entropy = -np.sum(np.where(p64 > 0, p64 * np.log(np.where(p64 > 0, p64, 1.0)), 0), -1)
             uncertainty = np.array([e[v].mean() for e, v in zip(entropy, valid, strict=True)])
-            shared = np.where(valid[:, None], annotations, ignore)
             kappa, risks = metrics.image_confidence_risks(
                 probs, shared, uncertainty=uncertainty, ignore_label=ignore
             )
         self.image_kappa.append(kappa)
         self.image_risk.append(risks)
+        if self.regions:  # per image and rater, then the mean over the K raters
+            b = annotations.shape[0]
+            pred_k = np.repeat(probs.argmax(axis=-1)[:, None], k, axis=1)
+            dice = metrics.region_dice(
+                pred_k.reshape((b * k,) + pred_k.shape[2:]),
+                shared.reshape((b * k,) + shared.shape[2:]),
+                self.regions,
+                ignore_label=ignore,
+                num_classes=c,
+                per_image=True,
+            )
+            for name, values in dice.items():
+                self.region_dice[name].append(values.reshape(b, k).mean(axis=1))
 
     def report(self) -> dict:
         mean = {key: float(np.mean(values)) for key, values in self.per_image.items()}
@@ -143,6 +164,8 @@ class _RaterSums:
             dice=float(1.0 - risks.mean()),
             pixel_accuracy=float(np.trace(self.confusion) / self.confusion.sum()),
         )
+        for name, values in self.region_dice.items():
+            report[f"dice_{name}"] = float(np.concatenate(values).mean())
         for key, value in self.pixel.scores().items():
             report[f"{key}_pixel"] = value
         kappa = np.concatenate(self.image_kappa)
@@ -163,6 +186,7 @@ def evaluate_annotations(
     sample_counts: Sequence[int] = (16, 100),
     num_bins: int = 10,
     progress: bool = False,
+    regions: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> dict:
     """Evaluate any model-level sampler against the K annotations (raters) of every image.
 
@@ -173,7 +197,7 @@ def evaluate_annotations(
     batch draws `N = max(num_samples, *sample_counts)` samples of it, every metric is updated
     as running sums (per-image values, calibration bins, a confusion matrix, counts per
     confidence value) and the samples are dropped. So memory holds one batch's samples
-    `[N, batch_size, H, W, C]` (float32) and its inputs, whatever the number of images; a set
+    `[N, batch_size, *S, C]` (float32) and its inputs, whatever the number of images; a set
     larger than memory streams as an iterable or `tf.data.Dataset` of batches. All metrics
     come from the same draw: those at `n` samples use its first `n` samples (so `ged_16` is
     computed from the first 16 of the 100 samples behind `ged_100`).
@@ -187,13 +211,15 @@ def evaluate_annotations(
 
     Args:
       model: any sampler with `sample_logits(x, num_samples, seed=..., batch_size=...)`
-        returning logits `[N, B, H, W, C]` (`ProbabilisticSegmenter`, `ProbabilisticUNet`,
+        returning logits `[N, B, *S, C]` (`ProbabilisticSegmenter`, `ProbabilisticUNet`,
         `MCDropout`, `DeepEnsemble`, or a user model).
-      images: `[B, H, W, channels]` images with `annotations`; or, with `annotations=None`,
-        a data set with `images` and `annotations` (`tfp_seg.data.AnnotatedImages`, whose
-        `num_classes` is then the default), or an iterable / `tf.data.Dataset` of
-        `(images [b, H, W, channels], annotations [b, K, H, W])` batches.
-      annotations: integer `[B, K, H, W]`: K label maps per image (K >= 1; the same K for
+      images: `[B, *S, channels]` images with `annotations`, `S = (H, W)` (images, rank 4)
+        or `(D, H, W)` (volumes, rank 5; the rank of the images tells which, and the
+        annotations and logits must agree); or, with `annotations=None`, a data set with
+        `images` and `annotations` (`tfp_seg.data.AnnotatedImages`, whose `num_classes` is
+        then the default), or an iterable / `tf.data.Dataset` of
+        `(images [b, *S, channels], annotations [b, K, *S])` batches.
+      annotations: integer `[B, K, *S]`: K label maps per image (K >= 1; the same K for
         every image: LIDC crops carry 4, an empty mask counting as an annotation).
       num_samples: N >= 2 samples per image for `ged`, `hm_iou`, `diversity` and the mean
         prediction of the per-pixel metrics.
@@ -209,6 +235,10 @@ def evaluate_annotations(
         `()` for none.
       num_bins: uniform confidence bins of the ECE.
       progress: show a progress bar over batches.
+      regions: optional `{name: class ids}` (e.g. `tfp_seg.metrics.BRATS_REGIONS`): the
+        report then has `dice_<name>` for each, the Dice of the region (a union of classes)
+        of `argmax p` against each rater, averaged over raters and images
+        (`tfp_seg.metrics.region_dice`; 1 where both are empty).
 
     Returns:
       A flat dict of floats:
@@ -234,7 +264,7 @@ def evaluate_annotations(
     if not callable(getattr(model, "sample_logits", None)):
         raise ValueError(
             "`model` must have a method sample_logits(x, num_samples, seed=..., batch_size=...) "
-            f"returning logits [N, B, H, W, C]; got {type(model).__name__}."
+            f"returning logits [N, B, *S, C]; got {type(model).__name__}."
         )
     num_samples = _checks.positive_int(
         num_samples,
@@ -247,6 +277,8 @@ def evaluate_annotations(
     batch_size = _checks.positive_int(batch_size, "batch_size", optional=True)
     num_bins = _checks.positive_int(num_bins, "num_bins")
     num_classes = _checks.positive_int(num_classes, "num_classes", optional=True)
+    if regions is not None:
+        metrics.region_dice(np.zeros((1, 1), int), np.zeros((1, 1), int), regions)  # checks
     ignore_label = _checks.check_ignore_label(ignore_label)
     seed = _seeds.check_seed(seed)
     num_draws = max((num_samples, *sample_counts))
@@ -269,7 +301,9 @@ def evaluate_annotations(
                     f"`ignore_label` must lie outside the class range [0, {num_classes}) (e.g. "
                     f"255); got {ignore_label}."
                 )
-            sums = _RaterSums(num_samples, sample_counts, num_classes, ignore_label, num_bins)
+            sums = _RaterSums(
+                num_samples, sample_counts, num_classes, ignore_label, num_bins, regions
+            )
         if logits.shape[-1] != num_classes:
             raise ValueError(
                 f"`model.sample_logits` must return logits over num_classes={num_classes} "

@@ -8,8 +8,14 @@ with the U-Net's last feature map into logits:
 ```none
 prior      p(z | x)    = N(mu_p(x),    diag(sigma_p(x)^2))       LatentEncoder on x
 posterior  q(z | x, y) = N(mu_q(x, y), diag(sigma_q(x, y)^2))    LatentEncoder on [x, onehot(y)]
-logits     eta = f_comb([ features(x), tile_HxW(z) ])            LatentInjection, 1x1 convs
+logits     eta = f_comb([ features(x), tile_S(z) ])              LatentInjection, 1x1 convs
 ```
+
+`x` is an image `[B, H, W, channels]` (`spatial_dims=2`, the default) or a volume
+`[B, D, H, W, channels]` (`spatial_dims=3`: 3x3x3 convolutions, 2x2x2 pooling, the global
+mean over D, H and W, and z broadcast over every voxel); shapes below are written
+`[B, *S, ...]` with `S = (H, W)` or `(D, H, W)`. Configs without `spatial_dims` (files saved
+before volumes) load as 2D.
 
 Both encoders are `LatentEncoder` layers whose output is packed parameters `[B, 2 L]`
 (`[mu | raw scale]`); `encoder.distribution(params)` builds the TFP distribution, as every tfp_seg
@@ -31,6 +37,7 @@ import tensorflow_probability as tfp
 
 from tfp_seg import _checks
 from tfp_seg import distributions as dists
+from tfp_seg.layers import _conv
 
 tfd = tfp.distributions
 
@@ -47,9 +54,9 @@ class LatentEncoder(keras.layers.Layer):
     #### Mathematical Details
 
     ```none
-    block_0 = [conv3x3(filters[0]) -> act] x convs_per_block
+    block_0 = [conv3x3(filters[0]) -> act] x convs_per_block      (3x3x3 for volumes)
     block_k = avgpool2x2 -> [conv3x3(filters[k]) -> act] x convs_per_block      k = 1..K-1
-    h       = mean_{H,W} block_{K-1}(...)                                      [B, filters[-1]]
+    h       = mean_S block_{K-1}(...)      (over H, W or D, H, W)              [B, filters[-1]]
     params  = dense(h) = [ mu (L) | raw (L) ]                                  [B, 2 L]
     sigma   = softplus(raw + log(e - 1)) + epsilon       (raw = 0  ->  sigma = 1 + epsilon)
     z ~ N(mu, diag(sigma^2))    (tfd.MultivariateNormalDiag, batch [B], event [L])
@@ -63,6 +70,7 @@ class LatentEncoder(keras.layers.Layer):
 
     The prior net is `LatentEncoder` applied to images `x`, the posterior net to
     `concat([x, one_hot(y)], -1)`. Average pooling uses `padding="same"`, so any input size works.
+    Inputs are `[B, *S, channels]` with `spatial_dims` axes S.
 
     Args:
       latent_dim: L, the latent dimension (the reference uses 6).
@@ -72,6 +80,8 @@ class LatentEncoder(keras.layers.Layer):
       epsilon: added to the standard deviation (> 0).
       kernel_initializer: of the convolutions and the output projection.
       validate_args: fail at run time on NaN/Inf parameters in `distribution` / `sample`.
+      spatial_dims: 2 (images `[B, H, W, channels]`: Conv2D, AveragePooling2D) or 3 (volumes
+        `[B, D, H, W, channels]`: Conv3D, AveragePooling3D).
 
     #### Examples
 
@@ -92,9 +102,11 @@ class LatentEncoder(keras.layers.Layer):
         epsilon: float = 1e-4,
         kernel_initializer="he_normal",
         validate_args: bool = True,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.spatial_dims = _checks.check_spatial_dims(spatial_dims)
         self.latent_dim = _checks.positive_int(latent_dim, "latent_dim")
         filters = list(filters) if isinstance(filters, (list, tuple)) else filters
         if not isinstance(filters, list) or not filters:
@@ -109,13 +121,18 @@ class LatentEncoder(keras.layers.Layer):
         self.validate_args = bool(validate_args)
 
         # === Layers ===
+        pooling = (
+            keras.layers.AveragePooling2D
+            if self.spatial_dims == 2
+            else keras.layers.AveragePooling3D
+        )
         self.pools = [
-            keras.layers.AveragePooling2D(2, padding="same", name=f"pool{k}")
-            for k in range(1, len(self.filters))
+            pooling(2, padding="same", name=f"pool{k}") for k in range(1, len(self.filters))
         ]
+        conv = _conv.keras_conv(self.spatial_dims)
         self.convs = [
             [
-                keras.layers.Conv2D(
+                conv(
                     f,
                     3,
                     padding="same",
@@ -141,11 +158,15 @@ class LatentEncoder(keras.layers.Layer):
         """`2 * latent_dim`: `[mu | raw scale]`."""
         return 2 * self.latent_dim
 
+    def _form(self, trailing: str) -> str:
+        return _checks.spatial_form(self.spatial_dims, "B", trailing)
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
+        if len(input_shape) != self.spatial_dims + 2:
             raise ValueError(
-                f"`inputs` must have rank 4 ([B, H, W, channels]); got shape {input_shape}."
+                f"`inputs` must have rank {self.spatial_dims + 2} ({self._form('channels')}, "
+                f"spatial_dims={self.spatial_dims}); got shape {input_shape}."
             )
         if input_shape[-1] is None:
             raise ValueError("`inputs` must have a known channel count (last axis).")
@@ -162,15 +183,16 @@ class LatentEncoder(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs):
-        """Images (or images + one-hot labels) `[B, H, W, channels]` -> params `[B, 2 L]`."""
-        _checks.check_rank(inputs, 4, "inputs", "[B, H, W, channels]")
+        """Images (or images + one-hot labels) `[B, *S, channels]` -> params `[B, 2 L]`."""
+        s = self.spatial_dims
+        _checks.check_rank(inputs, s + 2, "inputs", f"{self._form('channels')}, spatial_dims={s}")
         x = inputs
         for k, block in enumerate(self.convs):
             if k > 0:
                 x = self.pools[k - 1](x)
             for conv in block:
                 x = conv(x)
-        h = tf.reduce_mean(tf.cast(x, tf.float32), axis=[1, 2])
+        h = tf.reduce_mean(tf.cast(x, tf.float32), axis=list(range(1, s + 1)))
         return self.projection(h)
 
     def compute_output_shape(self, input_shape):
@@ -243,6 +265,7 @@ class LatentEncoder(keras.layers.Layer):
                 "epsilon": self.epsilon,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "validate_args": self.validate_args,
+                "spatial_dims": self.spatial_dims,
             }
         )
         return config
@@ -255,10 +278,13 @@ class LatentInjection(keras.layers.Layer):
     #### Mathematical Details
 
     ```none
-    h_0   = concat([ features [B, H, W, F],  broadcast_HxW(z [B, L]) ], -1)    [B, H, W, F + L]
+    h_0   = concat([ features [B, *S, F],  broadcast_S(z [B, L]) ], -1)      [B, *S, F + L]
     h_k   = act(conv1x1(h_{k-1}, filters))          k = 1..num_convs
-    eta   = conv1x1(h_num_convs, num_classes)                                  [B, H, W, C]
+    eta   = conv1x1(h_num_convs, num_classes)                                  [B, *S, C]
     ```
+
+    `S = (H, W)` (`spatial_dims=2`, Conv2D) or `(D, H, W)` (`spatial_dims=3`, Conv3D); z is
+    the same at every pixel (voxel) of its image.
 
     `call(features, z)` takes one latent per image. `sample_logits(features, z_samples)` takes
     `N` latents per image `[N, B, L]` and folds N into the batch, so the U-Net features are
@@ -272,6 +298,7 @@ class LatentInjection(keras.layers.Layer):
         followed by the final 1x1 convolution to C logits.
       activation: Keras activation of the hidden convolutions.
       kernel_initializer: of all convolutions.
+      spatial_dims: 2 (features `[B, H, W, F]`) or 3 (features `[B, D, H, W, F]`).
 
     #### Examples
 
@@ -289,9 +316,11 @@ class LatentInjection(keras.layers.Layer):
         num_convs: int = 3,
         activation: str = "relu",
         kernel_initializer="he_normal",
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self.spatial_dims = _checks.check_spatial_dims(spatial_dims)
         self.num_classes = _checks.positive_int(num_classes, "num_classes", minimum=2)
         self.filters = _checks.positive_int(filters, "filters")
         self.num_convs = _checks.positive_int(num_convs, "num_convs", minimum=0)
@@ -299,8 +328,9 @@ class LatentInjection(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
         # === Layers ===
+        conv = _conv.keras_conv(self.spatial_dims)
         self.convs = [
-            keras.layers.Conv2D(
+            conv(
                 self.filters,
                 1,
                 activation=activation,
@@ -309,7 +339,7 @@ class LatentInjection(keras.layers.Layer):
             )
             for k in range(num_convs)
         ]
-        self.logits = keras.layers.Conv2D(
+        self.logits = conv(
             num_classes,
             1,
             kernel_initializer=keras.initializers.get(
@@ -319,12 +349,15 @@ class LatentInjection(keras.layers.Layer):
             name="fcomb_logits",
         )
 
+    def _features_form(self) -> str:
+        return _checks.spatial_form(self.spatial_dims, "B", "F")
+
     def build(self, features_shape, z_shape=None):
         features_shape = tuple(features_shape)
-        if len(features_shape) != 4 or features_shape[-1] is None:
+        if len(features_shape) != self.spatial_dims + 2 or features_shape[-1] is None:
             raise ValueError(
-                "`features` must have rank 4 ([B, H, W, F]) with known F; "
-                f"got shape {features_shape}."
+                f"`features` must have rank {self.spatial_dims + 2} ({self._features_form()}, "
+                f"spatial_dims={self.spatial_dims}) with known F; got shape {features_shape}."
             )
         if z_shape is None or len(tuple(z_shape)) != 2 or tuple(z_shape)[-1] is None:
             raise ValueError(f"`z` must have shape [B, L] with known L; got {z_shape}.")
@@ -336,14 +369,14 @@ class LatentInjection(keras.layers.Layer):
         self.built = True
 
     def call(self, features, z):
-        """Features `[B, H, W, F]` and latents `[B, L]` -> logits `[B, H, W, C]` (float32)."""
-        _checks.check_rank(features, 4, "features", "[B, H, W, F]")
+        """Features `[B, *S, F]` and latents `[B, L]` -> logits `[B, *S, C]` (float32)."""
+        s = self.spatial_dims
+        _checks.check_rank(features, s + 2, "features", self._features_form())
         _checks.check_rank(z, 2, "z", "[B, L]")
         z = tf.cast(z, features.dtype)
-        spatial = tf.shape(features)[1:3]
+        spatial = tf.shape(features)[1 : s + 1]
         tiled = tf.broadcast_to(
-            z[:, tf.newaxis, tf.newaxis, :],
-            tf.concat([tf.shape(z)[:1], spatial, tf.shape(z)[-1:]], 0),
+            _over_space(z, s, 1), tf.concat([tf.shape(z)[:1], spatial, tf.shape(z)[-1:]], 0)
         )
         h = tf.concat([features, tiled], axis=-1)
         for conv in self.convs:
@@ -351,7 +384,7 @@ class LatentInjection(keras.layers.Layer):
         return self.logits(h)
 
     def sample_logits(self, features, z_samples) -> tf.Tensor:
-        """Logits for `N` latents per image: `[N, B, L]` -> `[N, B, H, W, C]`, batched as N*B.
+        """Logits for `N` latents per image: `[N, B, L]` -> `[N, B, *S, C]`, batched as N*B.
 
         The first 1x1 convolution acts on `concat([features, z])`, so it splits into
         `features @ K_f + b`, computed once, plus `z @ K_z`, one vector per latent: the features
@@ -360,35 +393,37 @@ class LatentInjection(keras.layers.Layer):
         """
         features = tf.convert_to_tensor(features)
         z_samples = tf.convert_to_tensor(z_samples)
-        _checks.check_rank(features, 4, "features", "[B, H, W, F]")
+        s = self.spatial_dims
+        _checks.check_rank(features, s + 2, "features", self._features_form())
         _checks.check_rank(z_samples, 3, "z_samples", "[N, B, L]")
         if not self.built:
             self.build(tuple(features.shape), (None, z_samples.shape[-1]))
         first = self.convs[0] if self.convs else self.logits
         dtype = first.compute_dtype
-        kernel = tf.cast(tf.convert_to_tensor(first.kernel), dtype)[0, 0]  # [F + L, out]
+        kernel = tf.cast(tf.convert_to_tensor(first.kernel), dtype)  # [1, ..., 1, F + L, out]
+        kernel = tf.reshape(kernel, kernel.shape[-2:])  # [F + L, out]
         num_features = features.shape[-1]
         if num_features is None or kernel.shape[0] != num_features + z_samples.shape[-1]:
             raise ValueError(
-                f"`features` [B, H, W, F] and `z_samples` [N, B, L] must have F + L = "
-                f"{kernel.shape[0]} channels (as built); got shapes {tuple(features.shape)} and "
-                f"{tuple(z_samples.shape)}."
+                f"`features` {self._features_form()} and `z_samples` [N, B, L] must have "
+                f"F + L = {kernel.shape[0]} channels (as built); got shapes "
+                f"{tuple(features.shape)} and {tuple(z_samples.shape)}."
             )
         fshape = tf.shape(features)
         flat = tf.reshape(tf.cast(features, dtype), [-1, num_features])
         shared = tf.reshape(
-            tf.matmul(flat, kernel[:num_features]), tf.concat([fshape[:3], [-1]], 0)
+            tf.matmul(flat, kernel[:num_features]), tf.concat([fshape[: s + 1], [-1]], 0)
         )
         if first.use_bias:
             shared += tf.cast(tf.convert_to_tensor(first.bias), dtype)
         per_latent = tf.matmul(tf.cast(z_samples, dtype), kernel[num_features:])  # [N, B, out]
-        h = first.activation(shared[tf.newaxis] + per_latent[:, :, tf.newaxis, tf.newaxis, :])
+        h = first.activation(shared[tf.newaxis] + _over_space(per_latent, s, 2))
         n = tf.shape(z_samples)[0]
-        h = tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0))  # [N*B, H, W, out]
+        h = tf.reshape(h, tf.concat([[-1], tf.shape(h)[2:]], 0))  # [N*B, *S, out]
         for conv in self.convs[1:] if self.convs else []:
             h = conv(h)
         logits = self.logits(h) if self.convs else tf.cast(h, tf.float32)
-        return tf.reshape(logits, tf.concat([[n], fshape[:3], [self.num_classes]], 0))
+        return tf.reshape(logits, tf.concat([[n], fshape[: s + 1], [self.num_classes]], 0))
 
     def compute_output_shape(self, features_shape, z_shape=None):
         return tuple(features_shape[:-1]) + (self.num_classes,)
@@ -402,14 +437,33 @@ class LatentInjection(keras.layers.Layer):
                 "num_convs": self.num_convs,
                 "activation": self.activation,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "spatial_dims": self.spatial_dims,
             }
         )
         return config
 
 
-def one_hot_labels(labels, num_classes: int, ignore_label: Optional[int] = None) -> tf.Tensor:
-    """`[B, H, W]` int labels -> float32 one-hot `[B, H, W, C]` (all zeros for ignored pixels)."""
-    labels = _checks.prepare_labels(labels, num_classes, ignore_label, validate_args=True)
+def _over_space(x, spatial_dims: int, axis: int) -> tf.Tensor:
+    """`x [..., L]` with `spatial_dims` unit axes inserted at `axis` (to broadcast over S)."""
+    for _ in range(spatial_dims):
+        x = tf.expand_dims(x, axis)
+    return x
+
+
+def one_hot_labels(
+    labels, num_classes: int, ignore_label: Optional[int] = None, spatial_dims: int = 2
+) -> tf.Tensor:
+    """`[B, *S]` int labels -> float32 one-hot `[B, *S, C]` (all zeros for ignored pixels);
+    `S` has `spatial_dims` axes."""
+    spatial_dims = _checks.check_spatial_dims(spatial_dims)
+    labels = _checks.prepare_labels(
+        labels,
+        num_classes,
+        ignore_label,
+        validate_args=True,
+        spatial_rank=spatial_dims + 1,
+        form=_checks.spatial_form(spatial_dims),
+    )
     if ignore_label is not None:
         labels = tf.where(tf.equal(labels, ignore_label), -tf.ones_like(labels), labels)
     return tf.one_hot(labels, num_classes, dtype=tf.float32)

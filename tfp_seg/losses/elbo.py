@@ -11,7 +11,12 @@ loss = mean_b [ rec_b + beta * kl_b ]                             (the negative 
 
 `w_i` is 0 for ignored pixels and `class_weights[y_i]` otherwise. With `reconstruction="mean"`
 `rec_b` is divided by the number of non-ignored pixels of image b (nats per pixel); this makes
-the KL relatively `H*W` times heavier, i.e. equals `"sum"` with `beta / (H*W)`.
+the KL relatively `prod(S)` times heavier, i.e. equals `"sum"` with `beta / prod(S)`.
+
+Labels are one map per image `[B, *S]` (`S = (H, W)` for images, `(D, H, W)` for volumes,
+told by the rank of the logits `[B, *S, C]`) or a label set `[B, K, *S]` of K raters scored
+under the same logits, `rec_b = (1/K) sum_k rec_{b,k}` (each rater's map as one map; with
+`"mean"` each divided by its own pixel count), the layouts of `tfp_seg.losses.targets`.
 
 `beta` trades reconstruction against the KL. beta = 1 is the ELBO. A large beta (or a
 reconstruction averaged over pixels) pushes the posterior onto the prior: the KL drops to ~0,
@@ -44,7 +49,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from tfp_seg import _checks
-from tfp_seg.losses import pixelwise
+from tfp_seg.losses import pixelwise, targets
 
 tfd = tfp.distributions
 
@@ -226,8 +231,9 @@ class ELBO:
 
     `elbo(labels, logits, posterior, prior, training=False)` returns a dict of float32 scalars
     `{"loss", "reconstruction", "kl"}` (batch means; plus `"geco_multiplier"` and
-    `"geco_constraint"` with GECO). `logits` are the reconstruction logits from a posterior
-    sample; `posterior` and `prior` are distributions with batch `[B]` (e.g.
+    `"geco_constraint"` with GECO). `labels` are `[B, *S]` maps or `[B, K, *S]` label sets,
+    `logits` `[B, *S, C]` the reconstruction logits from a posterior sample (images or
+    volumes, told by their rank); `posterior` and `prior` are distributions with batch `[B]` (e.g.
     `tfd.MultivariateNormalDiag`); the KL is analytic (`tfd.kl_divergence`).
 
     Args:
@@ -236,7 +242,7 @@ class ELBO:
       reconstruction: `"sum"` (default, as the reference implementation: cross-entropy summed
         over the pixels of each image, then averaged over the batch; the reference also sums
         over the batch, which equals ours with `beta * B`) or `"mean"` (per-pixel average,
-        nats per pixel: the KL weighs `H*W` times more).
+        nats per pixel: the KL weighs `prod(S)` times more).
       geco: optional `GECO` (or its config) constraining the reconstruction; then `beta`
         weights the KL and GECO's multiplier the constraint.
       ignore_label: pixels with this label do not count (and are all-zero in the posterior's
@@ -284,22 +290,41 @@ class ELBO:
         self.name = name
 
     def reconstruction_loss(self, labels, logits) -> tf.Tensor:
-        """Per-image cross-entropy `[B]` (summed over pixels, or per pixel with `"mean"`)."""
+        """Per-image cross-entropy `[B]` (summed over pixels, or per pixel with `"mean"`).
+
+        Args:
+          labels: int `[B, *S]` (or `[B, *S, 1]`) label maps, or a label set `[B, K, *S]`
+            (the mean over its K maps); values in `[0, C)` or `ignore_label`.
+          logits: float `[B, *S, C]`; `S = (H, W)` or `(D, H, W)`, told by its rank.
+        """
         logits = tf.convert_to_tensor(logits)
         if not logits.dtype.is_floating:
             raise ValueError(f"`logits` must be a float tensor; got dtype {logits.dtype.name}.")
         logits = tf.cast(logits, tf.float32)
-        _checks.check_rank(logits, 4, "logits", "[B, H, W, C]")
-        rec = pixelwise.mc_categorical_nll(
+        s = _checks.infer_spatial_dims(logits, "logits", 2, "[B, H, W, C]")
+        num_classes = logits.shape[-1]
+        class_weights = pixelwise.check_class_weights(self.class_weights, num_classes)
+        prepared = targets.prepare_targets(
             labels,
-            logits[tf.newaxis],
-            ignore_label=self.ignore_label,
-            class_weights=self.class_weights,
+            logits,
+            num_classes,
+            self.ignore_label,
             validate_args=self.validate_args,
+            name="labels",
+            soft=targets.soft_rejected("labels", "the ELBO's reconstruction", s),
+        )
+        if self.validate_args:
+            logits = _checks.assert_finite(logits, "logits")
+        label_set = prepared.labels  # [B, K, *S]
+        rec = pixelwise.label_set_nll(  # [B, K]; one sample: the summed cross-entropy
+            label_set, logits[tf.newaxis], self.ignore_label, class_weights
         )
         if self.reconstruction == "mean":
-            rec = rec / tf.maximum(pixelwise.valid_pixel_count(labels, self.ignore_label), 1.0)
-        return rec
+            shape = tf.shape(label_set)
+            maps = tf.reshape(label_set, tf.concat([[-1], shape[2:]], 0))  # [B*K, *S]
+            count = pixelwise.valid_pixel_count(maps, self.ignore_label, spatial_dims=s)
+            rec = rec / tf.maximum(tf.reshape(count, shape[:2]), 1.0)
+        return tf.reduce_mean(rec, axis=1)
 
     @staticmethod
     def kl_divergence(posterior, prior) -> tf.Tensor:

@@ -19,8 +19,15 @@ Two families live here:
 Conventions (shared with the rest of `tfp_seg`):
 
 * Label maps are integer arrays; class probabilities are channels-last `[..., C]`.
-* Set metrics take one image as `samples [N,H,W]`, `references [K,H,W]`, or a batch as
-  `[B,N,H,W]` / `[B,K,H,W]` and average over `B`.
+* Images and volumes alike: `S = (H, W)` or `S = (D, H, W)`; a voxel counts as a pixel.
+  Per-pixel metrics (IoU, accuracy, ECE, NLL, Brier, pixel-level selective scores) pool all
+  pixels of their input, so a `[B, D, H, W]` volume scores as the `[B, D*H, W]` image; where
+  the layout matters the rank is read from a companion tensor (`probs [B, *S, C]` for
+  `image_confidence_risks`), from the input's leading axis (`[B, *S]` of the Dice scores), or
+  from an explicit `spatial_dims` (the set metrics: `[B, N, H, W]` is a batch of images or,
+  with `spatial_dims=3`, one volume's `N` samples).
+* Set metrics take one image as `samples [N, *S]`, `references [K, *S]`, or a batch as
+  `[B, N, *S]` / `[B, K, *S]` and average over `B`.
 * The set distance is `d(a, b) = 1 - IoU` over the foreground classes `1..C-1`, averaged over the
   classes present in `a` or `b`; two masks without any foreground have `d = 0` (Kohl et al., 2018;
   Monteiro et al., 2020).
@@ -31,6 +38,8 @@ Modules, by family (the names are all importable from `tfp_seg.metrics`):
   `hungarian_matched_iou`; each takes `ignore_label` / `mask`: one set of valid pixels per
   image, shared by every pair of maps compared.
 * `segmentation`: `confusion_matrix`, `per_class_iou`, `mean_iou`, `pixel_accuracy`.
+* `dice`: `region_dice` (per region, a union of classes; `BRATS_REGIONS` by default) and
+  `per_class_dice`, per image or volume and averaged over the batch.
 * `calibration`: `expected_calibration_error(_soft)`, `reliability_diagram_data`,
   `negative_log_likelihood`, `brier_score`.
 * `ood`: `ood_scores`.
@@ -47,6 +56,7 @@ from tfp_seg.metrics.calibration import (
     negative_log_likelihood,
     reliability_diagram_data,
 )
+from tfp_seg.metrics.dice import BRATS_REGIONS, per_class_dice, region_dice
 from tfp_seg.metrics.ood import ood_scores
 from tfp_seg.metrics.segmentation import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
 from tfp_seg.metrics.selective import (
@@ -76,6 +86,7 @@ from tfp_seg.metrics.streaming import (
 )
 
 __all__ = [
+    "BRATS_REGIONS",
     "StreamingBrier",
     "StreamingECE",
     "StreamingMeanIoU",
@@ -98,10 +109,12 @@ __all__ = [
     "negative_log_likelihood",
     "ood_scores",
     "pairwise_iou_distance",
+    "per_class_dice",
     "per_class_iou",
     "pixel_accuracy",
     "pixel_confidence_errors",
     "reliability_diagram_data",
+    "region_dice",
     "risk_at_coverage",
     "risk_coverage_curve",
     "selective_scores",

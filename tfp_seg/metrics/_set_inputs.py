@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from tfp_seg import _checks
 from tfp_seg.metrics import _common
 
 
@@ -57,37 +58,59 @@ def restrict(x: np.ndarray, keep: Optional[np.ndarray], i: int) -> np.ndarray:
     return x[i] if keep is None else x[i][:, keep[i]]
 
 
+def set_forms(spatial_dims: int, letter: str) -> tuple[str, str]:
+    """The one-image and batch layouts of a set of label maps, e.g. `("[N,H,W]",
+    "[B,N,H,W]")` (2) or `("[N,D,H,W]", "[B,N,D,H,W]")` (3)."""
+    axes = _checks.spatial_axes(spatial_dims).replace(" ", "")
+    return f"[{letter},{axes}]", f"[B,{letter},{axes}]"
+
+
+def check_set_rank(arr: np.ndarray, name: str, letter: str, spatial_dims: int) -> bool:
+    """Whether `arr` (a set of label maps) is a batch: rank `spatial_dims + 1` is one image
+    `[n, *S]`, rank `spatial_dims + 2` a batch `[B, n, *S]`; another rank is a `ValueError`
+    naming `name`, the forms and, for a rank that fits the other spatial rank, `spatial_dims`."""
+    one, batch = set_forms(spatial_dims, letter)
+    if arr.ndim not in (spatial_dims + 1, spatial_dims + 2):
+        other = 5 - spatial_dims
+        hint = (
+            f" (for {'volumes' if other == 3 else 'images'} pass spatial_dims={other})"
+            if arr.ndim in (other + 1, other + 2)
+            else ""
+        )
+        raise ValueError(
+            f"`{name}` must have rank {spatial_dims + 1} or {spatial_dims + 2} ({one} or "
+            f"{batch}, spatial_dims={spatial_dims}); got {_common.describe(arr)}{hint}."
+        )
+    return arr.ndim == spatial_dims + 2
+
+
 def check_label_sets(
     samples: Any,
     references: Any,
     num_classes: int,
     ignore_label: Any = None,
     mask: Any = None,
+    spatial_dims: Any = 2,
 ) -> tuple[np.ndarray, np.ndarray, bool, Optional[np.ndarray]]:
     """Validates `samples`/`references`; returns them flattened to [B,N,P], [B,K,P], whether
-    they were batched, and the valid pixels [B,P] (None: all)."""
+    they were batched, and the valid pixels [B,P] (None: all). `spatial_dims` (2: `S = (H, W)`,
+    3: `S = (D, H, W)`) tells one image `[N, *S]` from a batch `[B, N, *S]`."""
+    spatial_dims = _checks.check_spatial_dims(spatial_dims)
     ignore_label = check_ignore(ignore_label, num_classes)
+    s_forms, r_forms = set_forms(spatial_dims, "N"), set_forms(spatial_dims, "K")
     s = _common.check_int_labels(
-        samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]", ignore_label
+        samples, "samples", num_classes, " or ".join(s_forms), ignore_label
     )
     r = _common.check_int_labels(
-        references, "references", num_classes, "[K,H,W] or [B,K,H,W]", ignore_label
+        references, "references", num_classes, " or ".join(r_forms), ignore_label
     )
-    for name, arr, form in (
-        ("samples", s, "[N,H,W] or [B,N,H,W]"),
-        ("references", r, "[K,H,W] or [B,K,H,W]"),
-    ):
-        if arr.ndim not in (3, 4):
-            raise ValueError(
-                f"`{name}` must have rank 3 or 4 ({form}); got {_common.describe(arr)}."
-            )
-    if s.ndim != r.ndim:
+    batched = check_set_rank(s, "samples", "N", spatial_dims)
+    if check_set_rank(r, "references", "K", spatial_dims) != batched:
         raise ValueError(
-            "`samples` and `references` must both be single images ([N,H,W] / [K,H,W]) or both "
-            f"batches ([B,N,H,W] / [B,K,H,W]); got samples {_common.describe(s)} and references "
-            f"{_common.describe(r)}."
+            f"`samples` and `references` must both be single images ({s_forms[0]} / "
+            f"{r_forms[0]}) or both batches ({s_forms[1]} / {r_forms[1]}); got samples "
+            f"{_common.describe(s)} and references {_common.describe(r)}."
         )
-    batched = s.ndim == 4
     if not batched:
         s, r = s[None], r[None]
     if s.shape[0] != r.shape[0]:
@@ -97,8 +120,9 @@ def check_label_sets(
         )
     if s.shape[2:] != r.shape[2:]:
         raise ValueError(
-            f"`samples` and `references` must have the same spatial shape [H,W]; got samples "
-            f"{_common.describe(s)} and references {_common.describe(r)}."
+            f"`samples` and `references` must have the same spatial shape "
+            f"[{_checks.spatial_axes(spatial_dims)}]; got samples {_common.describe(s)} and "
+            f"references {_common.describe(r)}."
         )
     keep = valid_pixels((s, r), ignore_label, mask, batched)
     b = s.shape[0]

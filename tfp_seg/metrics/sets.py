@@ -1,10 +1,16 @@
 """Set metrics between sampled and reference label maps: the IoU distance, the generalized
 energy distance, sample diversity and Hungarian-matched IoU.
 
-Set metrics take one image as `samples [N,H,W]`, `references [K,H,W]`, or a batch as
-`[B,N,H,W]` / `[B,K,H,W]` and average over `B`. The set distance is `d(a, b) = 1 - IoU` over the
-foreground classes `1..C-1`, averaged over the classes present in `a` or `b`; two masks without
-any foreground have `d = 0` (Kohl et al., 2018; Monteiro et al., 2020).
+Set metrics take one image as `samples [N, *S]`, `references [K, *S]`, or a batch as
+`[B, N, *S]` / `[B, K, *S]` and average over `B`, with `S = (H, W)` (images, the default
+`spatial_dims=2`) or `S = (D, H, W)` (volumes, `spatial_dims=3`). The rank of a set does not
+tell a batch of images `[B, N, H, W]` from one volume `[N, D, H, W]`, so the set functions take
+`spatial_dims` explicitly; `iou_distance` and `pairwise_iou_distance` compare maps of any
+shape (`[*S]`, `[N, *S]`) and need none. A voxel counts as a pixel in every formula below.
+
+The set distance is `d(a, b) = 1 - IoU` over the foreground classes `1..C-1`, averaged over
+the classes present in `a` or `b`; two masks without any foreground have `d = 0` (Kohl et al.,
+2018; Monteiro et al., 2020).
 
 Unlabelled pixels (`ignore_label`, `mask`): every function takes an optional `ignore_label` (an
 int outside the class range `[0, C)`, e.g. 255) and an optional boolean `mask` of valid pixels.
@@ -40,8 +46,10 @@ from tfp_seg.metrics._common import ArrayLike
 from tfp_seg.metrics._set_inputs import (
     check_ignore,
     check_label_sets,
+    check_set_rank,
     check_set_weights,
     restrict,
+    set_forms,
     valid_pixels,
 )
 
@@ -88,7 +96,7 @@ def iou_distance(
     """IoU distance `1 - IoU` between two label maps, over the foreground classes.
 
     Args:
-      a: Integer label map, shape `[H, W]` (any non-empty shape is accepted, e.g. `[D,H,W]`).
+      a: Integer label map `[*S]`: `[H, W]`, `[D, H, W]` (any non-empty shape is accepted).
       b: Integer label map of the same shape as `a`.
       num_classes: Number of classes `C` (labels in `[0, C)`; class 0 is background).
       ignore_label: Optional label of unlabelled pixels, outside `[0, C)` (e.g. 255): a pixel
@@ -116,11 +124,11 @@ def iou_distance(
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
     ignore_label = check_ignore(ignore_label, num_classes)
-    a_arr = _common.check_int_labels(a, "a", num_classes, "[H,W] label map", ignore_label)
-    b_arr = _common.check_int_labels(b, "b", num_classes, "[H,W] label map", ignore_label)
+    a_arr = _common.check_int_labels(a, "a", num_classes, "[*S] label map", ignore_label)
+    b_arr = _common.check_int_labels(b, "b", num_classes, "[*S] label map", ignore_label)
     if a_arr.ndim < 1:
         raise ValueError(
-            f"`a` must be a label map of rank >= 1 ([H,W]); got {_common.describe(a_arr)}."
+            f"`a` must be a label map of rank >= 1 ([*S]); got {_common.describe(a_arr)}."
         )
     if a_arr.shape != b_arr.shape:
         raise ValueError(
@@ -146,12 +154,12 @@ def pairwise_iou_distance(
     one matrix product of the class indicator maps.
 
     Args:
-      x: Integer label maps, shape `[N, H, W]` (any spatial rank >= 1: `[N, ...]`).
-      y: Integer label maps, shape `[K, H, W]` (same spatial shape as `x`).
+      x: Integer label maps `[N, *S]` (any spatial rank >= 1: `[N, H, W]`, `[N, D, H, W]`).
+      y: Integer label maps `[K, *S]` (same spatial shape as `x`).
       num_classes: Number of classes `C`.
       ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
         map of `x` or `y` has it is left out of every entry (one valid region for all pairs).
-      mask: Optional boolean map of valid pixels `[H, W]`, shared by all pairs.
+      mask: Optional boolean map of valid pixels `[*S]`, shared by all pairs.
 
     Returns:
       float64 array `[N, K]` with entry `(n, k) = d(x[n], y[k])` (see `iou_distance`), over
@@ -167,9 +175,9 @@ def pairwise_iou_distance(
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
     ignore_label = check_ignore(ignore_label, num_classes)
-    x_arr = _common.check_int_labels(x, "x", num_classes, "[N,H,W]", ignore_label)
-    y_arr = _common.check_int_labels(y, "y", num_classes, "[K,H,W]", ignore_label)
-    for name, arr, form in (("x", x_arr, "[N,H,W]"), ("y", y_arr, "[K,H,W]")):
+    x_arr = _common.check_int_labels(x, "x", num_classes, "[N,*S]", ignore_label)
+    y_arr = _common.check_int_labels(y, "y", num_classes, "[K,*S]", ignore_label)
+    for name, arr, form in (("x", x_arr, "[N,*S]"), ("y", y_arr, "[K,*S]")):
         if arr.ndim < 2:
             raise ValueError(
                 f"`{name}` must be a stack of label maps of rank >= 2 ({form}); "
@@ -201,6 +209,7 @@ def generalized_energy_distance(
     return_terms: Literal[False] = False,
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> float: ...
 
 
@@ -215,6 +224,7 @@ def generalized_energy_distance(
     return_terms: Literal[True],
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> dict[str, float]: ...
 
 
@@ -228,6 +238,7 @@ def generalized_energy_distance(
     return_terms: bool = False,
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> Union[float, dict[str, float]]: ...
 
 
@@ -240,13 +251,14 @@ def generalized_energy_distance(
     return_terms: bool = False,
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> Union[float, dict[str, float]]:
     """Squared generalized energy distance `D_GED^2` between sampled and reference label maps.
 
     Args:
-      samples: Integer label maps drawn from the model, `[N, H, W]` for one image or
-        `[B, N, H, W]` for a batch.
-      references: Integer reference annotations, `[K, H, W]` or `[B, K, H, W]` (same rank, batch
+      samples: Integer label maps drawn from the model, `[N, *S]` for one image or
+        `[B, N, *S]` for a batch (`S = (H, W)`, or `(D, H, W)` with `spatial_dims=3`).
+      references: Integer reference annotations, `[K, *S]` or `[B, K, *S]` (same rank, batch
         size and spatial shape as `samples`).
       num_classes: Number of classes `C`.
       reference_weights: Optional probabilities of the references, `[K]` (shared over the batch)
@@ -258,7 +270,10 @@ def generalized_energy_distance(
       ignore_label: Optional label of unlabelled pixels, outside `[0, C)` (e.g. 255): a pixel
         where any map of the image (in practice, any reference) has it is left out of all
         three terms (see the module docstring).
-      mask: Optional boolean valid pixels, `[H, W]` (shared by the batch) or `[B, H, W]`.
+      mask: Optional boolean valid pixels, `[*S]` (shared by the batch) or `[B, *S]`.
+      spatial_dims: 2 (images, `S = (H, W)`) or 3 (volumes, `S = (D, H, W)`): the rank of
+        `S`, which tells one image `[N, *S]` from a batch `[B, N, *S]` (a rank-4 input is a
+        batch of images or one volume; it is never guessed).
 
     Returns:
       `D_GED^2` averaged over the batch as a float, or (if `return_terms`) a dict
@@ -309,7 +324,9 @@ def generalized_energy_distance(
          Aleatoric Uncertainty. NeurIPS 2020. https://arxiv.org/abs/2006.06015
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    s, r, batched, keep = check_label_sets(samples, references, num_classes, ignore_label, mask)
+    s, r, batched, keep = check_label_sets(
+        samples, references, num_classes, ignore_label, mask, spatial_dims
+    )
     batch = s.shape[0]
     w_ref = check_set_weights(reference_weights, "reference_weights", batch, r.shape[1], batched)
     w_smp = check_set_weights(sample_weights, "sample_weights", batch, s.shape[1], batched)
@@ -338,17 +355,20 @@ def diversity(
     num_classes: int,
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> float:
     """Mean pairwise IoU distance `E[d(S, S')]` within a set of label maps.
 
     Args:
-      samples: Integer label maps, `[N, H, W]` for one image or `[B, N, H, W]` for a batch.
+      samples: Integer label maps, `[N, *S]` for one image or `[B, N, *S]` for a batch.
       num_classes: Number of classes `C`.
       ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
         map of the image's set has it is left out of every pair (for the diversity of a set
         of annotations, e.g. `reference_diversity`).
-      mask: Optional boolean valid pixels, `[H, W]` or `[B, H, W]`: e.g. the annotators'
+      mask: Optional boolean valid pixels, `[*S]` or `[B, *S]`: e.g. the annotators'
         valid region, to measure a model's sample diversity where the references are defined.
+      spatial_dims: 2 (`S = (H, W)`) or 3 (`S = (D, H, W)`), as in
+        `generalized_energy_distance`.
 
     Returns:
       The sample diversity (the `E[d(S,S')]` term of `generalized_energy_distance`), averaged
@@ -366,15 +386,11 @@ def diversity(
     reports as `diversity`.
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
+    spatial_dims = _checks.check_spatial_dims(spatial_dims)
     ignore_label = check_ignore(ignore_label, num_classes)
-    s = _common.check_int_labels(
-        samples, "samples", num_classes, "[N,H,W] or [B,N,H,W]", ignore_label
-    )
-    if s.ndim not in (3, 4):
-        raise ValueError(
-            f"`samples` must have rank 3 or 4 ([N,H,W] or [B,N,H,W]); got {_common.describe(s)}."
-        )
-    batched = s.ndim == 4
+    forms = " or ".join(set_forms(spatial_dims, "N"))
+    s = _common.check_int_labels(samples, "samples", num_classes, forms, ignore_label)
+    batched = check_set_rank(s, "samples", "N", spatial_dims)
     if not batched:
         s = s[None]
     keep = valid_pixels((s,), ignore_label, mask, batched)
@@ -395,16 +411,19 @@ def hungarian_matched_iou(
     num_classes: int,
     ignore_label: Optional[int] = None,
     mask: Optional[ArrayLike] = None,
+    spatial_dims: int = 2,
 ) -> float:
     """Mean IoU of an optimal one-to-one matching between samples and references.
 
     Args:
-      samples: Integer label maps, `[N, H, W]` or `[B, N, H, W]`.
-      references: Integer label maps, `[K, H, W]` or `[B, K, H, W]`.
+      samples: Integer label maps, `[N, *S]` or `[B, N, *S]`.
+      references: Integer label maps, `[K, *S]` or `[B, K, *S]`.
       num_classes: Number of classes `C`.
       ignore_label: Optional label of unlabelled pixels, outside `[0, C)`: a pixel where any
         map of the image (in practice, any reference) has it is left out of every IoU.
-      mask: Optional boolean valid pixels, `[H, W]` (shared by the batch) or `[B, H, W]`.
+      mask: Optional boolean valid pixels, `[*S]` (shared by the batch) or `[B, *S]`.
+      spatial_dims: 2 (`S = (H, W)`) or 3 (`S = (D, H, W)`), as in
+        `generalized_energy_distance`.
 
     Returns:
       The Hungarian-matched IoU averaged over the batch, a float in `[0, 1]`.
@@ -430,7 +449,9 @@ def hungarian_matched_iou(
     [2]: Miguel Monteiro et al. Stochastic Segmentation Networks. NeurIPS 2020.
     """
     num_classes = _checks.positive_int(num_classes, "num_classes")
-    s, r, _, keep = check_label_sets(samples, references, num_classes, ignore_label, mask)
+    s, r, _, keep = check_label_sets(
+        samples, references, num_classes, ignore_label, mask, spatial_dims
+    )
     n, k = s.shape[1], r.shape[1]
     size = math.lcm(n, k)
     rows = np.repeat(np.arange(n), size // n)

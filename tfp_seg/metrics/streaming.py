@@ -42,9 +42,11 @@ def _metric_head(head: Any) -> Any:
 
 
 class _StreamingSegmentationMetric(keras.metrics.Metric):
-    """Shared input handling: labels `[B,H,W]`; the predictive probabilities of a distribution
-    `head` from `y_pred`'s packed parameters, or without a head the first `num_classes`
-    channels of `y_pred`."""
+    """Shared input handling: labels `[B, *S]`; the predictive probabilities of a distribution
+    `head` from `y_pred`'s packed parameters `[B, *S, P]` (the head's `spatial_dims` gives the
+    rank of `S`), or without a head the first `num_classes` channels of `y_pred`. Every pixel
+    (voxel) is one item of the accumulated sums, so the rank of `S` does not change a result:
+    a `[B, D, H, W]` volume adds what the `[B, D*H, W]` image adds."""
 
     def __init__(
         self,
@@ -107,19 +109,21 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
         y_pred = tf.convert_to_tensor(y_pred)
         y_true = tf.convert_to_tensor(y_true)
         if y_pred.shape.rank is not None:
-            if self.head is not None and (
-                y_pred.shape.rank != 4
-                or (y_pred.shape[-1] is not None and y_pred.shape[-1] != self.head.params_size)
-            ):
-                raise ValueError(
-                    f"`y_pred` must hold the packed parameters of the metric's "
-                    f"{type(self.head).__name__} head, [B,H,W,{self.head.params_size}]; got "
-                    f"shape {tuple(y_pred.shape)}."
-                )
+            if self.head is not None:
+                spatial = getattr(self.head, "spatial_dims", 2)
+                if y_pred.shape.rank != 2 + spatial or (
+                    y_pred.shape[-1] is not None and y_pred.shape[-1] != self.head.params_size
+                ):
+                    form = _checks.spatial_form(spatial, "B", str(self.head.params_size))
+                    raise ValueError(
+                        f"`y_pred` must hold the packed parameters of the metric's "
+                        f"{type(self.head).__name__} head, {form} (spatial_dims={spatial}); "
+                        f"got shape {tuple(y_pred.shape)}."
+                    )
             if y_pred.shape.rank < 1 or (y_pred.shape[-1] is not None and y_pred.shape[-1] < c):
                 raise ValueError(
                     f"`y_pred` must have at least num_classes={c} channels in its last axis "
-                    f"([B,H,W,P], P >= C; the first C channels are used); got shape "
+                    f"([B, *S, P], P >= C; the first C channels are used); got shape "
                     f"{tuple(y_pred.shape)}."
                 )
             if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] == 1:
@@ -129,7 +133,7 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
             ):
                 raise ValueError(
                     f"`y_true` must have shape y_pred.shape[:-1] = {tuple(y_pred.shape[:-1])} "
-                    f"(integer labels [B,H,W]); got {tuple(y_true.shape)}."
+                    f"(integer labels [B, *S]); got {tuple(y_true.shape)}."
                 )
         if y_true.dtype.is_floating:
             y_true = tf.round(y_true)
@@ -182,10 +186,11 @@ class _StreamingSegmentationMetric(keras.metrics.Metric):
 class StreamingMeanIoU(_StreamingSegmentationMetric):
     """Streaming mean IoU of `argmax` predictions (accumulates a confusion matrix).
 
-    `y_true`: integer labels `[B, H, W]` (or `[B, H, W, 1]`). `y_pred`: with a `head`, its
-    packed parameters `[B, H, W, head.params_size]`; without one, `[B, H, W, P]` with
-    `P >= num_classes`. `sample_weight` (broadcastable to `[B, H, W]`) weights the pixel counts;
-    pixels labelled `ignore_label` get weight 0.
+    `y_true`: integer labels `[B, *S]` (or `[B, *S, 1]`), `S = (H, W)` or `(D, H, W)`.
+    `y_pred`: with a `head`, its packed parameters `[B, *S, head.params_size]` (`S` of the
+    head's `spatial_dims`); without one, `[B, *S, P]` with `P >= num_classes`.
+    `sample_weight` (broadcastable to `[B, *S]`) weights the pixel counts; pixels labelled
+    `ignore_label` get weight 0.
 
     What is scored: with a distribution `head` (given here, or bound by
     `tfp_seg.models.ProbabilisticSegmenter.compile`, which passes the model's head to every

@@ -1,13 +1,14 @@
 """`EnsembleSegmenter`: an efficient ensemble backbone (BatchEnsemble, Packed-Ensembles) + a
 distribution head, trained as one Keras model and sampled with the members as samples.
 
-The backbone maps images `[B, H, W, channels]` to the features of its M members, member-major
+The backbone maps images `[B, *S, channels]` to the features of its M members, member-major
 along the batch axis (`tfp_seg.models.UNet(ensemble="batch" | "packed", ensemble_size=M)`);
-the head (shared by the members) turns every member's features into parameters:
+the head (shared by the members) turns every member's features into parameters. `S` is
+`(H, W)` for images or `(D, H, W)` for volumes (the head's `spatial_dims`, one code path):
 
 ```none
-model(x)              params [M*B, H, W, P]        member j: rows j*B .. (j+1)*B - 1
-member_params(x)      params [M, B, H, W, P]
+model(x)              params [M*B, *S, P]        member j: rows j*B .. (j+1)*B - 1
+member_params(x)      params [M, B, *S, P]
 training (fit)        loss(tile(y, M), params): every member against the same labels (the
                       papers' training: each member sees the whole batch); the loss is the
                       mean over members of each member's loss
@@ -41,7 +42,7 @@ import keras
 import tensorflow as tf
 
 from tfp_seg import _checks, metrics, protocols
-from tfp_seg.models import sampling
+from tfp_seg.models import _spatial, sampling
 
 __all__ = ["EnsembleSegmenter"]
 
@@ -74,7 +75,7 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
     """M ensemble members in one backbone + one distribution head (see the module docstring).
 
     Args:
-      backbone: a Keras model/layer `images [B, H, W, channels] -> features [M*B, H, W, F]`
+      backbone: a Keras model/layer `images [B, *S, channels] -> features [M*B, *S, F]`
         (member-major) with an int `ensemble_size` M, e.g.
         `tfp_seg.models.UNet(ensemble="batch", ensemble_size=4)`.
       head: a distribution head layer (`tfp_seg.protocols.Head`), shared by the members.
@@ -105,11 +106,12 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
             )
         if not callable(backbone):
             raise ValueError(f"`backbone` must be a callable Keras model; got {backbone!r}.")
+        _spatial.check_backbone_rank(backbone, head.spatial_dims, f"The head {type(head).__name__}")
         size = getattr(backbone, "ensemble_size", None)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(
                 "`backbone` must be an ensemble backbone with an int `ensemble_size` >= 1 "
-                "whose features are the members' [M*B, H, W, F], e.g. "
+                "whose features are the members' [M*B, *S, F], e.g. "
                 f"tfp_seg.models.UNet(ensemble='batch', ensemble_size=4); got "
                 f"{type(backbone).__name__} with ensemble_size={size!r}."
             )
@@ -127,12 +129,14 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
         """M, the members (the backbone's `ensemble_size`)."""
         return int(self.backbone.ensemble_size)
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 (images) or 3 (volumes): the head's `spatial_dims`."""
+        return self.member_head.spatial_dims
+
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(
-                f"`inputs` must have rank 4 ([B, H, W, channels]); got shape {input_shape}."
-            )
+        _spatial.check_input_rank(input_shape, self.spatial_dims)
         if not self.backbone.built:
             self.backbone.build(input_shape)
         feature_shape = tuple(self.backbone.compute_output_shape(input_shape))
@@ -144,28 +148,24 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, self.compute_dtype)
-        _checks.check_rank(inputs, 4, "inputs", "[B, H, W, channels] images")
+        s = self.spatial_dims
+        _spatial.check_input_rank(inputs.shape, s)
         if self.validate_inputs:
             inputs = _checks.assert_finite(inputs, "inputs")
         features = self.backbone(inputs, training=training)
-        _checks.check_rank(features, 4, "backbone output", "[M*B, H, W, F] member features")
+        form = _spatial.input_form(s, "F", "M*B")
+        _spatial.check_feature_rank(features, s, f"{form} member")
         m, batch = self.ensemble_size, inputs.shape[0]
         if batch is not None and features.shape[0] is not None and features.shape[0] != m * batch:
             raise ValueError(
-                f"The backbone must return the features of its {m} members, [M*B, H, W, F] "
+                f"The backbone must return the features of its {m} members, {form} "
                 f"(M*B = {m * batch}); got {tuple(features.shape)}."
             )
-        params = self.member_head(features)
-        if inputs.shape[1:3].is_fully_defined() and params.shape[1:3].is_fully_defined():
-            if params.shape[1:3] != inputs.shape[1:3]:
-                raise ValueError(
-                    f"The backbone must return features at the input resolution "
-                    f"{tuple(inputs.shape[1:3])}; got {tuple(features.shape)}."
-                )
-        return params
+        _spatial.check_resolution(inputs, features, s)
+        return self.member_head(features)
 
     def member_params(self, x, training: bool = False) -> tf.Tensor:
-        """Every member's head parameters for images `x`: `[M, B, H, W, P]`."""
+        """Every member's head parameters for images `x`: `[M, B, *S, P]`."""
         params = self(x, training=training)
         return _members_as_samples(params[tf.newaxis], self.ensemble_size)
 
@@ -247,7 +247,7 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
 
     # --- graph sampler (tfp_seg.protocols.GraphSampler: what the exporters trace) -----------
     def sample_logits_tensor(self, images, num_samples: int, seed=None) -> tf.Tensor:
-        """Logit samples `[N, B, H, W, C]` (float32) in graph-safe ops: sample n is draw
+        """Logit samples `[N, B, *S, C]` (float32) in graph-safe ops: sample n is draw
         n // M of member n mod M (`ceil(N / M)` head draws per member, the first N kept: a
         multiple of M gives every member the same share); `seed` None or a `[2]` seed."""
         m = self.ensemble_size
@@ -258,21 +258,21 @@ class EnsembleSegmenter(sampling.Sampler, keras.Model):
         return tf.cast(_members_as_samples(samples, m)[:num_samples], tf.float32)
 
     def mean_logits_tensor(self, images) -> tf.Tensor:
-        """The mean of the members' mean logits, `[B, H, W, C]` (float32)."""
+        """The mean of the members' mean logits, `[B, *S, C]` (float32)."""
         logits = self.member_head.mean_logits(self(images, training=False))
         return tf.reduce_mean(_members_as_samples(logits[tf.newaxis], self.ensemble_size), 0)
 
     def params_tensors(self, images) -> dict:
-        """Exported `params`: `mean_logits [B, H, W, C]` (as `mean_logits_tensor`) and every
-        member's head parameters `member_params [B, M, H, W, P]` (batch first, as every
+        """Exported `params`: `mean_logits [B, *S, C]` (as `mean_logits_tensor`) and every
+        member's head parameters `member_params [B, M, *S, P]` (batch first, as every
         exported output)."""
         m = self.ensemble_size
         params = self(images, training=False)
         logits = _members_as_samples(self.member_head.mean_logits(params)[tf.newaxis], m)
-        members = _members_as_samples(params[tf.newaxis], m)  # [M, B, H, W, P]
+        members = _members_as_samples(params[tf.newaxis], m)  # [M, B, *S, P]
         return {
             "mean_logits": tf.reduce_mean(logits, axis=0),
-            "member_params": tf.transpose(members, [1, 0, 2, 3, 4]),
+            "member_params": tf.transpose(members, [1, 0, *range(2, members.shape.rank)]),
         }
 
     # --- config ------------------------------------------------------------------------------

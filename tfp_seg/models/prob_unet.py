@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfp_seg import _checks
 from tfp_seg.layers.latent import LatentEncoder, LatentInjection, one_hot_labels
 from tfp_seg.losses.elbo import ELBO, GECO
-from tfp_seg.models import sampling
+from tfp_seg.models import _spatial, sampling
 from tfp_seg.models.unet import UNet
 
 __all__ = ["ProbabilisticUNet"]
@@ -25,20 +25,27 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     #### Mathematical Details
 
     ```none
-    features  = backbone(x)                                   [B, H, W, F]  (computed once)
+    features  = backbone(x)                                   [B, *S, F]  (computed once)
     prior     p(z | x)    = N(mu_p(x),    diag(sigma_p^2))    prior_net(x)
     posterior q(z | x, y) = N(mu_q(x, y), diag(sigma_q^2))    posterior_net([x, onehot(y)])
-    logits    eta(z)      = f_comb([features, tile(z)])       [B, H, W, C]
+    logits    eta(z)      = f_comb([features, tile_S(z)])     [B, *S, C]
     training  loss = mean_b [ CE(y, eta(z_q)) + beta * KL(q || p) ],  z_q ~ q    (losses.ELBO)
     inference samples eta(z_n), z_n ~ p(z | x); model(x) = eta(mu_p(x))
     ```
 
-    `fit` takes `(image, label)` pairs (labels int `[B, H, W]`): the model trains with its own
+    `S = (H, W)` for images `x [B, H, W, channels]` (`spatial_dims=2`, the default) or
+    `(D, H, W)` for volumes `x [B, D, H, W, channels]` (`spatial_dims=3`: the prior and
+    posterior nets are 3D encoders pooled over D, H and W, z is broadcast over every voxel,
+    and the default backbone is `UNet(spatial_dims=3)`); one code path serves both. A
+    backbone that states another rank is a `ValueError`. Configs without `spatial_dims`
+    (files saved before volumes) load as 2D.
+
+    `fit` takes `(image, label)` pairs (labels int `[B, *S]`): the model trains with its own
     `train_step` on the ELBO (no `loss` in `compile`) and logs `loss`, `reconstruction` and `kl`
     separately per epoch (plus `geco_multiplier` with GECO); validation (`test_step`) scores the
     same ELBO with the posterior, without updating GECO. A `kl` that falls to ~0 while
     `reconstruction` stalls means posterior collapse: lower `beta`, or use GECO.
-    `model(images)` / `predict` return the logits at the prior mean `[B, H, W, C]`. Sampling `N`
+    `model(images)` / `predict` return the logits at the prior mean `[B, *S, C]`. Sampling `N`
     segmentations evaluates the backbone and the prior net once and only `f_comb` on the `N`
     latents (folded into the batch). TensorFlow backend only.
 
@@ -48,8 +55,8 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
       beta: KL weight of the ELBO (`tfp_seg.losses.ELBO`): 1 is the ELBO; larger values
         push the posterior towards the prior (less information in z, risk of collapse), smaller
         values let the posterior encode more than the prior can predict.
-      backbone: `images [B, H, W, channels] -> features [B, H, W, F]` at the input resolution;
-        default `tfp_seg.models.UNet()`.
+      backbone: `images [B, *S, channels] -> features [B, *S, F]` at the input resolution;
+        default `tfp_seg.models.UNet(spatial_dims=spatial_dims)`.
       encoder_filters: channels of the prior/posterior nets' blocks; default the backbone's
         levels (`base_filters * multiplier**l`) for a `UNet`, else (32, 64, 128, 192).
       encoder_convs_per_block: 3x3 convolutions per encoder block (reference: 3).
@@ -63,6 +70,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
       ignore_label, class_weights: see `ELBO`.
       epsilon: added to the latent standard deviations (`softplus(raw) + epsilon`).
       validate_inputs: fail at run time on NaN/Inf images.
+      spatial_dims: 2 (images, default) or 3 (volumes).
 
     #### Examples
 
@@ -74,6 +82,9 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     model.predict(images)               # ==> [B, H, W, 3], prior-mean logits
     model.sample(images, 8)             # ==> [8, B, H, W] label maps
     model.predict_proba(images, 16)     # ==> [B, H, W, 3]
+    volumes = tfp_seg.models.ProbabilisticUNet(     # images [B, D, H, W, channels]
+        num_classes=4, spatial_dims=3,
+        backbone=tfp_seg.models.UNet(base_filters=8, depth=2, spatial_dims=3))
     ```
 
     #### References
@@ -97,14 +108,17 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         class_weights: Optional[Sequence[float]] = None,
         epsilon: float = 1e-4,
         validate_inputs: bool = True,
+        spatial_dims: int = 2,
         **kwargs,
     ):
         super().__init__(**kwargs)
         num_classes = _checks.positive_int(num_classes, "num_classes", minimum=2)
+        self.spatial_dims = _checks.check_spatial_dims(spatial_dims)
         if backbone is None:
-            backbone = UNet()
+            backbone = UNet(spatial_dims=self.spatial_dims)
         if not callable(backbone):
             raise ValueError(f"`backbone` must be a callable Keras model; got {backbone!r}.")
+        _spatial.check_backbone_rank(backbone, self.spatial_dims, "ProbabilisticUNet")
         if encoder_filters is None:
             if isinstance(backbone, UNet):
                 encoder_filters = [
@@ -133,11 +147,16 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
             filters=self.encoder_filters,
             convs_per_block=encoder_convs_per_block,
             epsilon=epsilon,
+            spatial_dims=self.spatial_dims,
         )
         self.prior_net = LatentEncoder(name="prior_net", **encoder_kwargs)
         self.posterior_net = LatentEncoder(name="posterior_net", **encoder_kwargs)
         self.f_comb = LatentInjection(
-            num_classes, filters=fcomb_filters, num_convs=num_fcomb_convs, name="f_comb"
+            num_classes,
+            filters=fcomb_filters,
+            num_convs=num_fcomb_convs,
+            spatial_dims=self.spatial_dims,
+            name="f_comb",
         )
 
         # === Loss (the GECO layer is an attribute so that its state is saved) ===
@@ -174,10 +193,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     # --- building ------------------------------------------------------------------------------
     def build(self, input_shape):
         input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(
-                f"`inputs` must have rank 4 ([B, H, W, channels]); got shape {input_shape}."
-            )
+        _spatial.check_input_rank(input_shape, self.spatial_dims)
         if input_shape[-1] is None:
             raise ValueError("`inputs` must have a known channel count (last axis).")
         if not self.backbone.built:
@@ -196,7 +212,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         images = tf.convert_to_tensor(images)
         if not images.dtype.is_floating:
             images = tf.cast(images, self.compute_dtype)
-        _checks.check_rank(images, 4, name, "[B, H, W, channels] images")
+        _spatial.check_input_rank(images.shape, self.spatial_dims, name)
         if self.validate_inputs:
             images = _checks.assert_finite(images, name)
         if not self.built:
@@ -210,27 +226,23 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
 
     def _features(self, images, training=None):
         features = self.backbone(images, training=training)
-        _checks.check_rank(features, 4, "backbone output", "[B, H, W, F] features")
-        if images.shape[1:3].is_fully_defined() and features.shape[1:3].is_fully_defined():
-            if features.shape[1:3] != images.shape[1:3]:
-                raise ValueError(
-                    f"The backbone must return features at the input resolution "
-                    f"{tuple(images.shape[1:3])}; got {tuple(features.shape)}."
-                )
+        _spatial.check_feature_rank(features, self.spatial_dims)
+        _spatial.check_resolution(images, features, self.spatial_dims)
         return features
 
     def _posterior_inputs(self, images, labels):
-        onehot = one_hot_labels(labels, self.num_classes, self.elbo.ignore_label)
-        if images.shape[:3].is_fully_defined() and onehot.shape[:3].is_fully_defined():
-            if images.shape[:3] != onehot.shape[:3]:
-                raise ValueError(
-                    f"`labels` shape {tuple(onehot.shape[:3])} must equal the [B, H, W] of the "
-                    f"images {tuple(images.shape)}."
-                )
+        s = self.spatial_dims
+        onehot = one_hot_labels(labels, self.num_classes, self.elbo.ignore_label, s)
+        want, got = images.shape[: s + 1], onehot.shape[: s + 1]
+        if want.is_fully_defined() and got.is_fully_defined() and want != got:
+            raise ValueError(
+                f"`labels` shape {tuple(got)} must equal the {_checks.spatial_form(s)} of the "
+                f"images {tuple(images.shape)}."
+            )
         return tf.concat([images, tf.cast(onehot, images.dtype)], axis=-1)
 
     def call(self, inputs, training=None):
-        """Images `[B, H, W, channels]` -> logits at the prior mean `[B, H, W, C]` (float32)."""
+        """Images `[B, *S, channels]` -> logits at the prior mean `[B, *S, C]` (float32)."""
         images = self._prepare_images(inputs)
         features = self._features(images, training=training)
         prior_params = self.prior_net(images, training=training)
@@ -290,7 +302,8 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         if y is None:
             raise ValueError(
                 "ProbabilisticUNet trains on (image, label) pairs: the dataset must yield "
-                "(images [B, H, W, channels], labels [B, H, W])."
+                f"(images {_spatial.input_form(self.spatial_dims)}, labels "
+                f"{_checks.spatial_form(self.spatial_dims)})."
             )
         if sample_weight is not None:
             raise ValueError("ProbabilisticUNet does not support `sample_weight`.")
@@ -339,13 +352,13 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         return self.prior_net.distribution(self.prior_net(images, training=False))
 
     def posterior(self, x, y):
-        """`q(z | x, y)` for images `x` and label maps `y [B, H, W]`."""
+        """`q(z | x, y)` for images `x` and label maps `y [B, *S]`."""
         images = self._prepare_images(x, "x")
         params = self.posterior_net(self._posterior_inputs(images, y), training=False)
         return self.posterior_net.distribution(params)
 
     def reconstruct(self, x, y) -> tf.Tensor:
-        """Logits `[B, H, W, C]` at the posterior mean `E[q(z | x, y)]` (a tf.Tensor)."""
+        """Logits `[B, *S, C]` at the posterior mean `E[q(z | x, y)]` (a tf.Tensor)."""
         images = self._prepare_images(x, "x")
         features = self._features(images, training=False)
         params = self.posterior_net(self._posterior_inputs(images, y), training=False)
@@ -363,13 +376,13 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
 
     # --- graph sampling (`tfp_seg.protocols.GraphSampler`: what `tfp_seg.export` traces) ------
     def sample_logits_tensor(self, images, num_samples: int, seed=None) -> tf.Tensor:
-        """Prior samples of the logits `[N, B, H, W, C]` (float32 tensor) for one batch of
+        """Prior samples of the logits `[N, B, *S, C]` (float32 tensor) for one batch of
         images, in graph-safe ops: independent draws, `seed` None (stateful random ops) or a
         shape-[2] int stateless seed. The read-outs (`sample_logits`, ...) batch this."""
         return self._sample_logits_tensor(images, num_samples, seed=seed)
 
     def mean_logits_tensor(self, images) -> tf.Tensor:
-        """Logits at the prior mean `[B, H, W, C]`: `model(images)` in inference mode."""
+        """Logits at the prior mean `[B, *S, C]`: `model(images)` in inference mode."""
         return self(images, training=False)
 
     # --- config --------------------------------------------------------------------------------
@@ -392,6 +405,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
                 "class_weights": elbo["class_weights"],
                 "epsilon": self.epsilon,
                 "validate_inputs": self.validate_inputs,
+                "spatial_dims": self.spatial_dims,
             }
         )
         return config

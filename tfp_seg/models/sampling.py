@@ -5,11 +5,13 @@ Every model that draws segmentations inherits it: `ProbabilisticSegmenter`,
 (`tfp_seg.models.wrappers`). A model provides graph pieces for one batch of images; `Sampler`
 turns them into the public, batched, NumPy-returning read-outs (`sample_logits`, `sample`,
 `probability_samples`, `predict_proba`) that metrics, plots, the CLI and the exporters rely on
-(`tfp_seg.protocols.Sampler`).
+(`tfp_seg.protocols.Sampler`). `S` is the spatial shape: `(H, W)` for images, `(D, H, W)` for
+volumes (a model with `spatial_dims=3`); one code path serves both, and `x` is checked against
+the model's rank (`Sampler.input_spatial_dims`).
 
 ```none
-hook (one batch `images [B, H, W, channels]`)            default
-_sample_logits_tensor(images, N, seed, antithetic)       required: logits [N, B, H, W, C]
+hook (one batch `images [B, *S, channels]`)             default
+_sample_logits_tensor(images, N, seed, antithetic)       required: logits [N, B, *S, C]
 _sample_labels_tensor(images, N, seed, antithetic)       argmax of _sample_logits_tensor
 _mean_probabilities(images, N, seed)                     mean softmax of N independent draws
 ```
@@ -18,7 +20,7 @@ _mean_probabilities(images, N, seed)                     mean softmax of N indep
 
 ```none
 argument     accepted                                      default
-x            images [B, H, W, channels], B >= 1            -
+x            images [B, *S, channels], B >= 1             -
 num_samples  a positive int (Python or NumPy, not bool)    `model.default_num_samples`: 16;
                                                            MCDropout / DeepEnsemble: their
                                                            `num_samples`
@@ -59,6 +61,7 @@ import tensorflow as tf
 from tfp_seg import _checks, _seeds
 from tfp_seg import distributions as dists
 from tfp_seg._seeds import SeedLike
+from tfp_seg.models import _spatial
 
 __all__ = ["Sampler", "DEFAULT_NUM_SAMPLES"]
 
@@ -93,28 +96,43 @@ def _as_array(x):
     return x if isinstance(x, tf.Tensor) else np.asarray(x)
 
 
-def _check_images(x):
-    """`x` checked: images `[B, H, W, channels]`, or a dict `{"images": ..., "roi_mask":
-    [B, H, W] or [B, H, W, 1]}` (the region of interest of heads that take one)."""
+def _images_form(spatial_dims: Optional[int]) -> str:
+    if spatial_dims is None:
+        return "rank 4 ([B, H, W, channels] images) or 5 ([B, D, H, W, channels] volumes)"
+    kind = "images" if spatial_dims == 2 else "volumes"
+    return (
+        f"rank {spatial_dims + 2} ({_spatial.input_form(spatial_dims)} {kind}, "
+        f"spatial_dims={spatial_dims})"
+    )
+
+
+def _check_images(x, spatial_dims: Optional[int] = None):
+    """`x` checked: images `[B, *S, channels]` (`S = (H, W)` or `(D, H, W)`: the model's
+    `spatial_dims`, or either when None), or a dict `{"images": ..., "roi_mask": [B, *S] or
+    [B, *S, 1]}` (the region of interest of heads that take one)."""
     if isinstance(x, dict):
         split_inputs(x)
         checked = {key: _as_array(value) for key, value in x.items()}
-        images = _check_images(checked["images"])
+        images = _check_images(checked["images"], spatial_dims)
+        s = len(images.shape) - 2
         mask = checked.get("roi_mask")
         if mask is not None and (
-            len(mask.shape) not in (3, 4)
-            or tuple(mask.shape[:3]) != tuple(images.shape[:3])
-            or (len(mask.shape) == 4 and mask.shape[-1] != 1)
+            len(mask.shape) not in (s + 1, s + 2)
+            or tuple(mask.shape[: s + 1]) != tuple(images.shape[: s + 1])
+            or (len(mask.shape) == s + 2 and mask.shape[-1] != 1)
         ):
+            form = _checks.spatial_form(s)
             raise ValueError(
-                f"`x['roi_mask']` must be [B, H, W] (or [B, H, W, 1]) matching the images "
-                f"{_checks.shape_str(images)}; got shape {_checks.shape_str(mask)}."
+                f"`x['roi_mask']` must be {form} (or {_checks.spatial_form(s, 'B', '1')}) "
+                f"matching the images {_checks.shape_str(images)}; got shape "
+                f"{_checks.shape_str(mask)}."
             )
         return checked
     x = _as_array(x)
-    if len(x.shape) != 4:
+    ranks = _checks.SPATIAL_DIMS if spatial_dims is None else (spatial_dims,)
+    if len(x.shape) - 2 not in ranks:
         raise ValueError(
-            f"`x` must have rank 4 ([B, H, W, channels] images); got shape {_checks.shape_str(x)}."
+            f"`x` must have {_images_form(spatial_dims)}; got shape {_checks.shape_str(x)}."
         )
     if x.shape[0] == 0:
         raise ValueError("`x` is an empty batch (0 images).")
@@ -139,23 +157,30 @@ class Sampler:
     _supports_antithetic = True
 
     @property
+    def input_spatial_dims(self) -> Optional[int]:
+        """The spatial rank the read-outs check `x` against: 2 (images `[B, H, W, ch]`), 3
+        (volumes `[B, D, H, W, ch]`), or None (either; a wrapper of a model without one)."""
+        dims = getattr(self, "spatial_dims", None)
+        return dims if isinstance(dims, int) and not isinstance(dims, bool) else None
+
+    @property
     def default_num_samples(self) -> int:
         """N when a read-out is called without `num_samples`."""
         return DEFAULT_NUM_SAMPLES
 
     # --- hooks ---------------------------------------------------------------------------------
     def _sample_logits_tensor(self, images, num_samples: int, seed=None, antithetic=False):
-        """Logit samples `[N, B, H, W, C]` (float32 tensor) for one batch."""
+        """Logit samples `[N, B, *S, C]` (float32 tensor) for one batch."""
         raise NotImplementedError
 
     def _sample_labels_tensor(self, images, num_samples: int, seed=None, antithetic=False):
-        """Label maps `[N, B, H, W]` (int32); models with an exact label sampler override it."""
+        """Label maps `[N, B, *S]` (int32); models with an exact label sampler override it."""
         return dists.argmax_classes(
             self._sample_logits_tensor(images, num_samples, seed=seed, antithetic=antithetic)
         )
 
     def _mean_probabilities(self, images, num_samples: int, seed=None):
-        """`E[softmax(eta)]` `[B, H, W, C]`: the mean softmax of N independent draws."""
+        """`E[softmax(eta)]` `[B, *S, C]`: the mean softmax of N independent draws."""
         samples = self._sample_logits_tensor(images, num_samples, seed=seed, antithetic=False)
         return dists.mean_softmax(samples)
 
@@ -177,7 +202,7 @@ class Sampler:
         """Check `x`, `batch_size` and `seed` (before anything runs); yield `(images, seed)`."""
         batch_size = _checks.positive_int(batch_size, "batch_size", optional=True)
         seed = _seeds.check_seed(seed)
-        x = _check_images(x)
+        x = _check_images(x, self.input_spatial_dims)
         n = (x["images"] if isinstance(x, dict) else x).shape[0]
         if batch_size is None or n is None:
             return iter([(x, seed)])
@@ -207,7 +232,7 @@ class Sampler:
         batch_size: Optional[int] = 32,
         antithetic: bool = False,
     ) -> np.ndarray:
-        """Logit samples `[N, B, H, W, C]` (float32 numpy) for images `x [B, H, W, channels]`.
+        """Logit samples `[N, B, *S, C]` (float32 numpy) for images `x [B, *S, channels]`.
 
         Independent samples by default (what a person looking at plausible segmentations
         wants); `antithetic=True` gives mirrored pairs, a variance reduction for estimators.
@@ -224,7 +249,7 @@ class Sampler:
         batch_size: Optional[int] = 32,
         antithetic: bool = False,
     ) -> np.ndarray:
-        """Sampled label maps `[N, B, H, W]` (int32 numpy), distributed as the arg max of
+        """Sampled label maps `[N, B, *S]` (int32 numpy), distributed as the arg max of
         logit samples.
 
         A distribution head that draws the samples draws the maps with its exact label
@@ -243,14 +268,14 @@ class Sampler:
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Softmax of each logit sample, `[N, B, H, W, C]` (input of `tfp_seg.uncertainty`).
+        """Softmax of each logit sample, `[N, B, *S, C]` (input of `tfp_seg.uncertainty`).
 
         The softmax of `sample_logits(x, num_samples, seed, batch_size)`: the same draws.
         """
 
         def softmax_of_samples(images, n, seed, antithetic):
             samples = self._sample_logits_tensor(images, n, seed=seed, antithetic=antithetic)
-            return tf.nn.softmax(samples, -1)
+            return dists.class_softmax(samples)
 
         return self._read_out(softmax_of_samples, x, num_samples, seed, batch_size)
 
@@ -261,7 +286,7 @@ class Sampler:
         seed: SeedLike = None,
         batch_size: Optional[int] = 32,
     ) -> np.ndarray:
-        """Predictive probabilities `E[softmax(eta)]` over `num_samples`, `[B, H, W, C]`.
+        """Predictive probabilities `E[softmax(eta)]` over `num_samples`, `[B, *S, C]`.
 
         The model's own Monte Carlo estimator (see the module docstring).
         """

@@ -8,7 +8,7 @@ import keras
 import tensorflow as tf
 
 from tfp_seg import _checks, metrics, protocols
-from tfp_seg.models import sampling
+from tfp_seg.models import _spatial, sampling
 
 __all__ = ["ProbabilisticSegmenter"]
 
@@ -21,20 +21,29 @@ HeadT = TypeVar("HeadT", bound=protocols.Head)
 class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
     """A segmentation model whose output is a distribution over per-pixel logits.
 
-    `model(images)` returns the head's packed parameters `[B, H, W, head.params_size]` (Keras
+    `model(images)` returns the head's packed parameters `[B, *S, head.params_size]` (Keras
     models must output tensors); the distribution and its samples are derived from them.
+    `S = (H, W)` for images and `(D, H, W)` for volumes: the rank is the head's
+    `spatial_dims` (one code path for both), and a backbone that states another rank (a
+    `UNet(spatial_dims=...)`, a functional model's input; keras-hub / keras-cv backbones are
+    2D) is a `ValueError` at construction.
+
+    ```none
+    images [B, *S, channels] -> backbone -> features [B, *S, F] -> head -> params [B, *S, P]
+    sample_logits [N, B, *S, C],  sample [N, B, *S],  predict_proba [B, *S, C]
+    ```
 
     A head that takes a region of interest (`LowRankLogits`, `MixtureLowRankLogits`: outside
     it the logits are independent with a tiny variance) gets it as a second input: call,
     `fit`, `predict` and every read-out (`sample`, `predict_proba`, ...) take
-    `{"images": [B, H, W, channels], "roi_mask": [B, H, W]}` in place of the images, e.g.
+    `{"images": [B, *S, channels], "roi_mask": [B, *S]}` in place of the images, e.g.
     `model.fit({"images": x, "roi_mask": brain_masks}, labels)`.
 
     Args:
-      backbone: a Keras model/layer `images [B, H, W, channels] -> features [B, H, W, F]`
+      backbone: a Keras model/layer `images [B, *S, channels] -> features [B, *S, F]`
         (for example `tfp_seg.models.UNet()`), at the input resolution.
       head: a distribution head layer (`tfp_seg.protocols.Head`), e.g. a
-        `tfp_seg.layers.DistributionHead`.
+        `tfp_seg.layers.DistributionHead`; its `spatial_dims` sets the model's.
       validate_inputs: fail at run time on NaN/Inf images.
 
     #### Examples
@@ -47,6 +56,9 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
     model.fit(images, labels, epochs=5)
     probs = model.predict_proba(images, num_samples=16)   # ==> [B, H, W, 3]
     maps = model.sample(images, num_samples=8)            # ==> [8, B, H, W]
+    volumes = tfp_seg.models.ProbabilisticSegmenter(   # images [B, D, H, W, channels]
+        tfp_seg.models.UNet(base_filters=8, depth=2, spatial_dims=3),
+        tfp_seg.layers.LowRankLogits(num_classes=4, rank=10, spatial_dims=3))
     ```
     """
 
@@ -68,6 +80,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
                 "tfp_seg.models.EnsembleSegmenter(backbone, head), which trains each member on "
                 "the batch and samples the members."
             )
+        _spatial.check_backbone_rank(backbone, head.spatial_dims, f"The head {type(head).__name__}")
         self.backbone = backbone
         self.head: HeadT = head
         self.validate_inputs = bool(validate_inputs)
@@ -77,15 +90,19 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
         """C, the number of classes of the head."""
         return self.head.num_classes
 
+    @property
+    def spatial_dims(self) -> int:
+        """2 (images `[B, H, W, channels]`) or 3 (volumes `[B, D, H, W, channels]`): the
+        head's `spatial_dims`."""
+        return self.head.spatial_dims
+
     def build(self, input_shape):
         input_shape = tuple(sampling.split_inputs(input_shape, "inputs")[0])
-        if len(input_shape) != 4:
-            raise ValueError(
-                f"`inputs` must have rank 4 ([B, H, W, channels]); got shape {input_shape}."
-            )
+        _spatial.check_input_rank(input_shape, self.spatial_dims)
         if not self.backbone.built:
             self.backbone.build(input_shape)
         feature_shape = tuple(self.backbone.compute_output_shape(input_shape))
+        _spatial.check_feature_rank(feature_shape, self.spatial_dims)
         if not self.head.built:
             self.head.build(feature_shape)
         self.built = True
@@ -95,20 +112,18 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
         inputs = tf.convert_to_tensor(inputs)
         if not inputs.dtype.is_floating:
             inputs = tf.cast(inputs, self.compute_dtype)
-        _checks.check_rank(inputs, 4, "inputs", "[B, H, W, channels] images")
+        _spatial.check_input_rank(inputs.shape, self.spatial_dims)
         if self.validate_inputs:
             inputs = _checks.assert_finite(inputs, "inputs")
         features = self.backbone(inputs, training=training)
-        _checks.check_rank(features, 4, "backbone output", "[B, H, W, F] features")
-        params = self.head(features) if roi_mask is None else self.head(features, roi_mask=roi_mask)
-        if inputs.shape[1:3].is_fully_defined() and params.shape[1:3].is_fully_defined():
-            if params.shape[1:3] != inputs.shape[1:3]:
-                raise ValueError(
-                    f"The backbone must return features at the input resolution "
-                    f"{tuple(inputs.shape[1:3])}; got {tuple(features.shape)}. Wrap it with "
-                    "tfp_seg.models.from_keras_hub(..., upsample=True) or resize its output."
-                )
-        return params
+        _spatial.check_feature_rank(features, self.spatial_dims)
+        _spatial.check_resolution(
+            inputs,
+            features,
+            self.spatial_dims,
+            " Wrap it with tfp_seg.models.from_keras_hub(..., upsample=True) or resize its output.",
+        )
+        return self.head(features) if roi_mask is None else self.head(features, roi_mask=roi_mask)
 
     def compile(self, optimizer="adam", loss="auto", **kwargs):
         """`loss="auto"` uses the head's negative log-likelihood (`head.default_loss()`).
@@ -134,7 +149,7 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
 
     # --- probabilistic read-outs ---------------------------------------------------------------
     def distribution(self, x, training: bool = False):
-        """The logits distribution for images `x`: batch `[B]`, event `[H, W, C]`."""
+        """The logits distribution for images `x`: batch `[B]`, event `[*S, C]`."""
         return self.head.distribution(self(x, training=training))
 
     def _sample_logits_tensor(self, images, num_samples: int, seed=None, antithetic=False):

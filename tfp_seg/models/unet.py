@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfp_seg import _checks
@@ -19,9 +18,7 @@ __all__ = ["UNet", "ENSEMBLES"]
 _NORMS = ("batch", "group", None)
 ENSEMBLES = ("batch", "packed", None)
 DEFAULT_ENSEMBLE_SIZE = 4
-SPATIAL_DIMS = (2, 3)
 _AXIS_NAMES = {2: ("height", "width"), 3: ("depth", "height", "width")}
-_INPUT_FORMS = {2: "[B, H, W, channels]", 3: "[B, D, H, W, channels]"}
 
 
 @keras.saving.register_keras_serializable(package="tfp_seg")
@@ -120,16 +117,7 @@ class UNet(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if (
-            isinstance(spatial_dims, bool)
-            or not isinstance(spatial_dims, (int, np.integer))
-            or spatial_dims not in SPATIAL_DIMS
-        ):
-            raise ValueError(
-                f"`spatial_dims` must be 2 (images [B, H, W, channels]) or 3 (volumes "
-                f"[B, D, H, W, channels]); got {spatial_dims!r}."
-            )
-        self.spatial_dims = int(spatial_dims)
+        self.spatial_dims = _checks.check_spatial_dims(spatial_dims)
         base_filters = _checks.positive_int(base_filters, "base_filters")
         depth = _checks.positive_int(depth, "depth", minimum=0)
         filters_multiplier = _checks.positive_int(filters_multiplier, "filters_multiplier")
@@ -251,7 +239,8 @@ class UNet(keras.Model):
         if len(shape) != self.spatial_dims + 2:
             raise ValueError(
                 f"`inputs` must have rank {self.spatial_dims + 2} "
-                f"({_INPUT_FORMS[self.spatial_dims]} with spatial_dims={self.spatial_dims}); "
+                f"({_checks.spatial_form(self.spatial_dims, 'B', 'channels')} with "
+                f"spatial_dims={self.spatial_dims}); "
                 f"got shape {tuple(shape)}."
             )
 

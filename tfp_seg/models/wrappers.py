@@ -1,9 +1,10 @@
 """Model wrappers that sample like a tfp_seg model: MC dropout and deep ensembles.
 
 Both wrap plain Keras models (a `ProbabilisticSegmenter`, or any model outputting logits
-`[B, H, W, C]`) and inherit the read-outs of `tfp_seg.models.sampling.Sampler`
-(`sample_logits`, `sample`, `probability_samples`, `predict_proba`), with the same argument
-checks, defaults, seeds per batch and choice of label sampler as the models.
+`[B, *S, C]`, `S = (H, W)` for images or `(D, H, W)` for volumes) and inherit the read-outs
+of `tfp_seg.models.sampling.Sampler` (`sample_logits`, `sample`, `probability_samples`,
+`predict_proba`), with the same argument checks, defaults, seeds per batch and choice of
+label sampler as the models.
 
 ```none
 MCDropout     sample n = one forward pass with every dropout layer on (Gal & Ghahramani, 2016)
@@ -46,8 +47,8 @@ def _distribution_head(model):
 
 
 def _draws(model, output, count: int, seed, head_sampling: bool, labels: bool) -> tf.Tensor:
-    """`count` draws from one forward pass's `output`: logits `[count, B, H, W, C]` (float32)
-    or, with `labels`, label maps `[count, B, H, W]` (int32).
+    """`count` draws from one forward pass's `output`: logits `[count, B, *S, C]` (float32)
+    or, with `labels`, label maps `[count, B, *S]` (int32).
 
     With `head_sampling` and a distribution head: the head's independent draws (its exact
     label sampler for labels); otherwise the head's mean logits (the output itself for a model
@@ -63,10 +64,10 @@ def _draws(model, output, count: int, seed, head_sampling: bool, labels: bool) -
         logits = head.mean_logits(output)
     else:
         logits = tf.convert_to_tensor(output)
-        if logits.shape.rank != 4:
+        if logits.shape.rank is None or logits.shape.rank - 2 not in _checks.SPATIAL_DIMS:
             raise ValueError(
-                "A model without a distribution `head` must output logits [B, H, W, C]; "
-                f"got shape {tuple(logits.shape)}."
+                "A model without a distribution `head` must output logits [B, H, W, C] or "
+                f"[B, D, H, W, C]; got shape {tuple(logits.shape)}."
             )
     logits = tf.cast(logits, tf.float32)
     if labels:
@@ -101,6 +102,13 @@ def _find_dropout_layers(model) -> list:
                 children.extend(value)
         stack.extend(c for c in children if isinstance(c, keras.layers.Layer))
     return found
+
+
+def _model_spatial_dims(model):
+    """The spatial rank of a wrapped model (`model.spatial_dims`: a `ProbabilisticSegmenter`
+    has its head's), or None (the read-outs then take images or volumes)."""
+    dims = getattr(model, "spatial_dims", None)
+    return dims if isinstance(dims, int) and not isinstance(dims, bool) else None
 
 
 def _seed_state(generator):
@@ -157,8 +165,9 @@ class MCDropout(sampling.Sampler):
     If the model has a distribution `head` (a `ProbabilisticSegmenter`), each pass contributes
     one sample of the head's logits distribution (`head_sampling=True`, the default: the
     samples then mix dropout and head noise) or the head's mean logits (`head_sampling=False`).
-    A model without a head must output logits `[B, H, W, C]`. `sample` takes each pass's label
-    map from the head's `sample_labels` when the head draws, else the arg max of the logits.
+    A model without a head must output logits `[B, *S, C]` (images or volumes). `sample`
+    takes each pass's label map from the head's `sample_labels` when the head draws, else the
+    arg max of the logits.
     A seed fixes every pass's masks (`[s0, s1 + 104729 i + 7919 j]` for pass i, layer j of a
     stateless seed `[s0, s1]`) and head draw (`split_seed(seed, i)`), and the layers' seed
     generators are restored afterwards.
@@ -197,6 +206,10 @@ class MCDropout(sampling.Sampler):
     def default_num_samples(self) -> int:
         return self.num_samples
 
+    @property
+    def input_spatial_dims(self):
+        return _model_spatial_dims(self.model)
+
     def _sample_logits_tensor(self, images, num_samples, seed=None, antithetic=False):
         return self._passes(images, num_samples, seed, labels=False)
 
@@ -207,6 +220,11 @@ class MCDropout(sampling.Sampler):
         """`num_samples` forward passes, one draw each (see `_draws`)."""
         out = []
         pair = _seeds.seed_pair(seed)
+        if not getattr(self.model, "built", True):
+            # Build first, outside the forced dropout: building traces the network once, which
+            # would advance the seeded masks of the first pass (a seeded call would then not
+            # repeat).
+            self.model(images, training=False)
         with _dropout_active(self.dropout_layers, keep_seed_states=seed is not None):
             for i in range(num_samples):
                 if pair is not None:
@@ -227,8 +245,9 @@ class DeepEnsemble(sampling.Sampler):
     Sample `n` comes from member `n mod M` (so `num_samples = M` gives one per member, the
     default). For members with a distribution `head`, `head_sampling=True` draws that
     member's samples from its head (mixing ensemble and head noise); otherwise the member's
-    (mean) logits are used. Members without a head must output logits `[B, H, W, C]`. A seed
-    gives member j the head seed `split_seed(seed, j)`.
+    (mean) logits are used. Members without a head must output logits `[B, *S, C]`; all
+    members take the same spatial rank (images or volumes). A seed gives member j the head
+    seed `split_seed(seed, j)`.
 
     Args:
       members: M >= 1 Keras models (for example `ProbabilisticSegmenter`s), each built from its
@@ -266,6 +285,11 @@ class DeepEnsemble(sampling.Sampler):
                 raise ValueError(f"`members[{i}]` must be a callable Keras model; got {m!r}.")
         if len({id(m) for m in members}) != len(members):
             raise ValueError("`members` must be distinct model objects (one per member).")
+        ranks = [_model_spatial_dims(m) for m in members]
+        if len({r for r in ranks if r is not None}) > 1:
+            raise ValueError(
+                f"`members` must all take the same spatial rank; got spatial_dims {ranks}."
+            )
         self.members = members
         self.num_samples = (
             len(members)
@@ -318,6 +342,10 @@ class DeepEnsemble(sampling.Sampler):
     @property
     def default_num_samples(self) -> int:
         return self.num_samples
+
+    @property
+    def input_spatial_dims(self):
+        return _model_spatial_dims(self.members[0])
 
     def _sample_logits_tensor(self, images, num_samples, seed=None, antithetic=False):
         return self._member_draws(images, num_samples, seed, labels=False)

@@ -3,7 +3,9 @@
 `from_keras_hub(backbone_or_segmenter, head)` and `from_keras_cv(...)` return a
 `ProbabilisticSegmenter` whose backbone is a `BackboneAdapter`: a serialisable functional Keras
 model that wraps the hub model and returns features **at the input resolution**, so any
-`DistributionHead` (deterministic, heteroscedastic, SSN) sits on top unchanged.
+`DistributionHead` (deterministic, heteroscedastic, SSN) sits on top unchanged. These
+backbones are 2D (images `[B, H, W, channels]`): a head or an input shape for volumes on them
+is a `ValueError`; volumes take `tfp_seg.models.UNet(spatial_dims=3)`.
 `build_backbone(name, num_channels=...)` builds the supported families from config (nothing is
 downloaded) for the CLI and the benchmarks.
 

@@ -260,6 +260,9 @@ class BackboneAdapter(keras.Model):
     ```
 
     See the module docstring for why features (not distribution parameters) are upsampled.
+    Images only (`spatial_dims = 2`): keras-hub and keras-cv encoders are 2D, so a head with
+    `spatial_dims=3` on an adapter is a `ValueError`; use `tfp_seg.models.UNet(spatial_dims=3)`
+    for volumes.
 
     Args:
       encoder: a functional Keras model: a keras-hub `Backbone` (`DeepLabV3Backbone`,
@@ -469,8 +472,19 @@ def _needs_pyramid(encoder) -> bool:
     return len(levels) >= 2 and max(level_number(k) for k in levels) >= 3
 
 
+def check_image_head(head) -> None:
+    """Raise if `head` is for volumes (`spatial_dims=3`): the hub encoders are 2D."""
+    if getattr(head, "spatial_dims", 2) != 2:
+        raise ValueError(
+            f"keras-hub / keras-cv backbones take images [B, H, W, channels] only "
+            f"(spatial_dims=2); got a head with spatial_dims={head.spatial_dims}. For volumes "
+            "use tfp_seg.models.UNet(spatial_dims=3) as the backbone."
+        )
+
+
 def built_segmenter(backbone: BackboneAdapter, head, validate_inputs: bool):
     """`ProbabilisticSegmenter(backbone, head)`, built for the adapter's input shape."""
+    check_image_head(head)
     model = segmenter_lib.ProbabilisticSegmenter(backbone, head, validate_inputs=validate_inputs)
     model.build((None,) + tuple(backbone.inputs[0].shape[1:]))  # count_params() works at once
     return model

@@ -42,6 +42,11 @@ def _image_shape(name: str, num_channels, input_shape):
     input_shape = tuple(input_shape)
     if len(input_shape) == 2:
         input_shape = input_shape + (3 if num_channels is None else num_channels,)
+    if len(input_shape) == 4:
+        raise ValueError(
+            f"`input_shape` {input_shape!r} is a volume (D, H, W, C), but the named backbones "
+            "are 2D (images (H, W, C)); for volumes use tfp_seg.models.UNet(spatial_dims=3)."
+        )
     if len(input_shape) != 3:
         raise ValueError(f"`input_shape` must be (H, W, C) or (H, W); got {input_shape!r}.")
     if num_channels is not None and input_shape[-1] != num_channels:
@@ -88,7 +93,8 @@ def build_backbone(
 
     Everything is built from config (random weights); nothing is downloaded unless `preset`
     names a remote preset. Images are channels-last; 1-channel images are repeated to the
-    encoder's 3 channels inside the model (`num_channels=1`).
+    encoder's 3 channels inside the model (`num_channels=1`). Images only: a volume
+    `input_shape=(D, H, W, C)` is a `ValueError` (volumes take `UNet(spatial_dims=3)`).
 
     Args:
       name: one of `BACKBONE_NAMES`.

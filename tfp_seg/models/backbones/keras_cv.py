@@ -144,13 +144,15 @@ def from_keras_cv(
     keras-cv 0.9.0 imports and trains with Keras 3.15 / TF 2.21 (checked by the tests). Its
     aliases such as `keras_cv.models.MobileNetV3SmallBackbone()` fetch their config from Kaggle
     even without weights, so they fail offline: build the base classes from config instead
-    (as `build_backbone("keras_cv_...")` does). Arguments as in `from_keras_hub`.
+    (as `build_backbone("keras_cv_...")` does). Arguments as in `from_keras_hub`. Images
+    only, as there: a `head` with `spatial_dims=3` is a `ValueError`.
     """
     if not isinstance(head, protocols.Head):
         raise ValueError(
             "`head` must be a distribution head (tfp_seg.protocols.Head, e.g. a "
             f"tfp_seg.layers.DistributionHead); got {type(head).__name__}."
         )
+    adapter.check_image_head(head)
     presets.import_keras_cv()
     model = model_or_backbone
     if isinstance(model, (str, os.PathLike)):

@@ -80,7 +80,9 @@ def from_keras_hub(
     The head's own classifier (of an `ImageSegmenter`) is dropped: the head predicts the
     distribution's parameters from the backbone's features. Features are upsampled before the
     head (equivalent to upsampling the parameters for 1x1 heads; see
-    `tfp_seg.models.backbones.adapter`).
+    `tfp_seg.models.backbones.adapter`). keras-hub backbones are 2D: images
+    `[B, H, W, channels]` only; a `head` with `spatial_dims=3` is a `ValueError` (volumes take
+    `tfp_seg.models.UNet(spatial_dims=3)`).
 
     Args:
       backbone_or_segmenter: a keras-hub `Backbone`, `ImageSegmenter` (any `Task`: its
@@ -118,6 +120,7 @@ def from_keras_hub(
             "`head` must be a distribution head (tfp_seg.protocols.Head, e.g. a "
             f"tfp_seg.layers.DistributionHead); got {type(head).__name__}."
         )
+    adapter.check_image_head(head)
     encoder = encoder_of(backbone_or_segmenter, load_weights=load_weights)
     backbone = adapter.adapt(
         encoder,

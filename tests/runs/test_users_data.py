@@ -158,3 +158,67 @@ def test_training_over_all_raters(tmp_path, lidc_parts, head, annotations):
 def test_bad_annotation_modes_are_refused(tmp_path, capsys, flags, match):
     assert cli.main(["train", *TINY, *flags, "--output-dir", str(tmp_path)]) == 1
     assert match in capsys.readouterr().err
+
+
+# --- streamed from disk ----------------------------------------------------------------------
+def _report(path):
+    return json.loads((path / "report.json").read_text())
+
+
+def test_a_streamed_run_trains_evaluates_and_samples_through_the_cli(
+    lidc_parts, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("TFP_SEG_CACHE", str(tmp_path / "cache"))
+    argv = ["train", *TINY, "--data", f"lidc:{lidc_parts[0]}", "--output-dir", str(tmp_path)]
+    assert cli.main([*argv, "--name", "s", "--stream"]) == 0
+    run = tmp_path / "s"
+    assert "streamed from disk (stream=True); cache " in capsys.readouterr().out
+    assert json.loads((run / "split.json").read_text())["stream"] is True
+    assert json.loads((run / "config.json").read_text())["stream"] is True
+    (source_dir,) = (tmp_path / "cache").iterdir()
+    (cache,) = source_dir.iterdir()
+    stamp = (cache / "images.npy").stat().st_mtime_ns
+
+    # evaluate RUN streams as the run did, from the same cache (not decoded again), and
+    # scores exactly what the same run scores from memory
+    assert (
+        cli.main(["evaluate", str(run), "--num-samples", "4", "--output", str(tmp_path / "e")]) == 0
+    )
+    assert (cache / "images.npy").stat().st_mtime_ns == stamp
+    argv = ["evaluate", str(run), "--num-samples", "4", "--no-figures", "--no-stream"]
+    assert cli.main([*argv, "--output", str(tmp_path / "m")]) == 0
+    streamed, in_memory = _report(tmp_path / "e"), _report(tmp_path / "m")
+    for key in PAPER_KEYS + RATER_KEYS:
+        assert streamed[key] == in_memory[key], key
+    npz = tmp_path / "s.npz"
+    assert cli.main(["sample", str(run), "-n", "3", "--images", "2", "--output", str(npz)]) == 0
+    test_ids = json.loads((run / "split.json").read_text())["ids"]["test"][:2]
+    with np.load(npz) as f:
+        assert f["samples"].shape == (3, 2, 16, 16)
+        expected = np.stack([np.stack(lidc_parts[1][i]["masks"]) for i in test_ids])
+        np.testing.assert_array_equal(f["annotations"], expected)
+
+
+def test_a_streamed_image_folder_and_the_stream_flags(tmp_path, capsys):
+    images, masks, _ = write_image_folder(tmp_path / "folder", np.random.default_rng(2), 10, k=2)
+    spec = f"folder:{images}:{masks}"
+    cache_dir = tmp_path / "my-cache"
+    argv = ["train", *TINY, "--data", spec, "--output-dir", str(tmp_path), "--name", "f"]
+    assert cli.main([*argv, "--stream", "--cache-dir", str(cache_dir)]) == 0
+    assert json.loads((tmp_path / "f" / "config.json").read_text())["cache_dir"] == str(cache_dir)
+    assert len(list(cache_dir.iterdir())) == 1
+    out = tmp_path / "other"
+    argv = ["evaluate", str(tmp_path / "f"), "--data", spec, "--stream", "--output", str(out)]
+    assert cli.main([*argv, "--no-figures"]) == 0
+    assert _report(out)["num_images"] == 10
+    capsys.readouterr()
+    argv = ["train", *TINY, "--stream", "--output-dir", str(tmp_path), "--name", "b"]
+    assert cli.main(argv) == 1
+    assert "does not apply to `data` builtin" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["train", *TINY, "--data", spec, "--stream", "--cache-dir", str(blocker)]
+    assert cli.main([*argv, "--output-dir", str(tmp_path), "--name", "u"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tfp-seg: error: cannot write the data cache in") and "a-file" in err
+    assert not (tmp_path / "u").exists()

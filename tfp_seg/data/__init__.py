@@ -1,5 +1,6 @@
 """Synthetic data with an exactly known label distribution, loaders of local copies of real
-multi-annotator data (no downloads), and data sources by name (`load(spec)`)."""
+multi-annotator data (no downloads), and data sources by name (`load(spec)`), in memory or
+streamed from a disk cache (`DiskAnnotatedImages`)."""
 
 from tfp_seg.data.ambiguous_shapes import (
     AmbiguousShapes,
@@ -7,6 +8,7 @@ from tfp_seg.data.ambiguous_shapes import (
     ambiguous_shapes,
     sample_annotations,
 )
+from tfp_seg.data.disk import DiskAnnotatedImages, MappedArray
 from tfp_seg.data.loaders import AnnotatedImages, load_image_folder, load_lidc_crops
 from tfp_seg.data.sources import (
     SOURCE_KINDS,
@@ -25,6 +27,8 @@ __all__ = [
     "AmbiguousShapes",
     "AnnotatedImages",
     "DataSpec",
+    "DiskAnnotatedImages",
+    "MappedArray",
     "ShapeObject",
     "ambiguous_shapes",
     "load",

@@ -13,6 +13,13 @@ from tfp_seg.data._dataset import AnnotatedSet, check_fractions
 PathLike = Union[str, os.PathLike]
 
 
+def label_marginals(annotations: np.ndarray, num_classes: int) -> np.ndarray:
+    """The raters' per-pixel label fractions: float32 `[N, *S, C]` of class ids `[N, K, *S]`,
+    `q_c = (1/K) #{k : y_k = c}` (the same values whether computed for all N or per batch)."""
+    onehot = np.eye(num_classes, dtype=np.float32)[annotations]  # [N, K, *S, C]
+    return onehot.mean(axis=1)
+
+
 # ================================================================================================
 # The container
 # ================================================================================================
@@ -30,6 +37,8 @@ class AnnotatedImages(AnnotatedSet):
         into two parts. Default: every image its own group.
       num_classes: C.
       class_names: C names.
+      note: how `tfp_seg.data.load` loaded the data (in memory or streamed from a disk cache,
+        and why), one line for logs; empty when built otherwise.
     """
 
     images: np.ndarray
@@ -38,8 +47,18 @@ class AnnotatedImages(AnnotatedSet):
     groups: tuple = ()
     num_classes: int = 2
     class_names: tuple = ("background", "foreground")
+    note: str = ""
 
     def __post_init__(self):
+        self._check_layout()
+        ann = self.annotations
+        if ann.size and int(ann.max()) >= self.num_classes:
+            raise ValueError(
+                f"`annotations` hold class {int(ann.max())} but num_classes={self.num_classes}."
+            )
+
+    def _check_layout(self) -> None:
+        """Shapes, ids, groups and class names (everything but the values of the arrays)."""
         images, ann = self.images, self.annotations
         if images.ndim != 4:
             raise ValueError(f"`images` must be [N, H, W, channels]; got shape {images.shape}.")
@@ -62,10 +81,6 @@ class AnnotatedImages(AnnotatedSet):
                 f"`class_names` must name all {self.num_classes} classes; got "
                 f"{list(self.class_names)}."
             )
-        if ann.size and int(ann.max()) >= self.num_classes:
-            raise ValueError(
-                f"`annotations` hold class {int(ann.max())} but num_classes={self.num_classes}."
-            )
 
     def __repr__(self) -> str:
         return (
@@ -75,8 +90,7 @@ class AnnotatedImages(AnnotatedSet):
 
     def marginals(self) -> np.ndarray:
         """Empirical per-pixel label distribution over the K raters, float32 `[N, H, W, C]`."""
-        onehot = np.eye(self.num_classes, dtype=np.float32)[self.annotations]  # [N,K,H,W,C]
-        return onehot.mean(axis=1)
+        return label_marginals(self.annotations, self.num_classes)
 
     # --- subsets ----------------------------------------------------------------------------
 

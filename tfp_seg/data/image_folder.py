@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import re
 from typing import Optional, Sequence, Union
@@ -23,37 +25,71 @@ def _natural_key(text: str):
 
 
 def _list_images(folder: str, extensions: Sequence[str]) -> list:
-    return sorted(
-        (
-            f
-            for f in os.listdir(folder)
-            if os.path.isfile(os.path.join(folder, f)) and f.lower().endswith(tuple(extensions))
-        ),
-        key=_natural_key,
-    )
+    ends = tuple(extensions)
+    with os.scandir(folder) as entries:
+        names = [e.name for e in entries if e.name.lower().endswith(ends) and e.is_file()]
+    return sorted(names, key=_natural_key)
 
 
-def _find_masks(stem: str, masks_dir: str, listing: list, extensions: Sequence[str]) -> list:
-    """Mask files of one image: `<stem>/<any>`, `<stem>_<k>.<ext>` or `<stem>.<ext>`."""
+def _mask_index(listing: list, stems: set) -> tuple:
+    """`(numbered, single)`: the files of a mask folder's listing that name an image stem,
+    `<stem>_<k>.<ext>` and `<stem>.<ext>`, by stem, in listing order (one pass, so that
+    matching N images to their masks takes O(N), not O(N^2))."""
+    numbered: dict = {}
+    single: dict = {}
+    for f in listing:
+        base = os.path.splitext(f)[0]
+        if base in stems:
+            single.setdefault(base, []).append(f)
+        match = re.fullmatch(r"(.+)_(\d+)\.[^.]+", f)
+        if match and match.group(1) in stems:
+            numbered.setdefault(match.group(1), []).append(f)
+    return numbered, single
+
+
+def _find_masks(stem: str, masks_dir: str, index: tuple, extensions: Sequence[str]) -> tuple:
+    """`(paths, names)`: the mask files of one image, `<stem>/<any>`, `<stem>_<k>.<ext>` or
+    `<stem>.<ext>`, and the names of those directly in `masks_dir` (for the stray check)."""
     sub = os.path.join(masks_dir, stem)
-    numbered = [f for f in listing if re.fullmatch(re.escape(stem) + r"_(\d+)\.[^.]+", f)]
-    single = [f for f in listing if os.path.splitext(f)[0] == stem]
+    numbered, single = index[0].get(stem, []), index[1].get(stem, [])
     layouts = []
     if os.path.isdir(sub):
         inside = _list_images(sub, extensions)
-        layouts.append([os.path.join(sub, f) for f in inside])
+        layouts.append(([os.path.join(sub, f) for f in inside], []))
     if numbered:
-        layouts.append([os.path.join(masks_dir, f) for f in sorted(numbered, key=_natural_key)])
+        names = sorted(numbered, key=_natural_key)
+        layouts.append(([os.path.join(masks_dir, f) for f in names], names))
     if single:
-        layouts.append([os.path.join(masks_dir, f) for f in single])
-    layouts = [x for x in layouts if x]
+        layouts.append(([os.path.join(masks_dir, f) for f in single], single))
+    layouts = [x for x in layouts if x[0]]
     if len(layouts) > 1:
         raise ValueError(
             f"masks of image {stem!r} are ambiguous: found both "
-            f"{[os.path.relpath(p, masks_dir) for p in layouts[0]]} and "
-            f"{[os.path.relpath(p, masks_dir) for p in layouts[1]]}; keep one layout"
+            f"{[os.path.relpath(p, masks_dir) for p in layouts[0][0]]} and "
+            f"{[os.path.relpath(p, masks_dir) for p in layouts[1][0]]}; keep one layout"
         )
-    return layouts[0] if layouts else []
+    return layouts[0] if layouts else ([], [])
+
+
+def _conversions(mode: str, info: dict) -> list:
+    """The modes an image of `mode` is converted to in turn before it becomes an array:
+    palettes to RGB(A), alpha dropped, CMYK / YCbCr to RGB."""
+    steps = []
+    if mode in ("P", "PA"):
+        mode = "RGBA" if "transparency" in info else "RGB"
+        steps.append(mode)
+    if mode in ("LA", "RGBA"):
+        mode = "L" if mode == "LA" else "RGB"
+        steps.append(mode)
+    if mode in ("CMYK", "YCbCr"):
+        steps.append("RGB")
+    return steps
+
+
+def _converted_mode(im) -> str:
+    """The mode `_read_image` turns an opened image into, from its header alone."""
+    steps = _conversions(im.mode, im.info)
+    return steps[-1] if steps else im.mode
 
 
 def _read_image(path: str, channels: Optional[int], normalize: str) -> np.ndarray:
@@ -62,12 +98,8 @@ def _read_image(path: str, channels: Optional[int], normalize: str) -> np.ndarra
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode in ("P", "PA"):
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            if im.mode in ("LA", "RGBA"):
-                im = im.convert("L" if im.mode == "LA" else "RGB")
-            if im.mode == "CMYK" or im.mode == "YCbCr":
-                im = im.convert("RGB")
+            for mode in _conversions(im.mode, im.info):
+                im = im.convert(mode)
             arr = np.asarray(im)
     except OSError as exc:
         raise ValueError(f"could not read image {path}: {exc}") from exc
@@ -191,6 +223,157 @@ def load_image_folder(
       ValueError: a mask's size differs from its image's, images differ in size, images have
         different numbers of masks, stray masks, bad class ids (messages name the files).
     """
+    plan = plan_image_folder(
+        images_dir,
+        masks_dir,
+        binarize=binarize,
+        num_classes=num_classes,
+        class_names=class_names,
+        channels=channels,
+        normalize=normalize,
+        image_size=image_size,
+        extensions=extensions,
+        strict=strict,
+    )
+    return load_planned(plan)
+
+
+def load_planned(plan: FolderPlan) -> AnnotatedImages:
+    """`load_image_folder` of a `plan_image_folder` plan: every image decoded into memory."""
+    raw = [_read_image(path, None, plan.normalize) for path in plan.image_paths]
+    channels = plan.channels
+    if channels is None:
+        channels = 3 if any(a.shape[-1] == 3 for a in raw) else 1
+    images, annotations = [], []
+    for i, arr in enumerate(raw):
+        reference = images[0].shape[:2] if images else None
+        image, stack = plan.decode(i, channels, reference, arr)
+        images.append(image)
+        annotations.append(stack)
+    annotations = np.stack(annotations)
+    num_classes, class_names = plan.classes(int(annotations.max()))
+    return AnnotatedImages(
+        images=np.stack(images),
+        annotations=annotations,
+        ids=tuple(plan.stems),
+        num_classes=num_classes,
+        class_names=class_names,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderPlan:
+    """What `load_image_folder` reads, found and checked before any pixel is decoded: the
+    image files in order, the K mask files of each, and the options.
+
+    `image_paths[i]` is image `i` (id `stems[i]`), `mask_paths[i]` its K masks; `size` is the
+    `(H, W)` of `image_size` or None.
+    """
+
+    image_paths: tuple
+    mask_paths: tuple
+    stems: tuple
+    size: Optional[tuple]
+    binarize: bool
+    num_classes: Optional[int]
+    class_names: Optional[tuple]
+    channels: Optional[int]
+    normalize: str
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def decode(
+        self, i: int, channels: int, reference: Optional[tuple], raw: Optional[np.ndarray] = None
+    ) -> tuple:
+        """`(image float32 [H, W, channels], masks uint8 [K, H, W])` of image `i`, resized to
+        `size` if given, else checked to be `reference` `(H, W)` (the first image's; None for
+        the first). `raw`: the image already read with `channels=None`, if at hand."""
+        path = self.image_paths[i]
+        arr = raw if raw is not None else _read_image(path, None, self.normalize)
+        if arr.shape[-1] != channels:
+            arr = _read_image(path, channels, self.normalize)
+        stack = []
+        for mpath in self.mask_paths[i]:
+            mask = _read_mask(mpath, self.binarize, self.num_classes)
+            if mask.shape != arr.shape[:2]:
+                raise ValueError(
+                    f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+                    f"{path} is {arr.shape[1]}x{arr.shape[0]}"
+                )
+            stack.append(mask if self.size is None else _resize(mask, self.size, nearest=True))
+        if self.size is not None:
+            arr = _resize(arr, self.size, nearest=False)
+        elif reference is not None and arr.shape[:2] != tuple(reference):
+            raise ValueError(
+                f"image {path} is {arr.shape[1]}x{arr.shape[0]} but "
+                f"{os.path.basename(self.image_paths[0])} is {reference[1]}x{reference[0]}; "
+                "pass image_size= to resize"
+            )
+        return arr.astype(np.float32), np.stack(stack)
+
+    def header_channels(self, first_only: bool = False) -> int:
+        """The `channels` of `load_image_folder`'s default, from the image files' headers
+        alone (no pixel is decoded): 3 if any image (`first_only`: the first) reads as
+        colour, else 1."""
+        if self.channels is not None:
+            return self.channels
+        from PIL import Image
+
+        for path in self.image_paths[:1] if first_only else self.image_paths:
+            try:
+                with Image.open(path) as im:
+                    if Image.getmodebands(_converted_mode(im)) == 3:
+                        return 3
+            except OSError as exc:
+                raise ValueError(f"could not read image {path}: {exc}") from exc
+        return 1
+
+    def header_shape(self) -> tuple:
+        """`(H, W)` of the decoded images: `size`, or the first image's from its header."""
+        if self.size is not None:
+            return tuple(self.size)
+        from PIL import Image
+
+        try:
+            with Image.open(self.image_paths[0]) as im:
+                return (im.height, im.width)
+        except OSError as exc:
+            raise ValueError(f"could not read image {self.image_paths[0]}: {exc}") from exc
+
+    def classes(self, max_label: int) -> tuple:
+        """`(num_classes, class_names)` given the largest class id of all masks."""
+        inferred = 2 if self.binarize else max(2, int(max_label) + 1)
+        num_classes = self.num_classes
+        if num_classes is None:
+            num_classes = inferred
+        elif self.binarize and num_classes != 2:
+            raise ValueError(f"binarize=True gives 2 classes; got num_classes={num_classes}.")
+        class_names = self.class_names
+        if class_names is None:
+            class_names = (
+                ("background", "foreground")
+                if num_classes == 2
+                else ("background",) + tuple(f"class {c}" for c in range(1, num_classes))
+            )
+        return int(num_classes), tuple(class_names)
+
+
+def plan_image_folder(
+    images_dir: PathLike,
+    masks_dir: PathLike,
+    *,
+    binarize: bool = True,
+    num_classes: Optional[int] = None,
+    class_names: Optional[Sequence[str]] = None,
+    channels: Optional[int] = None,
+    normalize: str = "dtype",
+    image_size: Optional[Union[int, tuple]] = None,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    strict: bool = True,
+) -> FolderPlan:
+    """The `FolderPlan` of `load_image_folder(...)` (same arguments, same errors about the
+    folders, the options and the files' layout), reading no pixel."""
     images_dir, masks_dir = os.fspath(images_dir), os.fspath(masks_dir)
     for name, folder in (("images_dir", images_dir), ("masks_dir", masks_dir)):
         if not os.path.isdir(folder):
@@ -209,14 +392,17 @@ def load_image_folder(
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(extensions)}) in {images_dir!r}")
     stems = [os.path.splitext(f)[0] for f in files]
-    duplicates = sorted({s for s in stems if stems.count(s) > 1})
+    duplicates = sorted(s for s, n in collections.Counter(stems).items() if n > 1)
     if duplicates:
         raise ValueError(f"several images share the stem(s) {duplicates} in {images_dir!r}")
     listing = _list_images(masks_dir, extensions)
+    known = set(stems)
+    index = _mask_index(listing, known)
 
-    mask_files, claimed = [], {}
+    mask_files, claimed, used = [], {}, set()
     for stem, file in zip(stems, files, strict=True):
-        found = _find_masks(stem, masks_dir, listing, extensions)
+        found, names = _find_masks(stem, masks_dir, index, extensions)
+        used.update(names)
         if not found:
             raise FileNotFoundError(
                 f"no mask for image {os.path.join(images_dir, file)!r}: looked for "
@@ -238,12 +424,11 @@ def load_image_folder(
             f"images have different numbers of masks ({per}); every image needs the same K"
         )
     if strict:
-        used = {os.path.relpath(p, masks_dir) for p in claimed}
         stray = [f for f in listing if f not in used]
         stray += [
             d + os.sep
             for d in sorted(os.listdir(masks_dir), key=_natural_key)
-            if os.path.isdir(os.path.join(masks_dir, d)) and d not in stems
+            if os.path.isdir(os.path.join(masks_dir, d)) and d not in known
         ]
         if stray:
             raise ValueError(
@@ -251,51 +436,14 @@ def load_image_folder(
                 f"{' ...' if len(stray) > 10 else ''} (pass strict=False to ignore them)"
             )
 
-    raw = [_read_image(os.path.join(images_dir, f), None, normalize) for f in files]
-    if channels is None:
-        channels = 3 if any(a.shape[-1] == 3 for a in raw) else 1
-    images, annotations = [], []
-    for file, arr, masks in zip(files, raw, mask_files, strict=True):
-        path = os.path.join(images_dir, file)
-        if arr.shape[-1] != channels:
-            arr = _read_image(path, channels, normalize)
-        stack = []
-        for mpath in masks:
-            mask = _read_mask(mpath, binarize, num_classes)
-            if mask.shape != arr.shape[:2]:
-                raise ValueError(
-                    f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
-                    f"{path} is {arr.shape[1]}x{arr.shape[0]}"
-                )
-            stack.append(mask if size is None else _resize(mask, size, nearest=True))
-        if size is not None:
-            arr = _resize(arr, size, nearest=False)
-        elif images and arr.shape[:2] != images[0].shape[:2]:
-            raise ValueError(
-                f"image {path} is {arr.shape[1]}x{arr.shape[0]} but {files[0]} is "
-                f"{images[0].shape[1]}x{images[0].shape[0]}; pass image_size= to resize"
-            )
-        images.append(arr.astype(np.float32))
-        annotations.append(np.stack(stack))
-    annotations = np.stack(annotations)
-    if binarize:
-        inferred = 2
-    else:
-        inferred = max(2, int(annotations.max()) + 1)
-    if num_classes is None:
-        num_classes = inferred
-    elif binarize and num_classes != 2:
-        raise ValueError(f"binarize=True gives 2 classes; got num_classes={num_classes}.")
-    if class_names is None:
-        class_names = (
-            ("background", "foreground")
-            if num_classes == 2
-            else ("background",) + tuple(f"class {c}" for c in range(1, num_classes))
-        )
-    return AnnotatedImages(
-        images=np.stack(images),
-        annotations=annotations,
-        ids=tuple(stems),
-        num_classes=int(num_classes),
-        class_names=tuple(class_names),
+    return FolderPlan(
+        image_paths=tuple(os.path.join(images_dir, f) for f in files),
+        mask_paths=tuple(tuple(m) for m in mask_files),
+        stems=tuple(stems),
+        size=size,
+        binarize=bool(binarize),
+        num_classes=num_classes,
+        class_names=None if class_names is None else tuple(class_names),
+        channels=channels,
+        normalize=normalize,
     )

@@ -3,7 +3,6 @@ reimplementations, read with a restricted unpickler."""
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 from typing import Any, Optional
@@ -16,6 +15,8 @@ from tfp_seg.data.annotated_images import AnnotatedImages, PathLike
 # ================================================================================================
 # LIDC-IDRI crops (pickle)
 # ================================================================================================
+
+LIDC_CLASS_NAMES = ("background", "lesion")
 
 # Globals a pickle of numpy arrays, lists and dicts needs; anything else is refused.
 _SAFE_GLOBALS = {
@@ -52,19 +53,72 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _read_pickle(path: str, trusted: bool) -> Any:
-    with open(path, "rb") as f:
-        raw = f.read()
+    # From the open file, not its bytes read first: the peak is the unpickled objects alone.
     try:
-        if trusted:
-            return pickle.loads(raw, encoding="latin1")
-        return _ArrayUnpickler(io.BytesIO(raw), encoding="latin1").load()
+        with open(path, "rb") as f:
+            if trusted:
+                return pickle.load(f, encoding="latin1")
+            return _ArrayUnpickler(f, encoding="latin1").load()
     except _RefusedGlobal as exc:
         raise pickle.UnpicklingError(f"{path}: {exc}") from exc
     except Exception as exc:  # truncated / corrupt / not a pickle: say which file
         raise ValueError(f"could not read pickle {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def _pickle_files(path: str) -> list:
+def read_part(path: str, trusted: bool) -> dict:
+    """The dict `{image_id: entry}` of one pickle file (a `ValueError` names the file if it
+    holds anything else)."""
+    content = _read_pickle(path, trusted)
+    if not isinstance(content, dict):
+        raise ValueError(
+            f"{path}: expected a dict {{image_id: {{'image', 'masks'}}}}; got "
+            f"{type(content).__name__}."
+        )
+    return content
+
+
+def decode_entry(key: Any, entry: Any) -> tuple:
+    """`(image float32 [H, W], masks uint8 [K, H, W] (mask > 0.5 -> 1), group str)` of one
+    entry, checked; a `ValueError` names the image id."""
+    if not isinstance(entry, dict) or "image" not in entry or "masks" not in entry:
+        found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(
+            f"LIDC entry {key!r}: expected a dict with 'image' and 'masks'; got {found}."
+        )
+    image = np.asarray(entry["image"], dtype=np.float32)
+    try:
+        stack = np.stack([np.asarray(m) for m in entry["masks"]])
+    except ValueError as exc:
+        raise ValueError(f"LIDC entry {key!r}: its masks differ in shape ({exc}).") from exc
+    if image.ndim != 2:
+        raise ValueError(f"LIDC entry {key!r}: 'image' must be [H, W]; got {image.shape}.")
+    if stack.ndim != 3 or stack.shape[1:] != image.shape:
+        raise ValueError(
+            f"LIDC entry {key!r}: 'masks' must be K masks of the image's shape "
+            f"{image.shape}; got {stack.shape}."
+        )
+    if not np.all(np.isfinite(image)):
+        raise ValueError(f"LIDC entry {key!r}: 'image' contains NaN or Inf.")
+    masks = (stack.astype(np.float32) > 0.5).astype(np.uint8)
+    return image, masks, str(entry.get("series_uid", key))
+
+
+def check_agreement(first: Optional[tuple], key: Any, image, masks) -> tuple:
+    """`first` = `(key, image shape, K)` of the first entry (set from this one if None); a
+    `ValueError` names both entries if this one's image shape or number of masks differs."""
+    if first is None:
+        return (key, image.shape, masks.shape[0])
+    if (image.shape, masks.shape[0]) != first[1:]:
+        raise ValueError(
+            f"LIDC entry {key!r} has image shape {image.shape} and {masks.shape[0]} masks, "
+            f"but entry {first[0]!r} has {first[1]} and {first[2]}: all entries must agree."
+        )
+    return first
+
+
+def pickle_files(path: str) -> list:
+    """The pickle files of `path`: the file itself, or a folder's `.pickle` / `.pkl` files
+    sorted by name (a `FileNotFoundError` says what is missing)."""
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
@@ -115,14 +169,8 @@ def load_lidc_crops(
     path = os.fspath(path)
     max_images = _checks.positive_int(max_images, "max_images", optional=True)
     entries: dict = {}
-    for file in _pickle_files(path):
-        content = _read_pickle(file, trusted)
-        if not isinstance(content, dict):
-            raise ValueError(
-                f"{file}: expected a dict {{image_id: {{'image', 'masks'}}}}; got "
-                f"{type(content).__name__}."
-            )
-        entries.update(content)
+    for file in pickle_files(path):
+        entries.update(read_part(file, trusted))
     if not entries:
         raise ValueError(f"no images in {path!r} (the pickle holds an empty dict)")
     keys = sorted(entries, key=str)
@@ -132,41 +180,16 @@ def load_lidc_crops(
     first = None
     images, masks, groups = [], [], []
     for key in keys:
-        entry = entries[key]
-        if not isinstance(entry, dict) or "image" not in entry or "masks" not in entry:
-            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise ValueError(
-                f"LIDC entry {key!r}: expected a dict with 'image' and 'masks'; got {found}."
-            )
-        image = np.asarray(entry["image"], dtype=np.float32)
-        try:
-            stack = np.stack([np.asarray(m) for m in entry["masks"]])
-        except ValueError as exc:
-            raise ValueError(f"LIDC entry {key!r}: its masks differ in shape ({exc}).") from exc
-        if image.ndim != 2:
-            raise ValueError(f"LIDC entry {key!r}: 'image' must be [H, W]; got {image.shape}.")
-        if stack.ndim != 3 or stack.shape[1:] != image.shape:
-            raise ValueError(
-                f"LIDC entry {key!r}: 'masks' must be K masks of the image's shape "
-                f"{image.shape}; got {stack.shape}."
-            )
-        if first is None:
-            first = (key, image.shape, stack.shape[0])
-        elif (image.shape, stack.shape[0]) != first[1:]:
-            raise ValueError(
-                f"LIDC entry {key!r} has image shape {image.shape} and {stack.shape[0]} masks, "
-                f"but entry {first[0]!r} has {first[1]} and {first[2]}: all entries must agree."
-            )
-        if not np.all(np.isfinite(image)):
-            raise ValueError(f"LIDC entry {key!r}: 'image' contains NaN or Inf.")
+        image, stack, group = decode_entry(key, entries[key])
+        first = check_agreement(first, key, image, stack)
         images.append(image)
-        masks.append((stack.astype(np.float32) > 0.5).astype(np.uint8))
-        groups.append(str(entry.get("series_uid", key)))
+        masks.append(stack)
+        groups.append(group)
     return AnnotatedImages(
         images=np.stack(images)[..., None],
         annotations=np.stack(masks),
         ids=tuple(str(k) for k in keys),
         groups=tuple(groups),
         num_classes=2,
-        class_names=("background", "lesion"),
+        class_names=LIDC_CLASS_NAMES,
     )

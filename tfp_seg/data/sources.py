@@ -31,10 +31,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from tfp_seg.data import streamed
 from tfp_seg.data._dataset import AnnotatedSet, check_fractions
 from tfp_seg.data.ambiguous_shapes import AmbiguousShapes, ambiguous_shapes
-from tfp_seg.data.image_folder import load_image_folder
-from tfp_seg.data.lidc import load_lidc_crops
 
 __all__ = [
     "SOURCE_KINDS",
@@ -119,18 +118,38 @@ def parse_spec(spec: Any) -> DataSpec:
     return DataSpec("folder", tuple(parts))
 
 
-def load(spec: Any = "builtin", **options: Any) -> AnnotatedSet:
+def load(
+    spec: Any = "builtin",
+    *,
+    stream: Optional[bool] = None,
+    cache_dir: Optional[str] = None,
+    stream_threshold: Any = None,
+    **options: Any,
+) -> AnnotatedSet:
     """The data set a spec names: `AmbiguousShapes` for `builtin`, `AnnotatedImages` for the
-    others (images `[N, H, W, channels]` float32, annotations `[N, K, H, W]` class ids).
+    others (images `[N, H, W, channels]` float32, annotations `[N, K, H, W]` class ids), in
+    memory or streamed from disk (`DiskAnnotatedImages`, an `AnnotatedImages` whose arrays
+    stay in memory maps of a decoded cache).
 
     `options` go to the loader: `builtin` takes `num_images`, `image_size`,
     `num_annotations`, `seed` (`tfp_seg.data.ambiguous_shapes`); `lidc` takes `max_images`,
     `trusted` (`load_lidc_crops`); `folder` takes the keyword arguments of
     `load_image_folder`. An option the source does not take is an error naming it.
 
+    Streaming (`lidc` and `folder`; `builtin` is generated in memory): `stream=True` decodes
+    the source once, image by image or part file by part file, into a cache of `.npy` files
+    under `cache_dir` (default `$TFP_SEG_CACHE`, else `~/.cache/tfp_seg`; keyed by the spec,
+    the options and the source files' sizes and modification times, written atomically; see
+    `tfp_seg.data.cache`) and reads it through memory maps: a later load of the unchanged
+    source reuses it, a changed one is decoded again. `stream=False` decodes into memory.
+    `stream=None` (auto) streams when the decoded size, estimated before decoding, exceeds
+    `stream_threshold` (bytes, `"8GiB"`, `"30%"` of the physical memory; default
+    `$TFP_SEG_STREAM_THRESHOLD`, else a quarter of the physical memory:
+    `tfp_seg.data.streamed`). The result's `note` says which was done and why.
+
     Raises:
-      ValueError: a malformed spec, an option the source does not take, or what the loader
-        raises (names the file).
+      ValueError: a malformed spec, an option the source does not take, `stream=True` for
+        `builtin`, an unwritable `cache_dir`, or what the loader raises (names the file).
       FileNotFoundError: a path of the spec does not exist (the message names it).
     """
     parsed = parse_spec(spec)
@@ -144,10 +163,15 @@ def load(spec: Any = "builtin", **options: Any) -> AnnotatedSet:
         if not os.path.exists(path):
             raise FileNotFoundError(f"`data` spec {str(parsed)!r}: {path!r} does not exist.")
     if parsed.kind == "builtin":
+        if stream:
+            raise ValueError(
+                "`stream=True` does not apply to `builtin` (it is generated in memory); "
+                "streaming is for lidc:PATH and folder:IMAGES:MASKS."
+            )
         return ambiguous_shapes(**options)
-    if parsed.kind == "lidc":
-        return load_lidc_crops(parsed.paths[0], **options)
-    return load_image_folder(parsed.paths[0], parsed.paths[1], **options)
+    return streamed.load_source(
+        parsed.kind, parsed.paths, options, stream, cache_dir, stream_threshold
+    )
 
 
 def default_fractions(spec: Any) -> tuple:

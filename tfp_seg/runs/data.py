@@ -8,10 +8,16 @@ with `config.seed`. `train` writes the split to `<run>/split.json` (`SPLIT_FILE`
 `evaluate` / `sample` of a run take exactly its recorded parts back out of the source (a run
 folder without the file, from before the file existed, is split again, which gives the same
 parts for the built-in data).
+
+Users' data are loaded in memory or streamed from a disk cache as `config.stream` says (None:
+auto, by their decoded size; `tfp_seg.data.load`), the cache under `config.cache_dir` (default
+`$TFP_SEG_CACHE` or `~/.cache/tfp_seg`); the run log says which and why (`describe`), and
+`split.json` records whether the run streamed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -20,7 +26,14 @@ from tfp_seg import data as data_lib
 from tfp_seg._io import atomic_write_json
 from tfp_seg.runs.config import TrainConfig
 
-__all__ = ["SPLIT_FILE", "load_source", "make_data", "write_split", "describe"]
+__all__ = [
+    "SPLIT_FILE",
+    "load_source",
+    "make_data",
+    "evaluation_data",
+    "write_split",
+    "describe",
+]
 
 SPLIT_FILE = "split.json"
 
@@ -41,7 +54,7 @@ def load_source(config: TrainConfig):
             num_annotations=config.num_annotations,
             seed=config.seed,
         )
-    data = data_lib.load(spec)
+    data = data_lib.load(spec, stream=config.stream, cache_dir=config.cache_dir)
     height, width = data.images.shape[1:3]
     if config.backbone == "unet" and (height % 2**config.depth or width % 2**config.depth):
         raise ValueError(
@@ -81,11 +94,31 @@ def make_data(config: TrainConfig, run_dir: Optional[str] = None) -> tuple:
     return tuple(data_lib.select_split(source, record, part) for part in data_lib.SPLIT_PARTS)
 
 
+def evaluation_data(
+    config: TrainConfig,
+    run_dir: Optional[str],
+    data: Optional[str] = None,
+    stream: Optional[bool] = None,
+    cache_dir: Optional[str] = None,
+):
+    """What `tfp-seg evaluate | sample RUN` scores: the run's recorded test split, or with
+    `data` (a spec) every image of that source; in memory or streamed as `stream` says (None:
+    as the run did, auto for another source), the cache under `cache_dir` (default the run's).
+    """
+    cache_dir = cache_dir or config.cache_dir
+    if data:
+        other = dataclasses.replace(config, data=data, stream=stream, cache_dir=cache_dir)
+        return load_source(other.validate())
+    stream = config.stream if stream is None else stream
+    return make_data(dataclasses.replace(config, stream=stream, cache_dir=cache_dir), run_dir)[2]
+
+
 def write_split(run_dir: str, config: TrainConfig, parts: tuple) -> str:
     """Record the split of `parts` in `<run_dir>/split.json`; returns the path."""
     record = data_lib.split_record(
         config.data, parts, data_lib.sources.default_fractions(config.data), config.seed
     )
+    record["stream"] = isinstance(parts[0], data_lib.DiskAnnotatedImages)
     path = os.path.join(run_dir, SPLIT_FILE)
     atomic_write_json(path, record)
     return path
@@ -96,7 +129,9 @@ def describe(config: TrainConfig, parts: tuple) -> str:
     train, val, test = parts
     size = "x".join(str(n) for n in train.images.shape[1:3])
     source = "ambiguous_shapes" if config.data == "builtin" else config.data
-    return (
+    line = (
         f"data: {source} {size}, {len(train)} train / {len(val)} val / {len(test)} test "
         f"images, {train.num_annotations} annotations each"
     )
+    note = getattr(train, "note", "")
+    return f"{line}; {note}" if note else line

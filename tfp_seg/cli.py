@@ -42,7 +42,7 @@ from tfp_seg.runs.config import (
     load_config,
     stored_config,
 )
-from tfp_seg.runs.data import load_source, make_data
+from tfp_seg.runs.data import evaluation_data
 from tfp_seg.runs.evaluate import evaluate_data, load_run
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
@@ -75,6 +75,7 @@ _TRAIN_FLAGS = {
         "folder:IMAGES_DIR:MASKS_DIR (one or several masks per image); real data are split "
         "60/20/20 by patient series, recorded in <run>/split.json (default: builtin)",
     ),
+    "cache_dir": (str, "decode cache of streamed data (default: $TFP_SEG_CACHE, ~/.cache/tfp_seg)"),
     "head": (
         str,
         f"distribution head, one of {', '.join(HEADS)}, or a sampling baseline over a "
@@ -100,7 +101,7 @@ _TRAIN_FLAGS = {
         "weight of the per-pixel term added to the SSN joint MC loss; 0 = the paper's loss "
         "(default: 1)",
     ),
-    "epochs": (int, "training epochs (default: 12)"),
+    "epochs": (int, "training epochs (default: 36)"),
     "batch_size": (int, "batch size (default: 8)"),
     "learning_rate": (float, "Adam learning rate (default: 1e-3)"),
     "image_size": (int, "side of the built-in images, divisible by 2**depth (default: 64)"),
@@ -115,7 +116,7 @@ _TRAIN_FLAGS = {
         "how an image's raters are scored in training: random (one drawn per image and step), "
         "all (every rater, from one set of logit samples shared by them), marginal (the "
         "raters' per-pixel fractions as soft labels; heteroscedastic and deterministic heads "
-        "and the sampling baselines) (default: random)",
+        "and the sampling baselines) (default: all; random for --model prob_unet)",
     ),
     "augment": (
         _bool,
@@ -134,6 +135,9 @@ _TRAIN_FLAGS = {
     "beta": (float, "KL weight of --model prob_unet (default: 1.0)"),
     "seed": (int, "seed of data generation, initialisation and sampling (default: 0)"),
     "eval_samples": (int, "samples per image for evaluation (default: 16)"),
+    "val_every": (int, "validation GED, HM-IoU, diversity every N epochs; 0 = off (default: 9)"),
+    "val_images": (int, "validation images scored for the curves, the first ones (default: 16)"),
+    "val_samples": (int, "samples per validation image for the curves (default: 16)"),
     "output_dir": (str, "folder of run folders (default: runs)"),
     "savedmodels_dir": (str, "TF Serving model base folder (default: savedmodels)"),
     "strategy": (
@@ -148,6 +152,13 @@ _TRAIN_FLAGS = {
         "losses stay float32; default: float32)",
     ),
 }
+
+
+_STREAM_HELP = (
+    "users' data: decode once into a disk cache and stream batches from it, or --no-stream: "
+    "into memory (default: %sstream when the decoded size exceeds a quarter of the memory or "
+    "$TFP_SEG_STREAM_THRESHOLD)"
+)
 
 
 class CLIError(Exception):
@@ -191,6 +202,7 @@ def _add_train(sub):
         help="back up every epoch to <run>/backup and, if a backup is there, continue from it "
         "(needs --name; rerun the same command after an interruption)",
     )
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, help=_STREAM_HELP % "")
 
 
 def _add_run_arg(p):
@@ -282,11 +294,14 @@ def _add_data_arg(p) -> None:
         help="images of another source (a --data spec of train), all of them; default: the "
         "run's own test split (<run>/split.json)",
     )
+    stream_help = _STREAM_HELP % "as the run did, else "
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, help=stream_help)
+    p.add_argument("--cache-dir", help="decode cache of streamed data (default: the run's)")
 
 
 def _train_config(args) -> TrainConfig:
     values = load_config(args.config) if args.config else {}
-    for field in list(_TRAIN_FLAGS) + ["export", "progress", "resume"]:
+    for field in list(_TRAIN_FLAGS) + ["export", "progress", "resume", "stream"]:
         value = getattr(args, field, None)
         if value is not None:
             values[field] = value
@@ -326,9 +341,7 @@ def _export_saved_model(model, config: TrainConfig, name: str, target: Optional[
 
 def _test_data(args, config, run_dir):
     """The run's recorded test split, or with `--data SPEC` every image of that source."""
-    if getattr(args, "data", None):
-        return load_source(dataclasses.replace(config, data=args.data).validate())
-    return make_data(config, run_dir)[2]
+    return evaluation_data(config, run_dir, args.data, args.stream, args.cache_dir)
 
 
 def cmd_evaluate(args) -> int:
@@ -365,14 +378,13 @@ def cmd_sample(args) -> int:
     if args.images < 1:
         raise CLIError(f"--images must be >= 1; got {args.images}")
     subset = test[: args.images]
-    samples = model.sample(subset.images, args.num_samples, seed=args.seed)
+    images, annotations = np.asarray(subset.images), np.asarray(subset.annotations)
+    samples = model.sample(images, args.num_samples, seed=args.seed)
     out = args.output or os.path.join(run_dir, "samples.npz")
     _ensure_writable(os.path.dirname(os.path.abspath(out)))
     # Through an open file: numpy would add ".npz" to a path without it.
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(
-            f, images=subset.images, samples=samples, annotations=subset.annotations
-        )
+        np.savez_compressed(f, images=images, samples=samples, annotations=annotations)
     print(f"wrote {samples.shape[0]} samples of {samples.shape[1]} images to {out}")
     return 0
 

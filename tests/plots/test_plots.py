@@ -110,6 +110,91 @@ def test_reliability_bars_equal_accuracies(tmp_path, shapes, rng):
         plots.plot_reliability_diagram({"accuracy": data["accuracy"]})
 
 
+def _history():
+    return {
+        "loss": [3.0, 2.5, 2.2, 2.0],
+        "val_loss": [3.1, 2.7, float("nan"), 2.3],
+        "val_eval_epochs": [2, 4],
+        "val_ged": [0.3, 0.2],
+        "val_hm_iou": [0.5, 0.6],
+        "val_diversity": [0.7, 0.5],
+        "member_0/loss": [1.0],  # other keys are ignored
+    }
+
+
+def test_training_curves_panels_data_and_reference_lines(tmp_path):
+    history = _history()
+    path = tmp_path / "curves.png"
+    fig = plots.plot_training_curves(
+        history, reference={"val_ged": 0.03, "val_diversity": 0.46}, path=path
+    )
+    assert [ax.get_title() for ax in fig.axes] == [
+        "loss ↓",
+        "validation D²_GED ↓",
+        "validation HM-IoU ↑",
+        "validation sample diversity",
+    ]
+    loss_ax, ged_ax, hm_ax, div_ax = fig.axes
+    train, val = loss_ax.lines
+    np.testing.assert_array_equal(train.get_xdata(), [1, 2, 3, 4])
+    np.testing.assert_array_equal(train.get_ydata(), history["loss"])
+    np.testing.assert_array_equal(val.get_ydata(), history["val_loss"])  # NaN: a gap
+    for ax, key in ((ged_ax, "val_ged"), (hm_ax, "val_hm_iou"), (div_ax, "val_diversity")):
+        np.testing.assert_array_equal(ax.lines[0].get_xdata(), [2, 4])
+        np.testing.assert_array_equal(ax.lines[0].get_ydata(), history[key])
+    assert [line.get_ydata()[0] for line in ged_ax.lines[1:]] == [0.03]
+    assert [line.get_ydata()[0] for line in div_ax.lines[1:]] == [0.46]
+    assert len(hm_ax.lines) == 1  # no reference given
+    assert {ax.get_xlim() for ax in fig.axes} == {(0.5, 4.5)}  # one epoch axis
+    assert div_ax.get_legend().get_texts()[1].get_text() == "oracle"
+    assert_png(path)
+    only_loss = plots.plot_training_curves({"loss": [1.0, 0.5]}, title="losses")
+    assert len(only_loss.axes) == 1 and only_loss._suptitle.get_text() == "losses"
+    only_val = {k: v for k, v in history.items() if not k.endswith("loss")}
+    assert len(plots.plot_training_curves(only_val).axes) == 3
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"val_eval_epochs": None}, "but no `val_eval_epochs`"),
+        ({"val_eval_epochs": [2, 2]}, "must be increasing epoch numbers >= 1"),
+        ({"val_eval_epochs": [0, 4]}, "must be increasing epoch numbers >= 1"),
+        ({"val_ged": [0.3]}, r"`history\['val_ged'\]` must have one value per entry .* \(2\)"),
+        ({"val_loss": [1.0]}, r"`history\['val_loss'\]` must have one value per entry"),
+        ({"loss": [[1.0, 2.0]]}, "must be a non-empty list of numbers"),
+        (
+            {
+                "loss": None,
+                "val_loss": None,
+                "val_ged": None,
+                "val_hm_iou": None,
+                "val_diversity": None,
+            },
+            "nothing to plot",
+        ),
+    ],
+)
+def test_training_curves_bad_history_is_a_clear_error(change, match):
+    history = _history()
+    for key, value in change.items():
+        if value is None:
+            history.pop(key)
+        else:
+            history[key] = value
+    with pytest.raises(ValueError, match=match):
+        plots.plot_training_curves(history)
+
+
+def test_training_curves_bad_reference_is_a_clear_error():
+    with pytest.raises(ValueError, match="`history` must be a mapping"):
+        plots.plot_training_curves([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"`reference` has keys \['ged'\]"):
+        plots.plot_training_curves(_history(), reference={"ged": 0.1})
+    with pytest.raises(ValueError, match="must be finite"):
+        plots.plot_training_curves(_history(), reference={"val_ged": float("nan")})
+
+
 def test_no_module_level_matplotlib_in_tfp_seg():
     """matplotlib is imported inside functions only: importing tfp_seg chooses no backend."""
     import ast

@@ -167,3 +167,34 @@ def test_cli_evaluate_writes_report_markdown_and_figures(tiny_run, tmp_path, cap
         == 0
     )
     assert (bare / "report.md").is_file() and not (bare / "figures").exists()
+
+
+def test_write_report_draws_the_training_curves_of_the_history(tmp_path):
+    history = {
+        "loss": [2.0, 1.5, 1.2],
+        "val_loss": [2.1, 1.7, 1.4],
+        "val_eval_epochs": [2, 3],
+        "val_ged": [0.3, 0.2],
+        "val_hm_iou": [0.5, 0.6],
+        "val_diversity": [0.7, 0.5],
+        "oracle_val_ged": 0.01,
+        "oracle_val_hm_iou": 0.8,
+        "oracle_val_diversity": 0.45,
+    }
+    report = _fake_report() | {"val_ged": 0.2, "oracle_val_ged": 0.01, "val_eval_epoch": 3}
+    out = tmp_path / "run"
+    written = reporting.write_report(out, report, history=history)
+    assert [os.path.relpath(p, out) for p in written["figures"]] == ["figures/curves.png"]
+    assert_png(out / "figures" / "curves.png")
+    md = (out / "report.md").read_text()
+    assert "](figures/curves.png)" in md and "(dashed: the oracle)" in md
+    assert "D²_GED (validation) ↓ (`val_ged`) | 0.2000 | 0.0100 |" in md
+    # No history given: the run folder's history.json; users' data: the raters' line.
+    users = {k: v for k, v in history.items() if not k.startswith("oracle_")}
+    (out / "history.json").write_text(json.dumps(users | {"val_reference_diversity": 0.4}))
+    reporting.write_report(out, _fake_report())
+    assert "(dashed: the raters)" in (out / "report.md").read_text()
+    (out / "history.json").write_text(json.dumps({"val_loss": "oops"}))  # nothing to plot
+    assert reporting.write_report(out, _fake_report())["figures"] == []
+    with pytest.raises(ValueError, match="`history` must be a mapping of lists"):
+        reporting.write_report(out, _fake_report(), history=[1, 2])

@@ -1,4 +1,5 @@
-"""Figures of probabilistic segmentations: samples, uncertainty maps, reliability diagrams.
+"""Figures of probabilistic segmentations: samples, uncertainty maps, reliability diagrams,
+training curves.
 
 Every function takes NumPy arrays (or eager tensors), returns a `matplotlib.figure.Figure` and,
 given `path=`, also writes it as a PNG. The figures are made to be looked at: titles, class
@@ -24,12 +25,14 @@ import numpy as np
 from tfp_seg import _checks
 from tfp_seg.plots import _common
 from tfp_seg.plots._common import class_colors
+from tfp_seg.plots.curves import plot_training_curves
 from tfp_seg.plots.reliability import plot_reliability_diagram
 
 __all__ = [
     "class_colors",
     "plot_reliability_diagram",
     "plot_samples_grid",
+    "plot_training_curves",
     "plot_uncertainty_maps",
 ]
 

@@ -6,6 +6,7 @@ config.py     TrainConfig, load_config, the choices: HEADS (distribution heads),
 data.py       make_data: the source of `config.data` and the run's recorded split
 model.py      build_model, compile_model, sampler_for (the run's predictive sampler)
 train.py      train: run folder, training loop (strategies, resume, ensembles), save_model
+monitor.py    ValidationMonitor: validation GED / HM-IoU / diversity every few epochs
 evaluate.py   load_run, evaluate_trained (evaluation + report of a trained run)
 report.py     write_report, render_markdown, METRICS: report.json, report.md
 figures.py    the report's PNG figures

@@ -4,23 +4,28 @@
 <out_dir>/figures/samples_<i>.png     image | K annotations | N model samples (test image i)
 <out_dir>/figures/uncertainty_<i>.png image | P(class) | predictive entropy | mutual information
 <out_dir>/figures/reliability.png     accuracy per confidence bin vs the diagonal, ECE
+<out_dir>/figures/curves.png          loss per epoch; validation GED, HM-IoU, diversity per
+                                      evaluated epoch, with the oracle's (or raters') values
 ```
+
+`draw_curves` draws the last from the run's history alone (`history.json`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from tfp_seg import metrics, plots
 from tfp_seg._io import atomic_path
 from tfp_seg.data import AmbiguousShapes
+from tfp_seg.plots.curves import EPOCHS_KEY, VALIDATION_CURVES
 from tfp_seg.uncertainty import mutual_information, predictive_entropy
 
-__all__ = ["draw_figures"]
+__all__ = ["draw_curves", "draw_figures"]
 
 _AMBIGUOUS_SHAPES_CLASSES = ("background", "class A", "class B")
 
@@ -51,10 +56,15 @@ def _check_data(data: Any) -> tuple:
             "`data` must have `images` [B, H, W, channels] and `annotations` [B, K, H, W] "
             f"(AmbiguousShapes, AnnotatedImages); got {type(data).__name__}."
         )
-    images, annotations = np.asarray(images), np.asarray(annotations)
+    # Arrays and array-likes with a shape (the memory-mapped views of a streamed source) are
+    # sliced batch by batch below, never read whole.
+    if not hasattr(images, "shape"):
+        images = np.asarray(images)
+    if not hasattr(annotations, "shape"):
+        annotations = np.asarray(annotations)
     if (
-        images.ndim != 4
-        or annotations.ndim != 4
+        len(images.shape) != 4
+        or len(annotations.shape) != 4
         or images.shape[0] != annotations.shape[0]
         or images.shape[1:3] != annotations.shape[2:]
     ):
@@ -101,6 +111,33 @@ def _reliability_result(acc: dict) -> dict:
         "edges": acc["edges"],
         "ece": float(np.abs(acc["acc_sum"] - acc["conf_sum"]).sum() / n),
     }
+
+
+def draw_curves(out_dir: str, history: Mapping[str, Any], dpi: int) -> list:
+    """`figures/curves.png` of a run's history (`tfp_seg.plots.plot_training_curves`): the
+    losses, and the validation curves with horizontal lines at `oracle_val_<metric>` (built-in
+    benchmark) or `val_reference_diversity` (the raters' diversity, users' data). Returns
+    `[(caption, "figures/curves.png")]`, or `[]` for a history with nothing to plot."""
+    curves = [k for k in VALIDATION_CURVES if k in history]
+    if "loss" not in history and not curves:
+        return []
+    reference = {k: history[f"oracle_{k}"] for k in curves if f"oracle_{k}" in history}
+    label = "oracle"
+    if not reference and "val_reference_diversity" in history:
+        reference, label = {"val_diversity": history["val_reference_diversity"]}, "raters"
+    points = len(history.get(EPOCHS_KEY) or [])
+    detail = f"{points} validation evaluations" if curves else "no validation curves"
+    fig = plots.plot_training_curves(
+        history, reference=reference, reference_label=label, title=f"Training curves ({detail})"
+    )
+    fig_dir = os.path.join(out_dir, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    _save_figure(fig, os.path.join(fig_dir, "curves.png"), dpi)
+    caption = "Training curves: loss per epoch"
+    if curves:
+        caption += ", validation GED, HM-IoU and diversity per evaluated epoch"
+        caption += f" (dashed: the {label})" if reference else ""
+    return [(caption, "figures/curves.png")]
 
 
 def draw_figures(

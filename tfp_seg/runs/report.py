@@ -6,6 +6,8 @@
 <out_dir>/figures/samples_<i>.png     image | K annotations | N model samples (test image i)
 <out_dir>/figures/uncertainty_<i>.png image | P(class) | predictive entropy | mutual information
 <out_dir>/figures/reliability.png     accuracy per confidence bin vs the diagonal, ECE
+<out_dir>/figures/curves.png          loss per epoch; validation GED, HM-IoU, diversity per
+                                      evaluated epoch (from the run's history.json)
 ```
 
 `write_report` writes all of them (each file with `tfp_seg._io`: a temporary name, fsync,
@@ -28,7 +30,7 @@ import numpy as np
 from tfp_seg import _checks
 from tfp_seg._io import atomic_write_json, atomic_write_text
 from tfp_seg.evaluation import evaluate_ambiguous
-from tfp_seg.runs.figures import draw_figures
+from tfp_seg.runs.figures import draw_curves, draw_figures
 
 __all__ = ["METRICS", "render_markdown", "write_report"]
 
@@ -189,6 +191,30 @@ METRICS: dict = {
         "Area under the generalized risk-coverage curve of the images (1 - Dice accepted, "
         "divided by all images, averaged over coverages).",
     ),
+    "val_ged": (
+        "D²_GED (validation)",
+        "lower",
+        "The last point of the validation curve (figures/curves.png, epoch `val_eval_epoch`): "
+        "the same GED on the first `val_images` validation images with `val_samples` "
+        "samples, the oracle's value on those images.",
+    ),
+    "val_hm_iou": (
+        "HM-IoU (validation)",
+        "higher",
+        "The last point of the validation HM-IoU curve (as `val_ged`).",
+    ),
+    "val_diversity": (
+        "sample diversity (validation)",
+        "match",
+        "The last point of the validation diversity curve (as `val_ged`); the oracle is the "
+        "exact E[d(Y,Y')] of those images.",
+    ),
+    "val_reference_diversity": (
+        "rater diversity (validation)",
+        "-",
+        "Users' data: the raters' diversity on the validation images of the curves, which "
+        "`val_diversity` should match.",
+    ),
 }
 """`{key: (name shown, better direction, meaning)}` of every report metric, in table order."""
 
@@ -346,6 +372,20 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _read_run_file(out_dir: str, name: str) -> Optional[dict]:
+    """`out_dir/name` (a run's config.json or history.json) as a dict; None if missing or
+    unreadable (the report does not depend on it)."""
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def write_report(
     out_dir: PathLike,
     report: Optional[Mapping[str, Any]] = None,
@@ -362,6 +402,7 @@ def write_report(
     progress: Optional[bool] = None,
     dpi: int = 100,
     title: Optional[str] = None,
+    history: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """Write `report.json`, `report.md` and the figures of an evaluation into `out_dir`.
 
@@ -387,6 +428,10 @@ def write_report(
       progress: Progress bar over the batches; None: only for 64 images or more.
       dpi: Resolution of the PNGs.
       title: First heading of `report.md` (default "Evaluation report: <run>").
+      history: The run's training history (as `history.json`: `loss`, `val_loss` per epoch,
+        the validation curves of `tfp_seg.runs.monitor`) for `figures/curves.png`
+        (`tfp_seg.plots.plot_training_curves`; needs neither `model` nor `data`). None: read
+        `out_dir/history.json` if there is one.
 
     Returns:
       `{"json": path, "markdown": path, "figures": [paths]}`.
@@ -417,19 +462,19 @@ def write_report(
         raise ValueError(f"`report` must be a mapping; got {type(report).__name__}.")
     report = _jsonable(report)
     if config is None:
-        cfg_path = os.path.join(out_dir, "config.json")
-        if os.path.isfile(cfg_path):
-            try:
-                with open(cfg_path, encoding="utf-8") as f:
-                    config = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                config = None  # the report does not depend on it; leave it out
+        config = _read_run_file(out_dir, "config.json")
     config = _config_dict(config)
+    if history is None:
+        history = _read_run_file(out_dir, "history.json")
+    if history is not None and not isinstance(history, Mapping):
+        raise ValueError(f"`history` must be a mapping of lists; got {type(history).__name__}.")
     os.makedirs(out_dir, exist_ok=True)
 
     figure_list = []
+    if figures and history:
+        figure_list += draw_curves(out_dir, history, dpi)
     if figures and model is not None and data is not None:
-        figure_list = draw_figures(
+        figure_list += draw_figures(
             out_dir,
             model,
             data,

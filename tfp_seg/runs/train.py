@@ -3,7 +3,7 @@ saved model. Evaluation and the report follow in `tfp_seg.runs.evaluate`.
 
 ```none
 <output_dir>/<name>/config.json    the resolved configuration
-<output_dir>/<name>/history.json   per-epoch losses
+<output_dir>/<name>/history.json   per-epoch losses; validation curves (tfp_seg.runs.monitor)
 <output_dir>/<name>/model.keras    the trained model (ensemble/: one .keras per member)
 <output_dir>/<name>/backup/        per-epoch backup of a --resume run (deleted at the end)
 ```
@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from tfp_seg import _interrupt, distribute
 from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
+from tfp_seg.runs import monitor as validation
 from tfp_seg.runs.config import TrainConfig
 from tfp_seg.runs.data import describe, make_data, write_split
 from tfp_seg.runs.evaluate import evaluate_trained
@@ -85,11 +86,16 @@ def save_model(model, run_dir: str, config: TrainConfig) -> str:
 
 
 def _mean_history(histories):
-    keys = set.intersection(*(set(h) for h in histories))
-    return {
+    """A deep ensemble's history: the members' per-epoch values averaged; the validation
+    curves of the last member, which are the whole ensemble's (`monitor.validation_sampler`);
+    every member's own as `member_<i>/<key>`."""
+    keys = set.intersection(*(set(h) for h in histories)) - set(validation.CURVE_KEYS)
+    mean = {
         k: [float(sum(vals) / len(vals)) for vals in zip(*(h[k] for h in histories), strict=True)]
         for k in sorted(keys)
-    } | {f"member_{i}/{k}": v for i, h in enumerate(histories) for k, v in h.items()}
+    }
+    mean |= {k: v for k, v in histories[-1].items() if k in validation.CURVE_KEYS}
+    return mean | {f"member_{i}/{k}": v for i, h in enumerate(histories) for k, v in h.items()}
 
 
 def _prepare_run_dir(config: TrainConfig) -> str:
@@ -159,12 +165,17 @@ def train(config: TrainConfig, log=print) -> dict:
     if len(val_data) < config.batch_size:
         val_ds = distribute.divisible_batches(val_ds, replicas)
     start = time.time()
-    histories = []
+    histories, monitors = [], []
     for i, member in enumerate(members):
         if len(members) > 1:
             log(f"ensemble member {i + 1}/{len(members)}")
         guard = NonFiniteGuard()
         callbacks = [guard, InterruptGuard()]
+        # Before the backup, which then stores the validation values with the epoch's weights.
+        monitor = validation.make_monitor(model, config, val_data, strategy, member=i, log=log)
+        if monitor is not None:
+            callbacks.append(monitor)
+            monitors.append(monitor)
         member_ds, steps = train_ds, None
         if config.resume:
             backup_dir = os.path.join(run_dir, "backup")
@@ -204,9 +215,11 @@ def train(config: TrainConfig, log=print) -> dict:
         if guard.message:
             raise FloatingPointError(guard.message)
         history = backup.history if config.resume else history.history
-        histories.append({k: [float(v) for v in vals] for k, vals in history.items()})
+        histories.append(validation.history_record(history))
     train_seconds = time.time() - start
     hist = histories[0] if len(histories) == 1 else _mean_history(histories)
+    if monitors and validation.EPOCHS_KEY in hist:
+        hist.update(monitors[-1].reference_values())
     atomic_write_json(os.path.join(run_dir, "history.json"), hist)
     saved = save_model(model, run_dir, config)
     if config.resume:  # the saved model supersedes the backup
@@ -220,6 +233,9 @@ def train(config: TrainConfig, log=print) -> dict:
     }
     if math.isfinite(hist.get("val_loss", [math.nan])[-1]):
         facts["final_val_loss"] = hist["val_loss"][-1]
+    if monitors:
+        facts["val_seconds"] = round(sum(m.seconds for m in monitors), 2)
+    facts.update(validation.report_facts(hist))
     report = evaluate_trained(model, config, test_data, run_dir, facts=facts, log=log)
     log(f"wrote {os.path.join(run_dir, 'report.json')} and {saved}")
     keras.backend.clear_session(free_memory=False)

@@ -211,3 +211,28 @@ def test_bench_evaluation_memory_runs(bench_path, tmp_path):
     assert [r["images"] for r in rows] == [3, 5]
     assert all(r["peak_mib"] >= 0 and r["seconds"] > 0 for r in rows)
     assert rows[0]["peak_vs_first"] in (1.0, None) and report["batch_logits_mib"] > 0
+
+
+# One tiny `tfp-seg train` child (TensorFlow imported in it): over 5 s, so in the slow suite.
+@pytest.mark.slow
+def test_study_quality_runs_and_resumes(bench_path, tmp_path, capsys):
+    import study_quality
+
+    out = str(tmp_path / "quality.jsonl")
+    tiny = "--epochs 1 --num-images 40 --image-size 32 --base-filters 4 --depth 2 --rank 2"
+    tiny += " --num-samples 4 --eval-samples 4 --val-every 0"
+    args = ["--variants", "base", "--extra", tiny, "--out", out]
+    assert study_quality.main(args) == 0
+    with open(out) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 1 and rows[0]["variant"] == "base" and rows[0]["seed"] == 0
+    # the base's flags come first, the extra ones after them (argparse: the last one wins)
+    assert rows[0]["flags"][:4] == study_quality.BASE and rows[0]["flags"][-1] == "0"
+    metrics = rows[0]["metrics"]
+    assert 0 <= metrics["hm_iou"] <= 1 and 0 <= metrics["diversity"] <= 1
+    assert metrics["train_seconds"] > 0 and metrics["oracle_hm_iou"] > 0
+    assert "| base | 0 |" in capsys.readouterr().out
+    # a variant and seed already in the file is not run again
+    assert study_quality.main(args) == 0
+    with open(out) as f:
+        assert len(f.readlines()) == 1

@@ -51,6 +51,8 @@ BRATS_REGIONS: Mapping[str, tuple[int, ...]] = {
     "tumour_core": (1, 3),
     "enhancing": (3,),
 }
+"""The BraTS evaluation regions over class ids (0 background, 1 necrotic / non-enhancing
+core, 2 oedema, 3 enhancing tumour): whole tumour, tumour core, enhancing tumour."""
 
 _FORM = "[B, *S] integer label maps, axis 0 = images / volumes"
 

@@ -120,25 +120,33 @@ def peak_rss_increase_mib(
         "repeats": repeats,
         "warmup": warmup,
     }
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    peaks = run_memory_child(
+        ["-c", _CHILD_CODE, bench_dir, json.dumps(spec)],
+        _RESULT_MARK,
+        f"memory child for {factory}({kwargs}) in {module_file}",
+    )
+    return statistics.median(peaks)
+
+
+def run_memory_child(args: Sequence[str], mark: str, what: str):
+    """Run `python *args` in a fresh process with `MEMORY_CHILD_ENV` and this process's
+    import path; return the JSON after `mark` on its last line that starts with `mark`.
+
+    Raises:
+      RuntimeError: the child failed or printed no such line (`what` names it; the end of its
+        stderr is included).
+    """
     env = dict(os.environ, **MEMORY_CHILD_ENV)
     # the child finds what this process finds (the caller's module may import its neighbours)
     env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
-    bench_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD_CODE, bench_dir, json.dumps(spec)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    results = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    results = [line for line in proc.stdout.splitlines() if line.startswith(mark)]
     if proc.returncode or not results:
-        raise RuntimeError(
-            f"memory child for {factory}({kwargs}) in {module_file} failed (exit status "
-            f"{proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return statistics.median(json.loads(results[-1][len(_RESULT_MARK) :]))
+        raise RuntimeError(f"{what} failed (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(results[-1][len(mark) :])
 
 
 def _rss_child(spec_json: str) -> None:

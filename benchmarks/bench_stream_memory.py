@@ -38,7 +38,6 @@ import os
 import pickle
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -241,22 +240,11 @@ def measure(
         "size": size,
         "raters": raters,
     }
-    env = dict(os.environ, **_common.MEMORY_CHILD_ENV)
-    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", json.dumps(job)],
-        env=env,
-        capture_output=True,
-        text=True,
+    return _common.run_memory_child(
+        [os.path.abspath(__file__), "--child", json.dumps(job)],
+        _RESULT_MARK,
+        f"stream-memory child for {spec} (stream={stream})",
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
-    if proc.returncode or not lines:
-        raise RuntimeError(
-            f"stream-memory child for {spec} (stream={stream}) failed (exit status "
-            f"{proc.returncode}):\n{proc.stderr[-4000:]}"
-        )
-    return json.loads(lines[-1][len(_RESULT_MARK) :])
 
 
 def main(argv=None):

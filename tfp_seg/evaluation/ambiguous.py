@@ -42,7 +42,11 @@ def _joint_nll_sum(logit_samples: np.ndarray, annotations: np.ndarray) -> float:
 
 
 def _ged_terms(
-    samples: np.ndarray, modes: np.ndarray, weights: np.ndarray, num_classes: int
+    samples: np.ndarray,
+    modes: np.ndarray,
+    weights: np.ndarray,
+    num_classes: int,
+    d_yy: Optional[np.ndarray] = None,
 ) -> dict:
     """Unbiased `D_GED^2` terms of one image: `N >= 2` samples `[N, *S]` vs the exact modes
     `[M, *S]` (any spatial rank: the distances are over all pixels / voxels).
@@ -53,13 +57,17 @@ def _ged_terms(
     reference_diversity = w^T D w,  D_kl = d(m_k, m_l)                    exact E[d(Y,Y')]
     ged                 = 2 cross - sample_diversity - reference_diversity
     ```
+
+    `d_yy`: the `[M, M]` mode distances `D` when the caller has them already (they depend on
+    the image only, so the model's and the oracle's terms share one computation).
     """
     n = samples.shape[0]
     w = np.asarray(weights, np.float64)
     w = w / w.sum()
     d_ss = metrics.pairwise_iou_distance(samples, samples, num_classes)
     d_sy = metrics.pairwise_iou_distance(samples, modes, num_classes)
-    d_yy = metrics.pairwise_iou_distance(modes, modes, num_classes)
+    if d_yy is None:
+        d_yy = metrics.pairwise_iou_distance(modes, modes, num_classes)
     cross = float(np.mean(d_sy @ w))
     sample_div = float((d_ss.sum() - np.trace(d_ss)) / (n * (n - 1)))
     reference_div = float(w @ d_yy @ w)
@@ -172,11 +180,12 @@ def evaluate_ambiguous(
         for j in range(len(part)):
             modes, weights = data.modes_of(start + j)
             s = label_samples[:, j]
-            terms = _ged_terms(s, modes, weights, num_classes)
+            d_yy = metrics.pairwise_iou_distance(modes, modes, num_classes)
+            terms = _ged_terms(s, modes, weights, num_classes, d_yy)
             for key in ("ged", "cross", "sample_diversity", "reference_diversity"):
                 per_image[key].append(terms[key])
             oracle_samples = sample_annotations(modes, weights, num_samples, rng)
-            oracle_terms = _ged_terms(oracle_samples, modes, weights, num_classes)
+            oracle_terms = _ged_terms(oracle_samples, modes, weights, num_classes, d_yy)
             per_image["oracle_ged"].append(oracle_terms["ged"])
             per_image["hm"].append(
                 metrics.hungarian_matched_iou(s, annotations[j], num_classes, spatial_dims=spatial)

@@ -10,6 +10,7 @@ from tfp_seg.models.backbones import (
 from tfp_seg.models.ensembles import EnsembleSegmenter
 from tfp_seg.models.prob_unet import ProbabilisticUNet
 from tfp_seg.models.segmenter import ProbabilisticSegmenter
+from tfp_seg.models.sliding import SlidingWindowSampler, sliding_window_params
 from tfp_seg.models.unet import UNet
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
 
@@ -25,4 +26,6 @@ __all__ = [
     "MCDropout",
     "DeepEnsemble",
     "EnsembleSegmenter",
+    "SlidingWindowSampler",
+    "sliding_window_params",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence, Union
+from typing import List, Sequence, Union
 
 import numpy as np
 
@@ -112,21 +112,29 @@ class AnnotatedImages(AnnotatedSet):
         turn to the part that is furthest below its target size, so no group is split and the
         parts are as close to `fractions` as whole groups allow. Images keep their order.
         """
-        f = check_fractions(fractions)
-        names, inverse = np.unique(
-            np.asarray(self.groups, dtype=object).astype(str), return_inverse=True
-        )
-        sizes = np.bincount(inverse, minlength=len(names))
-        order = np.random.default_rng(seed).permutation(len(names))
-        targets = f * len(self)
-        filled = np.zeros(len(f))
-        part_of = np.empty(len(names), np.int64)
-        for g in order:
-            part = int(np.argmax(targets - filled))
-            part_of[g] = part
-            filled[part] += sizes[g]
-        return tuple(self._take(np.flatnonzero(part_of[inverse] == p)) for p in range(len(f)))
+        return tuple(self._take(idx) for idx in group_split(self.groups, fractions, seed))
 
     def train_val_test(self, seed: int = 0) -> tuple[AnnotatedImages, ...]:
         """`split((0.8, 0.1, 0.1), seed)`."""
         return self.split((0.8, 0.1, 0.1), seed=seed)
+
+
+def group_split(groups: Sequence, fractions: Sequence[float], seed: int) -> List[np.ndarray]:
+    """Index arrays of disjoint parts of about `fractions` of the items, by *group*.
+
+    `groups[i]` names the group of item i. The groups are shuffled with `seed` and assigned in
+    turn to the part that is furthest below its target size, so no group is split and the
+    parts are as close to `fractions` as whole groups allow. Indices keep their order.
+    """
+    f = check_fractions(fractions)
+    names, inverse = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(names))
+    order = np.random.default_rng(seed).permutation(len(names))
+    targets = f * len(groups)
+    filled = np.zeros(len(f))
+    part_of = np.empty(len(names), np.int64)
+    for g in order:
+        part = int(np.argmax(targets - filled))
+        part_of[g] = part
+        filled[part] += sizes[g]
+    return [np.flatnonzero(part_of[inverse] == p) for p in range(len(f))]

@@ -151,14 +151,15 @@ class NpyAppender:
         self._file.close()
 
 
-def _unwritable(folder: str, exc: OSError) -> ValueError:
+def unwritable_error(folder: str, exc: OSError) -> ValueError:
+    """The error for a cache folder that cannot be written (names the folder and the fix)."""
     return ValueError(
         f"cannot write the data cache in {folder!r} ({exc.strerror or exc}): pass a writable "
         f"folder as `cache_dir` (tfp-seg --cache-dir) or set ${CACHE_ENV}."
     )
 
 
-def _remove_stale(source_dir: str, keep: str) -> None:
+def remove_stale(source_dir: str, keep: str) -> None:
     """Remove the source's other versions, the `.tmp-` folders of decodes whose process is
     gone, and complete caches left aside by an interrupted replacement."""
     host = socket.gethostname()
@@ -207,7 +208,7 @@ class CacheBuild:
         try:
             os.makedirs(self.source_dir, exist_ok=True)
         except OSError as exc:
-            raise _unwritable(self.source_dir, exc) from exc
+            raise unwritable_error(self.source_dir, exc) from exc
         self._context = atomic_dir(os.path.join(self.source_dir, self.name))
         try:
             self.folder = self._context.__enter__()
@@ -216,7 +217,7 @@ class CacheBuild:
                 {"host": socket.gethostname(), "pid": os.getpid()},
             )
         except OSError as exc:
-            raise _unwritable(self.source_dir, exc) from exc
+            raise unwritable_error(self.source_dir, exc) from exc
         return self
 
     def array(self, name: str, row_shape: tuple, dtype: Any) -> NpyAppender:
@@ -236,7 +237,7 @@ class CacheBuild:
             self._context.__exit__(type(error), error, error.__traceback__)
             raise
         self._context.__exit__(None, None, None)  # fsync everything, rename into place
-        _remove_stale(self.source_dir, keep=self.name)
+        remove_stale(self.source_dir, keep=self.name)
         return False
 
     def _close_files(self) -> None:
@@ -271,7 +272,9 @@ class CacheBuild:
         atomic_write_json(os.path.join(self.folder, "meta.json"), meta, sort_keys=False)
 
 
-def _open_array(folder: str, name: str, meta: dict) -> np.ndarray:
+def open_array(folder: str, name: str, meta: dict) -> np.ndarray:
+    """Memory-map `folder/name.npy` read-only, checked against the shape, dtype and size that
+    `meta[name]` recorded; `CacheInvalid` when it differs or cannot be opened."""
     path = os.path.join(folder, f"{name}.npy")
     expected = meta.get(name) or {}
     try:
@@ -311,7 +314,7 @@ def open_cache(folder: str, name: str) -> tuple:
         or meta.get("fingerprint") != name
     ):
         raise CacheInvalid("meta.json is of another format or version of the source")
-    images, annotations = (_open_array(folder, name, meta) for name in ARRAYS)
+    images, annotations = (open_array(folder, name, meta) for name in ARRAYS)
     rows = images.shape[0]
     if annotations.shape[0] != rows:
         raise CacheInvalid(f"{rows} images but {annotations.shape[0]} annotation rows")

@@ -9,9 +9,11 @@ lidc:PATH                   the LIDC-IDRI crops pickle (data_lidc.pickle, or a f
                             tfp_seg.data.load_lidc_crops)
 folder:IMAGES_DIR:MASKS_DIR a folder of images and a folder of one or several masks per image
                             (tfp_seg.data.load_image_folder)
+nifti:DIR                   NIfTI volumes, a folder per case, a file per modality and a label
+                            file (BraTS layout; tfp_seg.data.load_nifti -> NiftiVolumes)
 ```
 
-Paths are everything after the first colon (`lidc`) or split at the one colon between them
+Paths are everything after the first colon (`lidc`, `nifti`) or split at the one colon between them
 (`folder`); a path that itself holds a colon cannot be named in a spec (load it in Python).
 
 Splits (`split_data`) keep every *group* in one part: the LIDC `series_uid` (one patient
@@ -34,6 +36,7 @@ import numpy as np
 from tfp_seg.data import streamed
 from tfp_seg.data._dataset import AnnotatedSet, check_fractions
 from tfp_seg.data.ambiguous_shapes import AmbiguousShapes, ambiguous_shapes
+from tfp_seg.data.nifti import load_nifti
 
 __all__ = [
     "SOURCE_KINDS",
@@ -48,19 +51,22 @@ __all__ = [
     "image_ids",
 ]
 
-SOURCE_KINDS = ("builtin", "lidc", "folder")
-"""The data source kinds `load(spec)` reads: `builtin`, `lidc:PATH`, `folder:IMAGES:MASKS`."""
+SOURCE_KINDS = ("builtin", "lidc", "folder", "nifti")
+"""The data source kinds `load(spec)` reads: `builtin`, `lidc:PATH`, `folder:IMAGES:MASKS`,
+`nifti:DIR`."""
 SPLIT_PARTS = ("train", "val", "test")
 """The names of the parts of a split, in order (`split_data`, `select_split`)."""
 _FORMS = {
     "builtin": "builtin",
     "lidc": "lidc:PATH (the data_lidc.pickle file or a folder of .pickle parts)",
     "folder": "folder:IMAGES_DIR:MASKS_DIR",
+    "nifti": "nifti:DIR (a folder of case folders of .nii.gz files)",
 }
 _DEFAULT_FRACTIONS = {
     "builtin": (0.8, 0.1, 0.1),
     "lidc": (0.6, 0.2, 0.2),
     "folder": (0.6, 0.2, 0.2),
+    "nifti": (0.6, 0.2, 0.2),
 }
 _OPTIONS = {
     "builtin": ("num_images", "image_size", "num_annotations", "seed"),
@@ -74,6 +80,14 @@ _OPTIONS = {
         "image_size",
         "extensions",
         "strict",
+    ),
+    "nifti": (
+        "modalities",
+        "label_suffix",
+        "label_map",
+        "class_names",
+        "require_labels",
+        "normalize",
     ),
 }
 
@@ -108,10 +122,10 @@ def parse_spec(spec: Any) -> DataSpec:
         if sep:
             raise _spec_error(spec, "gives a path, but `builtin` takes none")
         return DataSpec("builtin")
-    if kind == "lidc":
+    if kind in ("lidc", "nifti"):
         if not rest:
             raise _spec_error(spec, "gives no path")
-        return DataSpec("lidc", (rest,))
+        return DataSpec(kind, (rest,))
     parts = rest.split(":")
     if len(parts) != 2 or not all(parts):
         raise _spec_error(spec, "must give exactly two folders, images then masks")
@@ -134,7 +148,11 @@ def load(
     `options` go to the loader: `builtin` takes `num_images`, `image_size`,
     `num_annotations`, `seed` (`tfp_seg.data.ambiguous_shapes`); `lidc` takes `max_images`,
     `trusted` (`load_lidc_crops`); `folder` takes the keyword arguments of
-    `load_image_folder`. An option the source does not take is an error naming it.
+    `load_image_folder`; `nifti` takes `modalities`, `label_suffix`, `label_map`,
+    `class_names`, `require_labels`, `normalize` (`load_nifti`) and returns `NiftiVolumes`
+    (always decoded into the disk cache under `cache_dir`; `stream=False` is an error,
+    `stream_threshold` does not apply). An option the source does not take is an error naming
+    it.
 
     Streaming (`lidc` and `folder`; `builtin` is generated in memory): `stream=True` decodes
     the source once, image by image or part file by part file, into a cache of `.npy` files
@@ -169,6 +187,13 @@ def load(
                 "streaming is for lidc:PATH and folder:IMAGES:MASKS."
             )
         return ambiguous_shapes(**options)
+    if parsed.kind == "nifti":
+        if stream is False:
+            raise ValueError(
+                "`stream=False` does not apply to `nifti` (volumes are always decoded into the "
+                "disk cache and read as patches); use stream=None or True."
+            )
+        return load_nifti(parsed.paths[0], cache_dir=cache_dir, **options)
     return streamed.load_source(
         parsed.kind, parsed.paths, options, stream, cache_dir, stream_threshold
     )

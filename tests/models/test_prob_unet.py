@@ -528,3 +528,43 @@ def test_latent_injection_split_first_layer_equals_a_loop(rng, num_convs, policy
     assert np.abs(loop[0] - loop[1]).max() > 1e-3  # the latent matters
     with pytest.raises(ValueError, match="F \\+ L"):
         inj.sample_logits(features[..., :5], zs)
+
+
+def test_label_sets_are_scored_as_every_image_rater_pair(tiny_data):
+    """A label set `[B, K, H, W]` gives the ELBO of the B*K pairs (x_b, y_bk), rows b*K + k:
+    the same terms as the repeated images with the flattened maps, on the same seed."""
+    model = _small_model(norm="group")
+    x, labels = tiny_data.images[:3], tiny_data.annotations[:3]  # [3, K=4, 16, 16]
+    k = labels.shape[1]
+    got = model.elbo_terms(x, labels, seed=11)
+    pairs = model.elbo_terms(np.repeat(x, k, axis=0), labels.reshape(-1, 16, 16), seed=11)
+    for key in ("loss", "reconstruction", "kl"):
+        np.testing.assert_allclose(got[key].numpy(), pairs[key].numpy(), rtol=1e-5)
+    # Each rater's map counts: replacing one rater's map changes the loss.
+    other = labels.copy()
+    other[:, 0] = 0
+    assert abs(model.elbo_terms(x, other, seed=11)["loss"].numpy() - got["loss"].numpy()) > 1e-3
+    # Maps [B, H, W] and [B, H, W, 1] stay single maps.
+    one = model.elbo_terms(x, labels[:, 0], seed=11)
+    np.testing.assert_allclose(
+        one["loss"].numpy(), model.elbo_terms(x, labels[:, 0, ..., None], seed=11)["loss"].numpy()
+    )
+
+
+def test_fit_on_label_sets(tiny_data):
+    model = _small_model(norm="group")
+    model.build((None, 16, 16, 1))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    data = tf.data.Dataset.from_tensor_slices(
+        (tiny_data.images[:8], tiny_data.annotations[:8])
+    ).batch(4)
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(data, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0]) and history.history["kl"][0] >= 0
+    assert any(
+        np.abs(a - w.numpy()).max() > 0
+        for a, w in zip(before, model.trainable_weights, strict=True)
+    )
+    # A label set whose rater maps do not match the images is named.
+    with pytest.raises(ValueError, match="labels"):
+        model.elbo_terms(tiny_data.images[:2], np.zeros((2, 4, 8, 8), np.int32))

@@ -40,14 +40,29 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     backbone that states another rank is a `ValueError`. Configs without `spatial_dims`
     (files saved before volumes) load as 2D.
 
-    `fit` takes `(image, label)` pairs (labels int `[B, *S]`): the model trains with its own
-    `train_step` on the ELBO (no `loss` in `compile`) and logs `loss`, `reconstruction` and `kl`
-    separately per epoch (plus `geco_multiplier` with GECO); validation (`test_step`) scores the
-    same ELBO with the posterior, without updating GECO. A `kl` that falls to ~0 while
-    `reconstruction` stalls means posterior collapse: lower `beta`, or use GECO.
+    `fit` takes `(image, label)` pairs (labels int `[B, *S]`, or label sets `[B, K, *S]` of K
+    raters per image): the model trains with its own `train_step` on the ELBO (no `loss` in
+    `compile`) and logs `loss`, `reconstruction` and `kl` separately per epoch (plus
+    `geco_multiplier` with GECO); validation (`test_step`) scores the same ELBO with the
+    posterior, without updating GECO. A `kl` that falls to ~0 while `reconstruction` stalls
+    means posterior collapse: lower `beta`, or use GECO.
     `model(images)` / `predict` return the logits at the prior mean `[B, *S, C]`. Sampling `N`
     segmentations evaluates the backbone and the prior net once and only `f_comb` on the `N`
     latents (folded into the batch). TensorFlow backend only.
+
+    Label sets: the posterior `q(z | x, y)` is conditioned on one map, so a set `[B, K, *S]`
+    is scored as the K pairs `(x_b, y_bk)`, each rater's ELBO term with its own posterior
+    sample, averaged over raters and images:
+
+    ```none
+    loss = (1/B) sum_b (1/K) sum_k [ rec(y_bk | f_comb(x_b, z_bk))
+                                      + beta KL(q(z | x_b, y_bk) || p(z | x_b)) ]
+    z_bk ~ q(z | x_b, y_bk)
+    ```
+
+    This is the ELBO of a batch holding every (image, rater) pair, but the backbone and the
+    prior net run once per image (their outputs are repeated K times), not K times. A map
+    entirely `ignore_label` still adds its KL term (use label sets without missing raters).
 
     Args:
       num_classes: C (>= 2).
@@ -241,6 +256,18 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
             )
         return tf.concat([images, tf.cast(onehot, images.dtype)], axis=-1)
 
+    def _is_label_set(self, images, labels) -> bool:
+        """A label set `[B, K, *S]` (not maps `[B, *S]` or `[B, *S, 1]`), told by its shape:
+        rank `s + 2` and trailing axes equal to the images' `S` (when static; else a last
+        axis other than 1)."""
+        s = self.spatial_dims
+        if labels.shape.rank != s + 2:
+            return False
+        spatial, trailing = images.shape[1 : s + 1], labels.shape[2:]
+        if spatial.is_fully_defined() and trailing.is_fully_defined():
+            return tuple(trailing) == tuple(spatial)
+        return labels.shape[-1] != 1
+
     def call(self, inputs, training=None):
         """Images `[B, *S, channels]` -> logits at the prior mean `[B, *S, C]` (float32)."""
         images = self._prepare_images(inputs)
@@ -254,12 +281,23 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
     def elbo_terms(self, images, labels, training: bool = False, seed=None) -> dict:
         """The ELBO's terms for a batch: `{"loss", "reconstruction", "kl", ...}` (scalars).
 
-        One reparameterised posterior sample per image (as the reference). With
+        One reparameterised posterior sample per image (as the reference), or per (image,
+        rater) pair for label sets `[B, K, *S]` (see the class docstring). With
         `training=True` the backbone runs in training mode and GECO's state is updated.
         """
         images = self._prepare_images(images, "images")
         features = self._features(images, training=training)
         prior_params = self.prior_net(images, training=training)
+        labels = tf.convert_to_tensor(labels)
+        if self._is_label_set(images, labels):
+            # [B, K, *S] -> the B*K pairs (x_b, y_bk), rows b*K + k.
+            k = tf.shape(labels)[1]
+            images, features, prior_params = (
+                tf.repeat(t, k, axis=0) for t in (images, features, prior_params)
+            )
+            trailing = labels.shape[2:]
+            labels = tf.reshape(labels, tf.concat([[-1], tf.shape(labels)[2:]], 0))
+            labels.set_shape([None] + trailing.as_list())
         posterior_params = self.posterior_net(
             self._posterior_inputs(images, labels), training=training
         )

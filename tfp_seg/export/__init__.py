@@ -61,6 +61,17 @@ request with `num_samples` equal to the export value reproduces
 of `head.sample_logits(params, num_samples, seed=seed)` with the head's own antithetic default
 (SSN: mirrored pairs, a lower-variance mean; for an even `num_samples`).
 
+#### Volumes
+
+A model over volumes (`spatial_dims=3`: `UNet(spatial_dims=3)` with a head of
+`spatial_dims=3`, `MCDropout` / `DeepEnsemble` over such models, `ProbabilisticUNet(...,
+spatial_dims=3)`) exports through the same code: the spatial shape `S = (D, H, W)` replaces
+`(H, W)` in every input and output above (`images [B, D, H, W, channels]`,
+`probabilities [B, D, H, W, C]`, `logits [N, B, D, H, W, C]`, uncertainty maps and
+`roi_mask` `[B, D, H, W]`). The rank is read from the model's input shape (or `image_shape`,
+which must have the model's `spatial_dims` spatial axes); an exported graph rejects inputs of
+another rank (the signature's / ONNX input's shape).
+
 #### Region of interest (`roi_mask=True`)
 
 For a head that takes a region of interest (`LowRankLogits`, `MixtureLowRankLogits`: outside

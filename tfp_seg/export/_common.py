@@ -1,6 +1,12 @@
 """What the exporters share: their errors, the signature names, argument checks, what they
-read from a Keras model (its head, number of classes, input shape, variables), the choice of the
-exported image spec, the region-of-interest input (`roi_mask`), and the parity comparison."""
+read from a Keras model (its head, number of classes, input shape, spatial rank, variables), the
+choice of the exported image spec, the region-of-interest input (`roi_mask`), and the parity
+comparison.
+
+Everything here is rank-generic over the spatial shape `S`: `(H, W)` for images
+(`images [B, H, W, channels]`, `roi_mask [B, H, W]`) and `(D, H, W)` for volumes
+(`images [B, D, H, W, channels]`, `roi_mask [B, D, H, W]`); the rank is read from the image
+shape `(*S, channels)` and checked against the model's declared `spatial_dims`."""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfp_seg import protocols
+from tfp_seg import _checks, protocols
 
 if TYPE_CHECKING:  # annotations only: the adapters import this module
     from tfp_seg.export.adapters import ExportAdapter
@@ -113,7 +119,8 @@ def tf_variable(variable):
 
 
 def model_image_shape(model) -> Optional[Tuple[Optional[int], ...]]:
-    """`(H, W, channels)` the model was built for, if it can be read from it."""
+    """`(*S, channels)` the model was built for (`(H, W, channels)` or `(D, H, W, channels)`),
+    if it can be read from it."""
     try:
         inputs = getattr(model, "inputs", None)
         if inputs:
@@ -124,8 +131,20 @@ def model_image_shape(model) -> Optional[Tuple[Optional[int], ...]]:
     if callable(get_build_config):
         build = get_build_config() or {}
         shape = build.get("input_shape")
-        if shape is not None and len(shape) == 4:
+        if shape is not None and len(shape) - 2 in _checks.SPATIAL_DIMS:
             return tuple(shape[1:])
+    return None
+
+
+def declared_spatial_dims(model) -> Optional[int]:
+    """The spatial rank a model states (2: images, 3: volumes): a tfp_seg sampler's
+    `input_spatial_dims` (`ProbabilisticSegmenter`, `MCDropout`, `DeepEnsemble`,
+    `ProbabilisticUNet`, ...), else an int `spatial_dims` attribute; None when it states none."""
+    for name in ("input_spatial_dims", "spatial_dims"):
+        dims = getattr(model, name, None)
+        if isinstance(dims, (int, np.integer)) and not isinstance(dims, bool):
+            if int(dims) in _checks.SPATIAL_DIMS:
+                return int(dims)
     return None
 
 
@@ -138,11 +157,20 @@ _STATIC_SHAPE_ERRORS = (TypeError, ValueError)
 
 
 def _image_shape(adapter: ExportAdapter) -> Tuple[Optional[int], ...]:
+    """The adapter's `(*S, channels)`, checked: 2 or 3 spatial axes, a known channel count,
+    and as many spatial axes as the model's declared `spatial_dims` (`declared_spatial_dims`)."""
     shape = adapter.image_shape
-    if shape is None or len(shape) != 3 or shape[-1] is None:
+    name = type(adapter.trackable).__name__
+    if shape is None or len(shape) - 1 not in _checks.SPATIAL_DIMS or shape[-1] is None:
         raise ValueError(
-            f"Cannot tell the input shape of {type(adapter.trackable).__name__} "
-            f"(got {shape}); build the model or pass image_shape=(H, W, channels)."
+            f"Cannot tell the input shape of {name} (got {shape}); build the model or pass "
+            "image_shape=(H, W, channels) for images or (D, H, W, channels) for volumes."
+        )
+    dims = declared_spatial_dims(adapter.trackable)
+    if dims is not None and len(shape) - 1 != dims:
+        raise ValueError(
+            f"`image_shape` {tuple(shape)} has {len(shape) - 1} spatial axes but {name} has "
+            f"spatial_dims={dims}: pass image_shape=({_checks.spatial_axes(dims)}, channels)."
         )
     return tuple(shape)
 
@@ -150,17 +178,18 @@ def _image_shape(adapter: ExportAdapter) -> Tuple[Optional[int], ...]:
 def image_spec(
     adapter: ExportAdapter, dynamic_spatial, num_samples, roi_mask: bool = False
 ) -> tf.TensorSpec:
-    """The exported `images` spec `[None, H, W, channels]`, H and W None where the model
-    traces with unknown sizes (`dynamic_spatial`, see `saved_model`); with `roi_mask` the
-    trace takes the region of interest too (`roi_mask_spec`)."""
+    """The exported `images` spec `[None, *S, channels]` (`S = (H, W)` or `(D, H, W)`), the
+    spatial sizes None where the model traces with unknown sizes (`dynamic_spatial`, see
+    `saved_model`); with `roi_mask` the trace takes the region of interest too
+    (`roi_mask_spec`)."""
     shape = _image_shape(adapter)
     fixed = tf.TensorSpec([None, *shape], tf.float32)
-    dynamic = tf.TensorSpec([None, None, None, shape[-1]], tf.float32)
+    dynamic = tf.TensorSpec([None] * len(shape) + [shape[-1]], tf.float32)
     if dynamic_spatial is False:
-        if None in shape[:2]:
+        if None in shape[:-1]:
             raise ValueError(f"dynamic_spatial=False needs a fixed image_shape; got {shape}.")
         return fixed
-    if dynamic_spatial is True or None in shape[:2]:
+    if dynamic_spatial is True or None in shape[:-1]:
         return dynamic
 
     def trace(spec):
@@ -185,45 +214,69 @@ def image_spec(
     return fixed
 
 
+def images_form(spatial_dims: int) -> str:
+    """`"[B, H, W, channels]"` or `"[B, D, H, W, channels]"`, for messages."""
+    return _checks.spatial_form(spatial_dims, "B", "channels")
+
+
 def check_images(images, spec: tf.TensorSpec, known_shape=None) -> np.ndarray:
+    """The parity checks' images `[B, *S, channels]` of the exported `spec`: `images` checked
+    against its rank and channels, or (None) 2 random ones at the spec's sizes, where a size is
+    dynamic at `known_shape`'s (the model's build shape), else 32 (images) / 16 (volumes)."""
+    rank = spec.shape.rank
+    form = images_form(rank - 2)
+    channels = spec.shape[-1]
     if images is not None:
         images = np.asarray(images, dtype=np.float32)
-        if images.ndim != 4:
+        if images.ndim != rank or (channels is not None and images.shape[-1] != channels):
             raise ValueError(
-                f"`check_images` must be [B, H, W, channels]; got shape {images.shape}."
+                f"`check_images` must be {form} with channels={channels}, as the exported "
+                f"`images` {spec.shape.as_list()}; got shape {images.shape}."
             )
         return images
-    h, w, c = spec.shape[1:]
-    if (h is None or w is None) and known_shape is not None:
-        h, w = known_shape[0], known_shape[1]
-    if h is None or w is None:
-        h = w = 32  # dynamic H/W and no known size; pass `check_images` if 32 is invalid
-    return np.random.default_rng(0).normal(size=(2, h, w, c)).astype(np.float32)
+    known = [None] * (rank - 2) if known_shape is None else list(known_shape[:-1])
+    if len(known) != rank - 2:
+        known = [None] * (rank - 2)
+    default = 32 if rank == 4 else 16  # dynamic sizes, none known: pass `check_images` if invalid
+    sizes = [
+        d if d is not None else (k if k is not None else default)
+        for d, k in zip(spec.shape[1:-1], known, strict=True)
+    ]
+    return np.random.default_rng(0).normal(size=(2, *sizes, channels)).astype(np.float32)
 
 
 # ============================================================================================
 # The region of interest (`roi_mask=True`)
 # ============================================================================================
 def roi_mask_spec(spec: tf.TensorSpec) -> tf.TensorSpec:
-    """`roi_mask` float32 `[B, H, W]` of an images spec `[B, H, W, channels]`."""
-    return tf.TensorSpec(spec.shape[:3], tf.float32, name=ROI_MASK)
+    """`roi_mask` float32 `[B, *S]` of an images spec `[B, *S, channels]`."""
+    return tf.TensorSpec(spec.shape[:-1], tf.float32, name=ROI_MASK)
 
 
-def graph_inputs(images, roi_mask=None):
+def graph_inputs(images, roi_mask=None, shape=None):
     """What `ExportAdapter.prepare` takes in a graph: the images, or with a region of interest
-    `{"images": images, "roi_mask": roi_mask}`, the mask checked to be `[B, H, W]` of the
-    images (a `[1, H, W]` mask would otherwise broadcast over the batch)."""
+    `{"images": images, "roi_mask": roi_mask}`, the mask checked to be `[B, *S]` of the
+    images `[B, *S, channels]` (a `[1, *S]` mask would otherwise broadcast over the batch).
+
+    With `shape` (the exported images spec's, e.g. `[None, D, H, W, channels]`) the images
+    are checked against it at run time (`tf.ensure_shape`): a loaded SavedModel's
+    `signatures[name](...)` does not check its inputs' shapes, and an input of another rank
+    would otherwise run through the graph and return outputs of another rank."""
+    if shape is not None:
+        images = tf.ensure_shape(images, shape)
     if roi_mask is None:
         return images
     roi_mask = tf.convert_to_tensor(roi_mask, tf.float32)
+    spatial_dims = images.shape.rank - 2
+    form = _checks.spatial_form(spatial_dims, "B")
     check = tf.debugging.assert_equal(
         tf.shape(roi_mask),
-        tf.shape(images)[:3],
-        message="`roi_mask` must be [B, H, W] of the `images` [B, H, W, channels]",
+        tf.shape(images)[:-1],
+        message=f"`roi_mask` must be {form} of the `images` {images_form(spatial_dims)}",
     )
     with tf.control_dependencies([check]):
         # The reshape fails where the assertion is dropped (tf2onnx drops Assert ops).
-        roi_mask = tf.reshape(roi_mask, tf.shape(images)[:3])
+        roi_mask = tf.reshape(roi_mask, tf.shape(images)[:-1])
     return {"images": images, ROI_MASK: roi_mask}
 
 
@@ -234,8 +287,8 @@ def roi_check_inputs(
     `adapter.check_roi_mask` has accepted them (else `ExportError`); None without.
 
     `images` (the exporter's `check_images`; default: 2 random ones at the model's size, as
-    `check_images`) and `mask` (its `check_roi_mask`, `[B, H, W]`; default: a centred square
-    of half the image's side, 1 inside and 0 outside).
+    `check_images`) and `mask` (its `check_roi_mask`, `[B, *S]`; default: a centred box of
+    half the image's side along every spatial axis, 1 inside and 0 outside).
     """
     if not roi_mask:
         if mask is not None:
@@ -244,14 +297,14 @@ def roi_check_inputs(
     shape = _image_shape(adapter)
     images = check_images(images, tf.TensorSpec([None, *shape], tf.float32), shape)
     if mask is None:
-        b, h, w = images.shape[:3]
-        mask = np.zeros((b, h, w), np.float32)
-        mask[:, h // 4 : h - h // 4, w // 4 : w - w // 4] = 1.0
+        mask = np.zeros(images.shape[:-1], np.float32)
+        box = tuple(slice(n // 4, n - n // 4) for n in images.shape[1:-1])
+        mask[(slice(None), *box)] = 1.0
     mask = np.asarray(mask, dtype=np.float32)
-    if mask.shape != images.shape[:3]:
+    if mask.shape != images.shape[:-1]:
         raise ValueError(
-            f"`check_roi_mask` must be [B, H, W] of the check images {images.shape}; got shape "
-            f"{mask.shape}."
+            f"`check_roi_mask` must be {_checks.spatial_form(images.ndim - 2, 'B')} of the "
+            f"check images {images.shape}; got shape {mask.shape}."
         )
     adapter.check_roi_mask(images)
     return images, mask
@@ -272,7 +325,7 @@ def check_takes_roi_mask(model, images: np.ndarray, what: str) -> None:
     `MixtureLowRankLogits` it zeroes the factor and sets the diagonal to epsilon everywhere)."""
     head = distribution_head(model)
     name = type(model).__name__ + (f" with head {type(head).__name__}" if head else "")
-    zeros = np.zeros(images.shape[:3], np.float32)
+    zeros = np.zeros(images.shape[:-1], np.float32)
     try:
         masked = model({"images": images, ROI_MASK: zeros}, training=False)
     except (KeyError, TypeError, ValueError) as err:

@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
-from tfp_seg import protocols
+from tfp_seg import _checks, protocols
 from tfp_seg.export import _common
 
 __all__ = ["ExportAdapter", "FunctionAdapter", "HeadAdapter"]
@@ -32,11 +32,17 @@ class ExportAdapter:
     and passes the mask to the model. `check_roi_mask` says whether an adapter does: by
     default it does not (an adapter of your own that does overrides it).
 
+    The shapes here are written for images, `S = (H, W)`; for volumes (a model with
+    `spatial_dims=3`, `image_shape = (D, H, W, channels)`) every `H, W` reads `D, H, W`
+    (`images [B, D, H, W, channels]`, `roi_mask [B, D, H, W]`, samples `[N, B, D, H, W, C]`):
+    one contract and one code path for both ranks.
+
     Args:
       trackable: the Keras model (or any `tf.Module`) holding the weights.
       num_classes: C.
       config: JSON-serialisable description written into the export (`head_config`).
-      image_shape: default `(H, W, channels)` of the inputs (entries may be None), if known.
+      image_shape: default `(H, W, channels)` (volumes: `(D, H, W, channels)`) of the inputs
+        (sizes may be None), if known.
     """
 
     def __init__(
@@ -145,12 +151,25 @@ class ExportAdapter:
         )
 
 
+COVARIANCE_OUTPUTS = {
+    "loc": "mean logits [B, H, W, C]",
+    "cov_factor": "covariance factor [B, H, W, C, R] (see head class for its layout)",
+    "cov_diag": "covariance diagonal (variances) [B, H, W, C]",
+}
+
 MIXTURE_OUTPUTS = {
     "mixture_logits": "unnormalised log weights of the components [B, K]",
     "component_loc": "component means [B, K, H, W, C]",
     "component_cov_factor": "component covariance factors [B, K, H, W, C, R]",
     "component_cov_diag": "component covariance diagonals (variances) [B, K, H, W, C]",
 }
+
+
+def described_outputs(outputs: Dict[str, str], spatial_dims: int) -> Dict[str, str]:
+    """The descriptions `outputs` (written for images, `H, W`) for a model with
+    `spatial_dims` spatial axes (3: `D, H, W`)."""
+    axes = _checks.spatial_axes(spatial_dims)
+    return {name: text.replace("H, W", axes) for name, text in outputs.items()}
 
 
 def mixture_outputs(head: protocols.MixtureHead, params) -> Dict[str, tf.Tensor]:
@@ -180,14 +199,11 @@ class HeadAdapter(ExportAdapter):
             "model": type(model).__name__,
             **_common.head_config(head),
         }
+        spatial_dims = getattr(head, "spatial_dims", 2)
         if isinstance(head, protocols.CovarianceHead):
-            config["params_outputs"] = {
-                "loc": "mean logits [B, H, W, C]",
-                "cov_factor": "covariance factor [B, H, W, C, R] (see head class for its layout)",
-                "cov_diag": "covariance diagonal (variances) [B, H, W, C]",
-            }
+            config["params_outputs"] = described_outputs(COVARIANCE_OUTPUTS, spatial_dims)
         if isinstance(head, protocols.MixtureHead):
-            config["params_outputs"] = dict(MIXTURE_OUTPUTS)
+            config["params_outputs"] = described_outputs(MIXTURE_OUTPUTS, spatial_dims)
         image_shape = image_shape or _common.model_image_shape(model)
         super().__init__(model, head.num_classes, config, image_shape)
         self.model = model

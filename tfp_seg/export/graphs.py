@@ -16,7 +16,7 @@ __all__ = ["ServingModule", "uncertainty_maps"]
 
 
 def uncertainty_maps(logit_samples: tf.Tensor) -> Dict[str, tf.Tensor]:
-    """Uncertainty maps `[B, H, W]` (nats) from logit samples `[N, B, H, W, C]`.
+    """Uncertainty maps `[B, *S]` (nats) from logit samples `[N, B, *S, C]`.
 
     ```none
     p_n = softmax(eta_n),  p = mean_n p_n
@@ -51,7 +51,7 @@ def _resolve_seed(seed: tf.Tensor) -> tf.Tensor:
 def _chunked_samples(
     adapter, state, num_samples, seed, chunk: int, max_num_samples: int, for_mean: bool = False
 ):
-    """`[num_samples, B, H, W, C]` for a tensor `num_samples`, in chunks of `chunk` samples.
+    """`[num_samples, B, *S, C]` for a tensor `num_samples`, in chunks of `chunk` samples.
 
     Independent draws (`adapter.sample_logits`), or with `for_mean` the draws for a Monte
     Carlo mean (`adapter.sample_logits_for_mean`: antithetic pairs for the SSN head).
@@ -87,27 +87,28 @@ def _signature(body, input_signature, roi_mask: bool, defaults=None):
     """`tf.function` of `body(inputs, *sampling)` with the signature's inputs: `images`, with
     `roi_mask` also `roi_mask` (`inputs` is then `{"images", "roi_mask"}`), and with
     `defaults` (`(num_samples, seed)` tensors) the sampling inputs, with those defaults."""
+    shape = input_signature[0].shape  # the images' spec: checked at run time (graph_inputs)
     if defaults is not None:
         default_n, default_seed = defaults
         if roi_mask:
 
             def fn(images, roi_mask, num_samples=default_n, seed=default_seed):
-                return body(_common.graph_inputs(images, roi_mask), num_samples, seed)
+                return body(_common.graph_inputs(images, roi_mask, shape), num_samples, seed)
 
         else:
 
             def fn(images, num_samples=default_n, seed=default_seed):
-                return body(images, num_samples, seed)
+                return body(_common.graph_inputs(images, shape=shape), num_samples, seed)
 
     elif roi_mask:
 
         def fn(images, roi_mask):
-            return body(_common.graph_inputs(images, roi_mask))
+            return body(_common.graph_inputs(images, roi_mask, shape))
 
     else:
 
         def fn(images):
-            return body(images)
+            return body(_common.graph_inputs(images, shape=shape))
 
     fn.__name__ = body.__name__
     # No AutoGraph: the graphs use explicit tf.while_loop / tf.cond, and converting user
@@ -118,12 +119,16 @@ def _signature(body, input_signature, roi_mask: bool, defaults=None):
 class ServingModule(tf.Module):
     """A `tf.Module` holding the Keras model and the four serving signatures.
 
+    Rank-generic over the spatial shape `S`: `(H, W)` for images, `(D, H, W)` for volumes
+    (read from `image_spec`); every spatial output has the images' `S` (`labels [B, *S]`,
+    `logits [N, B, *S, C]`, ...).
+
     Args:
       adapter: an `ExportAdapter` (see `as_adapter`).
-      image_spec: `tf.TensorSpec([None, H, W, channels], tf.float32)`.
+      image_spec: `tf.TensorSpec([None, *S, channels], tf.float32)`.
       num_samples: default sample count of the sampled signatures (and the sampling chunk).
       max_num_samples: requests asking for more samples fail (protects the server's memory).
-      roi_mask: every signature takes a second input `roi_mask` float32 `[B, H, W]` (the
+      roi_mask: every signature takes a second input `roi_mask` float32 `[B, *S]` (the
         region of interest, 1 inside), passed to the model with the images
         (`adapter.prepare({"images": ..., "roi_mask": ...})`).
     """
@@ -141,7 +146,7 @@ class ServingModule(tf.Module):
         self._chunk = int(num_samples)
         self._max = int(max_num_samples)
         self._head_config = json.dumps(adapter.config, sort_keys=True)
-        self._spatial = tuple(image_spec.shape[1:3])
+        self._spatial = tuple(image_spec.shape[1:-1])
         inputs = [tf.TensorSpec(image_spec.shape, tf.float32, name="images")]
         if roi_mask:
             inputs.append(_common.roi_mask_spec(image_spec))
@@ -192,8 +197,7 @@ class ServingModule(tf.Module):
         samples = _chunked_samples(
             self._adapter, state, num_samples, seed, self._chunk, self._max, for_mean
         )
-        h, w = self._spatial
-        return tf.ensure_shape(samples, [None, None, h, w, self._adapter.num_classes])
+        return tf.ensure_shape(samples, [None, None, *self._spatial, self._adapter.num_classes])
 
     def signatures(self) -> dict:
         """`{name: tf.function}` of the exported signatures (`SIGNATURES`)."""

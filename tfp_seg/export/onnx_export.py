@@ -43,6 +43,12 @@ def onnx(
     to the head, as `model({"images": images, "roi_mask": roi_mask})`; the models it applies
     to are those of `saved_model(..., roi_mask=True)`.
 
+    Volumes (a model with `spatial_dims=3`) take `images [B, D, H, W, channels]` (and
+    `roi_mask [B, D, H, W]`) through the same code path; every spatial output gains the axis
+    `D` (`logit_samples [N, B, D, H, W, C]`, `labels [B, D, H, W]`, ...). The built-in 3D
+    U-Net's ops (Conv3D, MaxPool3D, group normalisation, gather-based trilinear upsampling)
+    all convert; it has no transposed 3D convolution.
+
     The converted graph is loaded and run in onnxruntime before it is written: its
     deterministic outputs must match the Keras model within `atol`, and its samples must vary
     between runs where the Keras model's do, or `ExportParityError` is raised and nothing is
@@ -79,7 +85,7 @@ def onnx(
 
     @tf.function(input_signature=input_signature, autograph=False)
     def graph(images, *mask):
-        state = adapter.prepare(_common.graph_inputs(images, *mask))
+        state = adapter.prepare(_common.graph_inputs(images, *mask, shape=spec.shape))
         out = {k: tf.cast(v, tf.float32) for k, v in adapter.params(state).items()}
         out["mean_logits"] = tf.cast(adapter.mean_logits(state), tf.float32)
         # Independent draws: the same samples feed `logit_samples` and the averages.

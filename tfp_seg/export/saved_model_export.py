@@ -35,6 +35,11 @@ def saved_model(
 ) -> str:
     """Export `model` as a SavedModel for TF Serving, `<base>/<version>/`, and check it.
 
+    Images `[B, H, W, channels]` or volumes `[B, D, H, W, channels]` (a model with
+    `spatial_dims=3`): one code path, the same signatures and outputs with the spatial shape
+    `S` of the inputs (`probabilities [B, *S, C]`, `labels [B, *S]`, `logits [N, B, *S, C]`,
+    uncertainty maps `[B, *S]`, `roi_mask [B, *S]`). Shapes below are written for images.
+
     With `roi_mask=True` every signature takes a second input `roi_mask` float32 `[B, H, W]`
     (the region of interest, 1 inside, 0 outside) after `images`, passed with them to the
     head: `serving_default(images, roi_mask, num_samples?, seed?)`, ...,
@@ -57,7 +62,9 @@ def saved_model(
         `head.sample_logits(params, N, seed=seed, antithetic=False)` (independent draws);
         `serving_default` averages `head.sample_logits(params, N, seed=seed)` (the head's
         antithetic default, for even N).
-      image_shape: `(H, W, channels)`; default: the shape the model was built for.
+      image_shape: `(H, W, channels)` (volumes: `(D, H, W, channels)`); default: the shape
+        the model was built for. Its number of spatial axes must be the model's
+        `spatial_dims` (`ValueError` otherwise).
       dynamic_spatial: export with dynamic H/W (True), the fixed `image_shape` (False), or try
         dynamic and fall back to fixed when the model needs a static size (None): when its
         trace with unknown H, W fails with a TypeError or ValueError and the fixed-size trace
@@ -70,7 +77,7 @@ def saved_model(
       check_images: images `[B, H, W, channels]` for the check (default: 2 random images).
       roi_mask: export the `roi_mask` input (see above).
       check_roi_mask: with `roi_mask`, the mask `[B, H, W]` of `check_images` for the check
-        (default: a centred square of half the image's side).
+        (default: a centred square (volumes: cube) of half the image's side).
 
     Returns:
       The version directory written.
@@ -91,6 +98,8 @@ def saved_model(
     roi_check = _common.roi_check_inputs(adapter, roi_mask, check_images, check_roi_mask)
 
     spec = _common.image_spec(adapter, dynamic_spatial, num_samples, roi_mask)
+    # The check's inputs are checked before anything is written.
+    inputs = _common.parity_inputs(adapter, spec, check_images, roi_check) if check else None
     module = graphs.ServingModule(adapter, spec, num_samples, max_num_samples, roi_mask)
     parent = os.path.dirname(os.path.abspath(export_dir))
     os.makedirs(parent, exist_ok=True)
@@ -115,8 +124,7 @@ def saved_model(
                 indent=2,
                 sort_keys=True,
             )
-        if check:
-            inputs = _common.parity_inputs(adapter, spec, check_images, roi_check)
+        if inputs is not None:
             _check_saved_model(adapter, tmp, inputs, num_samples, atol)
     return export_dir
 

@@ -7,8 +7,10 @@ tfp-seg train --head mixture --components 3   # K low-rank components, image-lev
 tfp-seg train --ensemble batch --ensemble-size 4   # BatchEnsemble U-Net (or packed), SSN head
 tfp-seg train --config my.yaml        # any TrainConfig field; flags override the file
 tfp-seg train --data lidc:data_lidc.pickle --config examples/configs/lidc_ssn.yaml
+tfp-seg train --spatial-dims 3        # volumes: the built-in benchmark in 3D, the 3D U-Net
 tfp-seg evaluate runs/<name>          # report.json: vs the exact distribution, or the raters
 tfp-seg sample runs/<name> -n 8       # sampled label maps of test images (.npz)
+                                      # (and their mean probabilities, the report's Dice)
 tfp-seg export runs/<name> --format saved_model|onnx   # --roi-mask: a region-of-interest input
 ```
 
@@ -33,125 +35,17 @@ from tfp_seg import __version__, _interrupt, export
 from tfp_seg._io import atomic_path
 from tfp_seg.evaluation import format_report
 from tfp_seg.export import ExportError
-from tfp_seg.runs.config import (
-    BACKBONES,
-    BASELINES,
-    HEADS,
-    MODELS,
-    TrainConfig,
-    load_config,
-    stored_config,
-)
+from tfp_seg.runs.config import TrainConfig, load_config, stored_config
 from tfp_seg.runs.data import evaluation_data
+from tfp_seg.runs.dice import mean_probabilities
 from tfp_seg.runs.evaluate import evaluate_data, load_run
+from tfp_seg.runs.flags import TRAIN_FLAGS, parse_bool
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
 from tfp_seg.runs.train import train
 
-
-def _bool(text: str) -> bool:
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-        text.strip().lower()
-    )
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
-
-
-_TRAIN_FLAGS = {
-    # field: (type, help)
-    "name": (
-        str,
-        "run name; output goes to <output-dir>/<name> (default: <head>_<backbone>_<time>)",
-    ),
-    "model": (
-        str,
-        f"model family, one of {', '.join(MODELS)} (default: segmenter = backbone + head)",
-    ),
-    "data": (
-        str,
-        "data source: builtin (the exact-distribution benchmark, split 80/10/10), "
-        "lidc:PATH (the data_lidc.pickle of LIDC-IDRI crops, or a folder of its parts), or "
-        "folder:IMAGES_DIR:MASKS_DIR (one or several masks per image); real data are split "
-        "60/20/20 by patient series, recorded in <run>/split.json (default: builtin)",
-    ),
-    "cache_dir": (str, "decode cache of streamed data (default: $TFP_SEG_CACHE, ~/.cache/tfp_seg)"),
-    "head": (
-        str,
-        f"distribution head, one of {', '.join(HEADS)}, or a sampling baseline over a "
-        f"deterministic network, one of {', '.join(BASELINES)} (default: low_rank = SSN)",
-    ),
-    "backbone": (
-        str,
-        f"backbone, one of {', '.join(BACKBONES)} (default: unet, the built-in U-Net; the others "
-        "are keras-hub / keras-cv models built from config, nothing is downloaded)",
-    ),
-    "rank": (int, "rank R of the SSN covariance factor (default: 10)"),
-    "components": (
-        int,
-        "mixture components K of --head mixture, each a rank-R SSN component (default: 3)",
-    ),
-    "num_samples": (
-        int,
-        "Monte Carlo samples M in the SSN training loss, per component with --head mixture "
-        "(default: 20)",
-    ),
-    "marginal_weight": (
-        float,
-        "weight of the per-pixel term added to the SSN joint MC loss; 0 = the paper's loss "
-        "(default: 1)",
-    ),
-    "epochs": (int, "training epochs (default: 36)"),
-    "batch_size": (int, "batch size (default: 8)"),
-    "learning_rate": (float, "Adam learning rate (default: 1e-3)"),
-    "image_size": (int, "side of the built-in images, divisible by 2**depth (default: 64)"),
-    "num_images": (int, "images generated; split 80/10/10 into train/val/test (default: 640)"),
-    "num_annotations": (int, "sampled annotations ('raters') per image (default: 4)"),
-    "base_filters": (int, "U-Net filters at the first level (default: 16)"),
-    "depth": (int, "U-Net downsamplings (default: 3)"),
-    "max_filters": (int, "cap on the U-Net filters of a level (default: none)"),
-    "norm": (str, "U-Net normalisation: group or batch (default: group)"),
-    "annotations": (
-        str,
-        "how an image's raters are scored in training: random (one drawn per image and step), "
-        "all (every rater, from one set of logit samples shared by them), marginal (the "
-        "raters' per-pixel fractions as soft labels; heteroscedastic and deterministic heads "
-        "and the sampling baselines) (default: all; random for --model prob_unet)",
-    ),
-    "augment": (
-        _bool,
-        "true: a random flip / 90-degree rotation of every training example, the same for "
-        "image and labels (default: false)",
-    ),
-    "dropout": (float, "U-Net dropout rate (default: 0.2 with --head mc_dropout, else 0)"),
-    "ensemble_size": (int, "members of --head ensemble (default: 3) or of --ensemble (default: 4)"),
-    "ensemble": (
-        str,
-        "efficient ensemble of the built-in U-Net under the head, trained as one model, its "
-        "members the samples: batch (BatchEnsemble) or packed (Packed-Ensembles, alpha 2, "
-        "gamma 1); --eval-samples must be a multiple of --ensemble-size (default: none)",
-    ),
-    "latent_dim": (int, "latent dimension of --model prob_unet (default: 6)"),
-    "beta": (float, "KL weight of --model prob_unet (default: 1.0)"),
-    "seed": (int, "seed of data generation, initialisation and sampling (default: 0)"),
-    "eval_samples": (int, "samples per image for evaluation (default: 16)"),
-    "val_every": (int, "validation GED, HM-IoU, diversity every N epochs; 0 = off (default: 9)"),
-    "val_images": (int, "validation images scored for the curves, the first ones (default: 16)"),
-    "val_samples": (int, "samples per validation image for the curves (default: 16)"),
-    "output_dir": (str, "folder of run folders (default: runs)"),
-    "savedmodels_dir": (str, "TF Serving model base folder (default: savedmodels)"),
-    "strategy": (
-        str,
-        "tf.distribute strategy: auto (TPU, else multi_worker if TF_CONFIG names a cluster, "
-        "else mirrored over >1 GPU, else default), default, mirrored, multi_worker, tpu "
-        "(default: auto); --batch-size is the global batch",
-    ),
-    "mixed_precision": (
-        str,
-        "Keras dtype policy of the backbone: mixed_float16 or mixed_bfloat16 (heads and "
-        "losses stay float32; default: float32)",
-    ),
-}
+_TRAIN_FLAGS = TRAIN_FLAGS  # the flags of `train`, one per TrainConfig field (runs/flags.py)
+_bool = parse_bool
 
 
 _STREAM_HELP = (
@@ -174,7 +68,7 @@ def _add_train(sub):
             "--data), evaluate it against the exact label distribution (or the raters) and "
             "write runs/<name>/{config,history,report,split}.json and model.keras. With no "
             "arguments: SSN head (rank 10) on the built-in U-Net, 64x64 images, a few minutes "
-            "on a CPU."
+            "on a CPU; --spatial-dims 3: the same on volumes."
         ),
     )
     p.add_argument("--config", help="YAML or JSON file of TrainConfig fields (flags override)")
@@ -251,7 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sample",
         help="draw sampled segmentations of held-out images",
-        description="Draw N label-map samples of test images and save them as .npz.",
+        description=(
+            "Draw N label-map samples of test images (volumes) and save them as .npz: images, "
+            "annotations, samples [N, B, *S] and mean_probabilities [B, *S, C] (the mean "
+            "softmax of N logit samples, whose arg max the report's Dice scores)."
+        ),
     )
     _add_run_arg(p)
     p.add_argument("-n", "--num-samples", type=int, default=8, help="samples (default: 8)")
@@ -380,11 +278,16 @@ def cmd_sample(args) -> int:
     subset = test[: args.images]
     images, annotations = np.asarray(subset.images), np.asarray(subset.annotations)
     samples = model.sample(images, args.num_samples, seed=args.seed)
+    # The mean softmax of the report's draws (runs/dice.py): its arg max is the prediction
+    # whose Dice the report gives, for these images, seed and number of samples.
+    probs = mean_probabilities(model, images, args.num_samples, args.seed)
     out = args.output or os.path.join(run_dir, "samples.npz")
     _ensure_writable(os.path.dirname(os.path.abspath(out)))
     # Through an open file: numpy would add ".npz" to a path without it.
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, images=images, samples=samples, annotations=annotations)
+        np.savez_compressed(
+            f, images=images, samples=samples, annotations=annotations, mean_probabilities=probs
+        )
     print(f"wrote {samples.shape[0]} samples of {samples.shape[1]} images to {out}")
     return 0
 

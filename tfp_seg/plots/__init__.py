@@ -13,7 +13,8 @@ pyplot figures: close them with `matplotlib.pyplot.close(fig)` when you make man
 
 Conventions (shared with the rest of `tfp_seg`): channels-last images `[H, W]` / `[H, W, 1]` /
 `[H, W, 3]`; integer label maps; the sample axis first (`samples [N, H, W]`,
-`annotations [K, H, W]`).
+`annotations [K, H, W]`). Volumes are drawn one 2D slice at a time (`volume_slice`,
+`informative_slice`).
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ from tfp_seg.plots import _common
 from tfp_seg.plots._common import class_colors
 from tfp_seg.plots.curves import plot_training_curves
 from tfp_seg.plots.reliability import plot_reliability_diagram
+from tfp_seg.plots.slices import informative_slice, volume_slice
 
 __all__ = [
     "class_colors",
+    "informative_slice",
     "plot_reliability_diagram",
     "plot_samples_grid",
     "plot_training_curves",
     "plot_uncertainty_maps",
+    "volume_slice",
 ]
 
 # what tests and callers reached through the module before the split

@@ -2,14 +2,19 @@
 
 ```none
 config.py     TrainConfig, load_config, the choices: HEADS (distribution heads), BASELINES
-              (sampling baselines: mc_dropout, ensemble), BACKBONES, MODELS
-data.py       make_data: the source of `config.data` and the run's recorded split
+              (sampling baselines: mc_dropout, ensemble), BACKBONES, MODELS; spatial_dims
+              (2: images, 3: volumes, VOLUME_DEFAULTS)
+flags.py      TRAIN_FLAGS: the `tfp-seg train` flag of every TrainConfig field
+data.py       make_data: the source of `config.data` (VOLUME_LOADERS for volumes) and the
+              run's recorded split
 model.py      build_model, compile_model, sampler_for (the run's predictive sampler)
 train.py      train: run folder, training loop (strategies, resume, ensembles), save_model
 monitor.py    ValidationMonitor: validation GED / HM-IoU / diversity every few epochs
 evaluate.py   load_run, evaluate_trained (evaluation + report of a trained run)
-report.py     write_report, render_markdown, METRICS: report.json, report.md
-figures.py    the report's PNG figures
+dice.py       dice_report: per-class (and region) Dice of the predictive arg max
+report.py     write_report: report.json, report.md, figures/
+report_tables.py  render_markdown, METRICS: the markdown tables (metrics; GED, diversity, Dice)
+figures.py    the report's PNG figures (volumes: one axial slice each)
 ```
 
 A run writes `runs/<name>/{config.json, history.json, model.keras | ensemble/, report.json,

@@ -31,6 +31,7 @@ __all__ = [
     "BACKBONES",
     "MODELS",
     "ENSEMBLES",
+    "VOLUME_DEFAULTS",
     "load_config",
     "stored_config",
 ]
@@ -57,6 +58,15 @@ ANNOTATIONS = ("random", "all", "marginal")
 NORMS = ("group", "batch")
 # Efficient ensembles of the built-in U-Net (tfp_seg.models.UNet(ensemble=...)).
 ENSEMBLES = ("batch", "packed")
+# Volumes (`spatial_dims=3`): the defaults of the fields that size the built-in benchmark and
+# its training, where a run on volumes leaves them unset (`TrainConfig.__post_init__`): an SSN
+# on 24^3 volumes that trains in a few minutes on 2 CPU cores (docs/cli.md, "Volumes").
+VOLUME_DEFAULTS = {"image_size": 24, "num_images": 160, "epochs": 20}
+# The data sources that give volumes (`runs/data.py` loads them); the others give images.
+VOLUME_SOURCES = ("builtin",)
+# Backbones that take volumes: the built-in U-Net (keras-hub / keras-cv models are 2D).
+VOLUME_BACKBONES = ("unet",)
+_IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
 
 
 @dataclasses.dataclass
@@ -66,6 +76,12 @@ class TrainConfig:
     `head` is one of `HEAD_CHOICES`: a distribution head (`HEADS`) or a sampling baseline
     (`BASELINES`). `val_every`, `val_images`, `val_samples`: the validation curves of
     `tfp_seg.runs.monitor` (every `val_every` epochs and after the last; 0 = none).
+
+    `spatial_dims` is 2 (images `[H, W]`) or 3 (volumes `[D, H, W]`: the built-in benchmark
+    `ambiguous_shapes(..., spatial_dims=3)`, `UNet(spatial_dims=3)` and the head on its 3D
+    features). `image_size`, `num_images` and `epochs` left unset (None) take their image
+    defaults (64, 640, 36) or, with `spatial_dims=3`, `VOLUME_DEFAULTS` (24, 160, 20). A
+    stored config without `spatial_dims` is a 2D run.
     """
 
     name: Optional[str] = None
@@ -78,11 +94,11 @@ class TrainConfig:
     rank: int = 10
     num_samples: int = 20
     marginal_weight: float = 1.0
-    epochs: int = 36
+    epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
     batch_size: int = 8
     learning_rate: float = 1e-3
-    image_size: int = 64
-    num_images: int = 640
+    image_size: Optional[int] = None  # 64; VOLUME_DEFAULTS with spatial_dims 3
+    num_images: Optional[int] = None  # 640; VOLUME_DEFAULTS with spatial_dims 3
     num_annotations: int = 4
     base_filters: int = 16
     depth: int = 3
@@ -108,10 +124,20 @@ class TrainConfig:
     strategy: str = "auto"
     resume: bool = False
     mixed_precision: Optional[str] = None
+    spatial_dims: int = 2
+
+    def __post_init__(self) -> None:
+        # The sizes left unset take the defaults of the run's rank (a bad rank: those of
+        # images, and `validate` names the field).
+        defaults = VOLUME_DEFAULTS if self.spatial_dims == 3 else _IMAGE_DEFAULTS
+        for field, value in defaults.items():
+            if getattr(self, field) is None:
+                setattr(self, field, value)
 
     def validate(self) -> "TrainConfig":
         """Check every field; return `self`, or raise `ValueError` naming the field."""
         self.data = str(data_sources.parse_spec(self.data))
+        self._validate_volumes()
         self._validate_stream()
         if self.norm not in NORMS:
             raise ValueError(f"`norm` must be one of {NORMS}; got {self.norm!r}.")
@@ -174,6 +200,24 @@ class TrainConfig:
                 "backup); pass the same name when restarting."
             )
         return self
+
+    def _validate_volumes(self) -> None:
+        self.spatial_dims = _checks.check_spatial_dims(self.spatial_dims)
+        if self.spatial_dims == 2:
+            return
+        if self.backbone not in VOLUME_BACKBONES:
+            raise ValueError(
+                f"`backbone` {self.backbone!r} takes images only (keras-hub / keras-cv models "
+                f"are 2D); `spatial_dims` 3 needs one of {VOLUME_BACKBONES} (the built-in "
+                "U-Net, 3D convolutions)."
+            )
+        kind = data_sources.parse_spec(self.data).kind
+        if kind not in VOLUME_SOURCES:
+            raise ValueError(
+                f"`data` {self.data!r} is not a volume source of runs yet: `spatial_dims` 3 "
+                f"takes `data` in {VOLUME_SOURCES} for now (the built-in benchmark in 3D); "
+                "leave `data` at builtin or use `spatial_dims` 2."
+            )
 
     def _validate_stream(self) -> None:
         if self.stream not in (None, True, False):

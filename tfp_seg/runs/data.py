@@ -9,6 +9,12 @@ with `config.seed`. `train` writes the split to `<run>/split.json` (`SPLIT_FILE`
 folder without the file, from before the file existed, is split again, which gives the same
 parts for the built-in data).
 
+Volumes (`config.spatial_dims == 3`) come from the sources of `VOLUME_LOADERS` (the built-in
+benchmark in 3D, `ambiguous_shapes(..., spatial_dims=3)`; `TrainConfig.validate` refuses the
+others with a clear error): a volume source (such as `nifti:DIR`) is one more entry there, a
+function of `(spec, config)` that returns the whole data set, volumes `[N, D, H, W, channels]`
+and annotations `[N, K, D, H, W]`, with the `AnnotatedSet` methods the split takes.
+
 Users' data are loaded in memory or streamed from a disk cache as `config.stream` says (None:
 auto, by their decoded size; `tfp_seg.data.load`), the cache under `config.cache_dir` (default
 `$TFP_SEG_CACHE` or `~/.cache/tfp_seg`); the run log says which and why (`describe`), and
@@ -28,6 +34,7 @@ from tfp_seg.runs.config import TrainConfig
 
 __all__ = [
     "SPLIT_FILE",
+    "VOLUME_LOADERS",
     "load_source",
     "make_data",
     "evaluation_data",
@@ -38,14 +45,38 @@ __all__ = [
 SPLIT_FILE = "split.json"
 
 
+def _builtin_volumes(spec, config: TrainConfig):
+    return data_lib.ambiguous_shapes(
+        num_images=config.num_images,
+        image_size=config.image_size,
+        num_annotations=config.num_annotations,
+        seed=config.seed,
+        spatial_dims=3,
+    )
+
+
+VOLUME_LOADERS = {"builtin": _builtin_volumes}
+"""`{source kind: loader(spec, config)}`: the data sources of runs on volumes
+(`spatial_dims=3`); the keys are `tfp_seg.runs.config.VOLUME_SOURCES`."""
+
+
 def load_source(config: TrainConfig):
-    """The whole data set of `config.data` (`AmbiguousShapes` or `AnnotatedImages`).
+    """The whole data set of `config.data` (`AmbiguousShapes` or `AnnotatedImages`; volumes
+    from `VOLUME_LOADERS` with `config.spatial_dims == 3`).
 
     Raises:
-      ValueError: a bad spec or file (named), or images whose size the built-in U-Net cannot
-        take (height and width must be divisible by 2**depth).
+      ValueError: a bad spec or file (named), a source that gives no volumes for
+        `spatial_dims` 3, or images whose size the built-in U-Net cannot take (height and
+        width must be divisible by 2**depth).
     """
     spec = data_lib.parse_spec(config.data)
+    if config.spatial_dims == 3:
+        if spec.kind not in VOLUME_LOADERS:
+            raise ValueError(
+                f"`data` {str(spec)!r} is not a volume source of runs yet: `spatial_dims` 3 "
+                f"takes `data` in {tuple(VOLUME_LOADERS)} for now."
+            )
+        return VOLUME_LOADERS[spec.kind](spec, config)
     if spec.kind == "builtin":
         return data_lib.load(
             spec,
@@ -127,11 +158,12 @@ def write_split(run_dir: str, config: TrainConfig, parts: tuple) -> str:
 def describe(config: TrainConfig, parts: tuple) -> str:
     """One log line about the run's data."""
     train, val, test = parts
-    size = "x".join(str(n) for n in train.images.shape[1:3])
+    size = "x".join(str(n) for n in train.images.shape[1:-1])  # H x W, or D x H x W
     source = "ambiguous_shapes" if config.data == "builtin" else config.data
+    items = "volumes" if train.images.ndim == 5 else "images"
     line = (
         f"data: {source} {size}, {len(train)} train / {len(val)} val / {len(test)} test "
-        f"images, {train.num_annotations} annotations each"
+        f"{items}, {train.num_annotations} annotations each"
     )
     note = getattr(train, "note", "")
     return f"{line}; {note}" if note else line

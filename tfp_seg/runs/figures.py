@@ -9,6 +9,12 @@
 ```
 
 `draw_curves` draws the last from the run's history alone (`history.json`).
+
+Volumes (`images [B, D, H, W, channels]`, `annotations [B, K, D, H, W]`) get the same figures
+of one axial slice each: the slice `d` with the most foreground in the volume's annotations
+(`tfp_seg.plots.informative_slice`), taken of the image, the annotations, the samples and the
+probabilities by `tfp_seg.plots.volume_slice`; the figure's title names it ("axial slice d of
+D"). The reliability diagram counts every voxel.
 """
 
 from __future__ import annotations
@@ -21,13 +27,11 @@ import numpy as np
 
 from tfp_seg import metrics, plots
 from tfp_seg._io import atomic_path
-from tfp_seg.data import AmbiguousShapes
 from tfp_seg.plots.curves import EPOCHS_KEY, VALIDATION_CURVES
+from tfp_seg.runs.dice import class_names
 from tfp_seg.uncertainty import mutual_information, predictive_entropy
 
 __all__ = ["draw_curves", "draw_figures"]
-
-_AMBIGUOUS_SHAPES_CLASSES = ("background", "class A", "class B")
 
 
 def _save_figure(fig, path: str, dpi: int) -> None:
@@ -63,27 +67,35 @@ def _check_data(data: Any) -> tuple:
     if not hasattr(annotations, "shape"):
         annotations = np.asarray(annotations)
     if (
-        len(images.shape) != 4
-        or len(annotations.shape) != 4
+        len(images.shape) not in (4, 5)
+        or len(annotations.shape) != len(images.shape)
         or images.shape[0] != annotations.shape[0]
-        or images.shape[1:3] != annotations.shape[2:]
+        or images.shape[1:-1] != annotations.shape[2:]
     ):
         raise ValueError(
             "`data.images` must be [B, H, W, channels] and `data.annotations` [B, K, H, W] with "
-            f"the same B, H, W; got images {images.shape} and annotations {annotations.shape}."
+            "the same B, H, W (volumes: [B, D, H, W, channels] and [B, K, D, H, W]); got "
+            f"images {images.shape} and annotations {annotations.shape}."
         )
     if images.shape[0] == 0:
         raise ValueError("`data` holds no images.")
     return images, annotations
 
 
-def _class_names(data: Any, num_classes: int) -> Optional[list]:
-    names = getattr(data, "class_names", None)
-    if names is not None and len(names) == num_classes:
-        return list(names)
-    if isinstance(data, AmbiguousShapes) and num_classes == len(_AMBIGUOUS_SHAPES_CLASSES):
-        return list(_AMBIGUOUS_SHAPES_CLASSES)
-    return None
+def _shown_views(image, annotations, prob_samples) -> tuple:
+    """What the figures of one image show: `(image [H, W, ch], annotations [K, H, W],
+    probability samples [N, H, W, C], where)`; for a volume its informative axial slice
+    `d` and `where = " (axial slice d of D)"`, else the image itself and `where = ""`."""
+    image, annotations = np.asarray(image), np.asarray(annotations)
+    if image.ndim == 3:
+        return image, annotations, prob_samples, ""
+    d = plots.informative_slice(annotations)
+    views = (
+        plots.volume_slice(image, d),
+        plots.volume_slice(annotations, d, leading=1),
+        plots.volume_slice(prob_samples, d, leading=1),
+    )
+    return views + (f" (axial slice {d} of {image.shape[0]})",)
 
 
 def _reliability_accumulate(acc: dict, probs: np.ndarray, labels: np.ndarray, num_bins: int):
@@ -173,16 +185,16 @@ def draw_figures(
         "acc_sum": np.zeros(num_bins),
         "edges": None,
     }
-    kept = []  # probability samples [N, H, W, C] of the first `shown` images
+    kept = []  # the views of the first `shown` images (_shown_views: slices of volumes)
     for start in starts:
         xb = images[start : start + batch_size]
         logits = np.asarray(
             model.sample_logits(xb, num_samples, seed=seed, batch_size=batch_size), np.float32
         )
-        if logits.ndim != 5 or logits.shape[1] != xb.shape[0]:
+        if logits.ndim != xb.ndim + 1 or logits.shape[1] != xb.shape[0]:
             raise ValueError(
-                f"`model.sample_logits` must return [N, B, H, W, C]; got {logits.shape} for "
-                f"{xb.shape[0]} images."
+                "`model.sample_logits` must return [N, B, H, W, C] (volumes: [N, B, D, H, W, "
+                f"C]); got {logits.shape} for images {tuple(xb.shape)}."
             )
         prob_samples = _softmax(logits)
         num_classes = num_classes or prob_samples.shape[-1]
@@ -190,40 +202,40 @@ def draw_figures(
             rel, prob_samples.mean(axis=0), annotations[start : start + batch_size], num_bins
         )
         for j in range(max(0, min(shown - start, xb.shape[0]))):
-            kept.append(prob_samples[:, j])
-    names = _class_names(data, num_classes)
+            kept.append(_shown_views(images[start + j], annotations[start + j], prob_samples[:, j]))
+    names = class_names(data, num_classes)
 
     fig_dir = os.path.join(out_dir, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     written = []
-    for i, ps in enumerate(kept):
+    for i, (image, image_annotations, ps, where) in enumerate(kept):
         samples = ps.argmax(axis=-1)
         fig = plots.plot_samples_grid(
-            images[i],
-            annotations[i],
+            image,
+            image_annotations,
             samples,
             num_classes=num_classes,
             class_names=names,
-            title=f"Test image {i}: {annotations.shape[1]} annotations and "
+            title=f"Test image {i}{where}: {annotations.shape[1]} annotations and "
             f"{num_samples} model samples",
         )
         _save_figure(fig, os.path.join(fig_dir, f"samples_{i}.png"), dpi)
         written.append(
-            (f"Test image {i}: annotations and model samples", f"figures/samples_{i}.png")
+            (f"Test image {i}{where}: annotations and model samples", f"figures/samples_{i}.png")
         )
         fig = plots.plot_uncertainty_maps(
-            images[i],
+            image,
             ps.mean(axis=0),
             predictive_entropy(ps),
             mutual_information(ps),
             class_names=names,
-            title=f"Test image {i}: predictive probabilities and uncertainty "
+            title=f"Test image {i}{where}: predictive probabilities and uncertainty "
             f"({num_samples} samples)",
         )
         _save_figure(fig, os.path.join(fig_dir, f"uncertainty_{i}.png"), dpi)
         written.append(
             (
-                f"Test image {i}: mean probability, predictive entropy, mutual information",
+                f"Test image {i}{where}: mean probability, predictive entropy, mutual information",
                 f"figures/uncertainty_{i}.png",
             )
         )

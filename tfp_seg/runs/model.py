@@ -19,15 +19,17 @@ __all__ = ["build_model", "compile_model", "sampler_for"]
 
 
 def _head(config: TrainConfig, num_classes: int):
+    """The head on features `[B, *S, F]` (`S` of rank `config.spatial_dims`)."""
+    rank = {"spatial_dims": config.spatial_dims}
     if config.head == "low_rank":
-        return layers.LowRankLogits(num_classes, rank=config.rank)
+        return layers.LowRankLogits(num_classes, rank=config.rank, **rank)
     if config.head == "heteroscedastic":
-        return layers.HeteroscedasticLogits(num_classes)
+        return layers.HeteroscedasticLogits(num_classes, **rank)
     if config.head == "mixture":
         return layers.MixtureLowRankLogits(
-            num_classes, num_components=config.components, rank=config.rank
+            num_classes, num_components=config.components, rank=config.rank, **rank
         )
-    return layers.CategoricalLogits(num_classes)  # deterministic, and under the baselines
+    return layers.CategoricalLogits(num_classes, **rank)  # deterministic, and the baselines
 
 
 def _backbone(config: TrainConfig, input_shape=None):
@@ -41,6 +43,7 @@ def _backbone(config: TrainConfig, input_shape=None):
             dropout=config.dropout,
             ensemble=config.ensemble,
             ensemble_size=config.ensemble_size if config.ensemble else None,
+            spatial_dims=config.spatial_dims,
         )
     if input_shape is None:
         input_shape = (config.image_size, config.image_size, 1)
@@ -61,7 +64,9 @@ def build_model(config: TrainConfig, num_classes: int, input_shape=None):
     independently initialised deterministic segmenters; `head="mc_dropout"` a deterministic
     segmenter with dropout (wrapped in `MCDropout` for evaluation by `sampler_for`).
     `input_shape` (`(H, W, channels)`, default the built-in images' `(image_size,
-    image_size, 1)`) sizes the keras-hub / keras-cv backbones that need it.
+    image_size, 1)`) sizes the keras-hub / keras-cv backbones that need it. With
+    `config.spatial_dims == 3` the U-Net, the head and the Probabilistic U-Net are 3D (inputs
+    `[B, D, H, W, channels]`).
     """
     if config.model == "prob_unet":
         return models.ProbabilisticUNet(
@@ -69,6 +74,7 @@ def build_model(config: TrainConfig, num_classes: int, input_shape=None):
             latent_dim=config.latent_dim,
             beta=config.beta,
             backbone=_backbone(config, input_shape),
+            spatial_dims=config.spatial_dims,
         )
     if config.head == "ensemble":
         return DeepEnsemble.from_factory(

@@ -128,12 +128,18 @@ def test_the_lidc_recipes_run_at_a_tiny_size(tmp_path, lidc_parts):
 
 
 @pytest.mark.parametrize(
-    "head, annotations", [("low_rank", "all"), ("heteroscedastic", "marginal")]
+    "model, head, annotations",
+    [
+        ("segmenter", "low_rank", "all"),
+        ("segmenter", "heteroscedastic", "marginal"),
+        ("prob_unet", "low_rank", "all"),  # every (image, rater) pair in the ELBO
+    ],
 )
-def test_training_over_all_raters(tmp_path, lidc_parts, head, annotations):
+def test_training_over_all_raters(tmp_path, lidc_parts, model, head, annotations):
+    flags = dict(epochs=1, depth=2, eval_samples=2, head=head, annotations=annotations)
     argv = [
         "train",
-        *tiny_train_args(epochs=1, depth=2, eval_samples=2, head=head, annotations=annotations),
+        *tiny_train_args(model=model, **flags),
         "--data",
         f"lidc:{lidc_parts[0]}",
         "--output-dir",
@@ -151,7 +157,10 @@ def test_training_over_all_raters(tmp_path, lidc_parts, head, annotations):
     "flags, match",
     [
         (["--annotations", "marginal"], "soft label map is not defined"),
-        (["--annotations", "all", "--model", "prob_unet"], "does not apply to `model` prob_unet"),
+        (
+            ["--annotations", "marginal", "--model", "prob_unet"],
+            "does not apply to `model` prob_unet",
+        ),
         (["--annotations", "several"], "`annotations` must be one of"),
     ],
 )

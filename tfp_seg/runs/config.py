@@ -237,17 +237,18 @@ class TrainConfig:
         if self.annotations is None:
             # Every rater of an image in each step where the model's loss takes label sets
             # (on the built-in benchmark over 3 seeds: SSN D2_GED 0.056 against 0.094 with one
-            # random rater, benchmarks/README.md, "Model quality"); the Prob U-Net's ELBO
-            # scores one annotation per image.
+            # random rater, benchmarks/README.md, "Model quality"); the Prob U-Net keeps one
+            # random rater per step, as Kohl et al. train it.
             self.annotations = "random" if self.model == "prob_unet" else "all"
         if self.annotations not in ANNOTATIONS:
             raise ValueError(
                 f"`annotations` must be one of {ANNOTATIONS}; got {self.annotations!r}."
             )
-        if self.annotations != "random" and self.model == "prob_unet":
+        if self.annotations == "marginal" and self.model == "prob_unet":
             raise ValueError(
-                f"`annotations` {self.annotations!r} does not apply to `model` prob_unet (its "
-                "ELBO scores one annotation per image); use random."
+                "`annotations` marginal (soft labels) does not apply to `model` prob_unet (its "
+                "posterior is conditioned on one label map); use random or all (every rater "
+                "as its own (image, map) pair)."
             )
         if self.annotations == "marginal" and self.head in ("low_rank", "mixture"):
             raise ValueError(

@@ -2,7 +2,9 @@
 
 Timing: every variant of one configuration is called in turn inside one loop
 (`interleaved_ms`), so a change of machine load between repeats hits all variants alike; the
-median of the repeats is reported and the ratios between variants are the result.
+median of the repeats is reported and the ratios between variants are the result. Functions
+that cannot share a process (another library in another interpreter: `bench_vs_peer.py`) are
+timed in a fresh child each (`child_median_ms`).
 
 Memory (`peak_rss_increase_mib`): the peak resident set size of a fresh child process during
 one call, above its resident size just before the call. The child (one per measured function)
@@ -70,8 +72,11 @@ MEMORY_SOURCE = (
 )
 
 _RESULT_MARK = "PEAK_RSS_MIB "
+_TIME_MARK = "MEDIAN_MS "
+# argv: the benchmarks folder, the child function of this module, the JSON spec
 _CHILD_CODE = (
-    "import sys; sys.path.insert(0, sys.argv[1]); import _common; _common._rss_child(sys.argv[2])"
+    "import sys; sys.path.insert(0, sys.argv[1]); import _common; "
+    "getattr(_common, sys.argv[2])(sys.argv[3])"
 )
 
 
@@ -101,6 +106,7 @@ def peak_rss_increase_mib(
     kwargs: dict | None = None,
     repeats: int = 3,
     warmup: int = 1,
+    python: str | None = None,
 ) -> float:
     """Peak resident memory (MiB) of one call above the resident memory before it, measured
     in a fresh Python process (see the module docstring).
@@ -111,54 +117,116 @@ def peak_rss_increase_mib(
     (`block`). It is called `warmup` times, then `repeats` times measured; the median is
     returned. The peak of one function varies between calls with the order in which
     TensorFlow's executor runs independent ops.
+
+    `python`: another interpreter for the child (e.g. one with PyTorch, for a peer library);
+    it then gets only this folder on its import path (not this process's packages), so
+    `module_file` must import nothing but the standard library and `_common` at its top.
     """
     _reset_peak_rss()  # fail here, not after the child's imports, where it cannot work
-    spec = {
+    spec = _child_spec(module_file, factory, kwargs, repeats, warmup)
+    peaks = _run_target_child("_rss_child", _RESULT_MARK, "memory", spec, python)
+    return statistics.median(peaks)
+
+
+def child_median_ms(
+    module_file: str,
+    factory: str,
+    kwargs: dict | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    python: str | None = None,
+) -> float:
+    """Median wall time (ms) of `repeats` calls of `factory(**kwargs)()` after `warmup` calls,
+    in a fresh Python process with this process's environment (not `MEMORY_CHILD_ENV`): for
+    functions that cannot share one process (another library, another interpreter), where
+    `interleaved_ms` does not apply. Arguments as in `peak_rss_increase_mib`.
+    """
+    spec = _child_spec(module_file, factory, kwargs, repeats, warmup)
+    return _run_target_child("_time_child", _TIME_MARK, "timing", spec, python, env={})
+
+
+def _child_spec(module_file, factory, kwargs, repeats, warmup) -> dict:
+    return {
         "module_file": os.path.abspath(module_file),
         "factory": factory,
         "kwargs": kwargs or {},
         "repeats": repeats,
         "warmup": warmup,
     }
+
+
+def _run_target_child(child: str, mark: str, what: str, spec: dict, python, env=None):
+    """Run `child` (`_rss_child` / `_time_child`) on `spec` in a fresh process (`python`: only
+    this folder on its import path); return its JSON result."""
     bench_dir = os.path.dirname(os.path.abspath(__file__))
-    peaks = run_memory_child(
-        ["-c", _CHILD_CODE, bench_dir, json.dumps(spec)],
-        _RESULT_MARK,
-        f"memory child for {factory}({kwargs}) in {module_file}",
+    return run_memory_child(
+        ["-c", _CHILD_CODE, bench_dir, child, json.dumps(spec)],
+        mark,
+        f"{what} child for {spec['factory']}({spec['kwargs']}) in {spec['module_file']}",
+        python=python,
+        path=None if python is None else [bench_dir],
+        env=env,
     )
-    return statistics.median(peaks)
 
 
-def run_memory_child(args: Sequence[str], mark: str, what: str):
-    """Run `python *args` in a fresh process with `MEMORY_CHILD_ENV` and this process's
-    import path; return the JSON after `mark` on its last line that starts with `mark`.
+def run_memory_child(
+    args: Sequence[str],
+    mark: str,
+    what: str,
+    python: str | None = None,
+    path: Sequence[str] | None = None,
+    env: dict | None = None,
+):
+    """Run `python *args` in a fresh process with `MEMORY_CHILD_ENV` (or the variables `env`
+    instead) and this process's import path (or `path`); return the JSON after `mark` on its
+    last line that starts with `mark`. `python`: the interpreter (default: this one).
 
     Raises:
       RuntimeError: the child failed or printed no such line (`what` names it; the end of its
         stderr is included).
     """
-    env = dict(os.environ, **MEMORY_CHILD_ENV)
+    env = dict(os.environ, **(MEMORY_CHILD_ENV if env is None else env))
     # the child finds what this process finds (the caller's module may import its neighbours)
-    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    path = sys.path if path is None else path
+    env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in path)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("KERAS_BACKEND", "tensorflow")
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True)
+    command = [python or sys.executable, *args]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
     results = [line for line in proc.stdout.splitlines() if line.startswith(mark)]
     if proc.returncode or not results:
         raise RuntimeError(f"{what} failed (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(results[-1][len(mark) :])
 
 
-def _rss_child(spec_json: str) -> None:
-    """Body of the child process of `peak_rss_increase_mib`: prints the peaks (MiB) as JSON."""
-    spec = json.loads(spec_json)
-    _reset_peak_rss()
+def _load_target(spec: dict):
+    """The function to measure: `factory(**kwargs)` of the module file of a child's spec."""
     module_spec = importlib.util.spec_from_file_location("_memory_target", spec["module_file"])
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     fn = getattr(module, spec["factory"])(**spec["kwargs"])
     for _ in range(spec["warmup"]):
         fn()
+    return fn
+
+
+def _time_child(spec_json: str) -> None:
+    """Body of the child process of `child_median_ms`: prints the median time (ms) as JSON."""
+    spec = json.loads(spec_json)
+    fn = _load_target(spec)
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        fn()
+        times.append(1000.0 * (time.perf_counter() - start))
+    print(_TIME_MARK + json.dumps(statistics.median(times)), flush=True)
+
+
+def _rss_child(spec_json: str) -> None:
+    """Body of the child process of `peak_rss_increase_mib`: prints the peaks (MiB) as JSON."""
+    spec = json.loads(spec_json)
+    _reset_peak_rss()
+    fn = _load_target(spec)
     peaks = []
     for _ in range(spec["repeats"]):
         gc.collect()

@@ -236,3 +236,156 @@ def test_study_quality_runs_and_resumes(bench_path, tmp_path, capsys):
     assert study_quality.main(args) == 0
     with open(out) as f:
         assert len(f.readlines()) == 1
+
+
+# --- bench_vs_peer.py: the official PyTorch SSN side by side -------------------------------------
+# CI has no torch: these tests need none. The "missing peer" paths exit before TensorFlow loads.
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        ([], "no --peer-repo given"),
+        (["--peer-repo", "/nonexistent/ssn"], "--peer-repo /nonexistent/ssn: no such file"),
+        (["--peer-repo", "{empty}"], "has no ssn/models/stochastic_deepmedic.py"),
+        (["--peer-repo", "{peer}"], "no --peer-python given"),
+        (["--peer-repo", "{peer}", "--peer-python", "/nonexistent/python"], "cannot run it"),
+    ],
+)
+def test_bench_vs_peer_says_what_is_missing(bench_path, tmp_path, capsys, extra, named):
+    import bench_vs_peer
+
+    _fake_peer_checkout(tmp_path / "peer")
+    (tmp_path / "empty").mkdir()
+    extra = [a.format(peer=tmp_path / "peer", empty=tmp_path / "empty") for a in extra]
+    with pytest.raises(SystemExit) as exc:
+        bench_vs_peer.main([str(tmp_path / "out.json"), "--shapes", "1,2,2,8x8", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    # what is missing, and how to get both parts (or run our side alone)
+    assert named in err and "torch==2.13.0" in err and "--ours-only" in err
+    assert "stochastic_segmentation_networks" in err
+    assert not (tmp_path / "out.json").exists()
+
+
+def _fake_peer_checkout(root):
+    """A stand-in peer tree: the three files bench_vs_peer.py takes (contents are markers)."""
+    import bench_vs_peer
+
+    for source in bench_vs_peer.PEER_FILES.values():
+        path = root / source
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {source}\n")
+    return root
+
+
+def test_bench_vs_peer_takes_the_files_from_a_checkout_or_a_git_directory(bench_path, tmp_path):
+    import subprocess
+
+    import bench_vs_peer
+
+    checkout = _fake_peer_checkout(tmp_path / "checkout")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main"]
+    subprocess.run([*git, "init", "-q", str(checkout)], check=True)
+    subprocess.run([*git, "-C", str(checkout), "add", "."], check=True)
+    subprocess.run([*git, "-C", str(checkout), "commit", "-qm", "peer"], check=True)
+    bare = tmp_path / "bare.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(checkout), str(bare)], check=True)
+    empty_tree = tmp_path / "clone"  # a repository whose work tree lacks the files: .git read
+    subprocess.run(["git", "clone", "-q", "--no-checkout", str(checkout), str(empty_tree)])
+    for i, repo in enumerate([checkout, bare, empty_tree]):
+        dest = bench_vs_peer.extract_peer(str(repo), str(tmp_path / f"out{i}"))
+        for target, source in bench_vs_peer.PEER_FILES.items():
+            with open(os.path.join(dest, target)) as f:
+                assert f.read() == f"# {source}\n"
+        # the network stand-in and the two packages the peer's imports need
+        for target in ("models/deepmedic.py", "models/__init__.py", "trainer/__init__.py"):
+            assert os.path.isfile(os.path.join(dest, target))
+
+
+def test_bench_vs_peer_maps_the_peer_parameterisation_exactly(bench_path):
+    """The same head outputs and noise give the same logit samples in both layouts: the
+    peer's (event flattened (c, h, w), factor channel r * C + c, cov_factor [B, C*H*W, R],
+    as in its StochasticDeepMedic.forward) and tfp_seg's packed params."""
+    import bench_vs_peer
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    b, c, r, h, w, n = 2, 3, 4, 5, 6, 7
+    mean, log_diag = rng.normal(size=(2, b, c, h, w))
+    factor = rng.normal(size=(b, c * r, h, w))
+    eps_w, eps_d = rng.normal(size=(n, b, r)), rng.normal(size=(n, b, c * h * w))
+    # the peer: view (B, R, C, HW) -> flatten(2, 3) -> transpose(1, 2): [B, C*H*W, R]
+    cov_factor = factor.reshape(b, r, c, h * w).reshape(b, r, c * h * w).transpose(0, 2, 1)
+    cov_diag = np.exp(log_diag.reshape(b, -1)) + 2e-5
+    peer = mean.reshape(b, -1) + np.einsum("bir,nbr->nbi", cov_factor, eps_w)
+    peer = peer + np.sqrt(cov_diag) * eps_d  # [N, B, C*H*W]
+    # tfp_seg: params [B, H, W, C (2 + R)] = [mu | raw | P (C, R) row-major]
+    params = bench_vs_peer.to_ours_params(mean, log_diag, factor, rank=r)
+    assert params.shape == (b, h, w, c * (2 + r))
+    z, eps = bench_vs_peer.to_ours_noise(eps_w, eps_d, h, w)
+    mu, raw = params[..., :c], params[..., c : 2 * c]
+    p = params[..., 2 * c :].reshape(b, h, w, c, r)
+    ours = mu + np.einsum("bhwcr,nbr->nbhwc", p, z) + np.sqrt(np.exp(raw) + 2e-5) * eps
+    np.testing.assert_allclose(ours.transpose(0, 1, 4, 2, 3).reshape(n, b, -1), peer, rtol=1e-12)
+    # the gradient's way back is the inverse permutation
+    back = bench_vs_peer.to_peer_layout(params, c, r)
+    for got, want in zip(back, (mean, log_diag, factor), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("text", ["8,2,20", "8,2,20,0x4", "8,2,21,16", "8,1,20,16", "a,2,2,4"])
+def test_bench_vs_peer_rejects_bad_shapes(bench_path, text):
+    import argparse
+
+    import bench_vs_peer
+
+    with pytest.raises(argparse.ArgumentTypeError, match="B,C,M,HxW|M must be even"):
+        bench_vs_peer.parse_shape(text)
+    assert bench_vs_peer.parse_shape("8,2,20,64x32") == (8, 2, 20, 64, 32)
+
+
+# Two children (TensorFlow imported in each): over 5 s, so in the slow suite.
+@pytest.mark.slow
+def test_bench_vs_peer_runs_our_side_alone(bench_path, tmp_path):
+    import bench_vs_peer
+
+    out = str(tmp_path / "vs_peer.json")
+    bench_vs_peer.main(
+        [out, "--ours-only", "--shapes", "1,2,2,8x8", "--rank", "2", "--repeats", "1"]
+        + ["--warmup", "0"]
+    )
+    report = _load(out)
+    (row,) = report["results"]
+    assert (row["B"], row["C"], row["M"], row["size"]) == (1, 2, 2, "8x8")
+    assert row["ours_ms"] > 0 and row["ours_mib"] >= 0 and "peer_ms" not in row
+    assert report["value_check"] is None and report["torch"] is None
+
+
+# Memory children (TensorFlow imported in each): over 20 s, so in the slow suite.
+@pytest.mark.slow
+def test_bench_loss_3d_runs(bench_path, tmp_path):
+    import bench_loss_3d
+
+    out = str(tmp_path / "loss_3d.json")
+    report = bench_loss_3d.main(
+        [out, "--batch", "1", "--size", "8", "--num-classes", "2", "--rank", "2"]
+        + ["--samples", "4", "--chunk-size", "2", "--sweep-samples", "4", "8"]
+        + ["--repeats", "1", "--warmup", "0"]
+    )
+    assert _load(out)["results"] == report["results"]
+    rows = {r["variant"]: r for r in report["results"]}
+    assert set(rows) == {"deterministic", "direct", "chunked K=2, M=4", "chunked K=2, M=8"}
+    assert rows["deterministic"]["ms_vs_deterministic"] == 1.0
+    assert all(r["ms"] > 0 and r["peak_mib"] >= 0 for r in rows.values())
+    flat = report["chunked_flatness"]
+    assert (flat is None) or (flat["M_low"], flat["M_high"], flat["target"]) == (4, 8, 1.2)
+
+
+def test_bench_vs_peer_profiles_our_side(bench_path, capsys):
+    import bench_vs_peer
+
+    report = bench_vs_peer.main(["--profile", "--shapes", "1,2,2,8x8", "--rank", "2"])
+    (profile,) = report["profiles"]
+    assert profile["shape"] == (1, 2, 2, 8, 8) and profile["wall_ms"] > 0
+    # the loss's sampling matmul and its noise appear among the traced ops
+    assert any("BatchMatMul" in op for op in profile["op_ms"]), sorted(profile["op_ms"])
+    assert "ns per pixel and sample" in capsys.readouterr().out

@@ -37,7 +37,7 @@ from tfp_seg.evaluation import format_report
 from tfp_seg.export import ExportError
 from tfp_seg.runs.config import TrainConfig, load_config, stored_config
 from tfp_seg.runs.data import evaluation_data
-from tfp_seg.runs.dice import mean_probabilities
+from tfp_seg.runs.dice import batch_size_for, mean_probabilities
 from tfp_seg.runs.evaluate import evaluate_data, load_run
 from tfp_seg.runs.flags import TRAIN_FLAGS, parse_bool
 from tfp_seg.runs.model import sampler_for
@@ -277,7 +277,9 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--images must be >= 1; got {args.images}")
     subset = test[: args.images]
     images, annotations = np.asarray(subset.images), np.asarray(subset.annotations)
-    samples = model.sample(images, args.num_samples, seed=args.seed)
+    # Volumes one at a time (a batch of whole volumes' samples would not fit in memory).
+    batching = {"batch_size": batch_size_for(images)} if images.ndim == 5 else {}
+    samples = model.sample(images, args.num_samples, seed=args.seed, **batching)
     # The mean softmax of the report's draws (runs/dice.py): its arg max is the prediction
     # whose Dice the report gives, for these images, seed and number of samples.
     probs = mean_probabilities(model, images, args.num_samples, args.seed)

@@ -120,7 +120,7 @@ def tf_variable(variable):
 
 def model_image_shape(model) -> Optional[Tuple[Optional[int], ...]]:
     """`(*S, channels)` the model was built for (`(H, W, channels)` or `(D, H, W, channels)`),
-    if it can be read from it."""
+    if it can be read from it (a model built on `{"images", "roi_mask"}`: the images')."""
     try:
         inputs = getattr(model, "inputs", None)
         if inputs:
@@ -131,6 +131,8 @@ def model_image_shape(model) -> Optional[Tuple[Optional[int], ...]]:
     if callable(get_build_config):
         build = get_build_config() or {}
         shape = build.get("input_shape")
+        if isinstance(shape, dict):
+            shape = shape.get("images")
         if shape is not None and len(shape) - 2 in _checks.SPATIAL_DIMS:
             return tuple(shape[1:])
     return None

@@ -9,6 +9,7 @@ import keras
 
 from tfp_seg import protocols
 from tfp_seg.export import _common, adapters, wrappers
+from tfp_seg.models.sliding import SlidingWindowSampler
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
 
 __all__ = ["as_adapter"]
@@ -18,6 +19,9 @@ def as_adapter(
     model, image_shape: Optional[Sequence[Optional[int]]] = None
 ) -> adapters.ExportAdapter:
     """The `ExportAdapter` of `model` (returned unchanged if it already is one).
+
+    A `tfp_seg.models.SlidingWindowSampler` exports its model: the network's one pass over
+    the whole input (volumes of any size the network takes), not the windows.
 
     Recognised, in order:
       1. a model whose `head` is a distribution head (`tfp_seg.protocols.Head`, e.g. a
@@ -45,6 +49,8 @@ def as_adapter(
         if image_shape is not None:
             model.image_shape = tuple(image_shape)
         return model
+    if isinstance(model, SlidingWindowSampler):
+        model = model.model
     if _common.distribution_head(model) is not None:
         return adapters.HeadAdapter(model, image_shape)
     if isinstance(model, MCDropout):

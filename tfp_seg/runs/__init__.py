@@ -15,6 +15,8 @@ dice.py       dice_report: per-class (and region) Dice of the predictive arg max
 report.py     write_report: report.json, report.md, figures/
 report_tables.py  render_markdown, METRICS: the markdown tables (metrics; GED, diversity, Dice)
 figures.py    the report's PNG figures (volumes: one axial slice each)
+volumes.py    runs on NIfTI volumes: VolumeSet (cases as a data set), patch_datasets
+              (training patches), VolumeSampler (sliding windows, the brain as roi_mask)
 ```
 
 A run writes `runs/<name>/{config.json, history.json, model.keras | ensemble/, report.json,

@@ -31,6 +31,7 @@ __all__ = [
     "BACKBONES",
     "MODELS",
     "ENSEMBLES",
+    "PATCH_DEFAULTS",
     "VOLUME_DEFAULTS",
     "load_config",
     "stored_config",
@@ -63,7 +64,16 @@ ENSEMBLES = ("batch", "packed")
 # on 24^3 volumes that trains in a few minutes on 2 CPU cores (docs/cli.md, "Volumes").
 VOLUME_DEFAULTS = {"image_size": 24, "num_images": 160, "epochs": 20}
 # The data sources that give volumes (`runs/data.py` loads them); the others give images.
-VOLUME_SOURCES = ("builtin",)
+# `nifti:DIR` gives volumes only: `spatial_dims` left unset is 3 for it.
+VOLUME_SOURCES = ("builtin", "nifti")
+# Runs on NIfTI volumes train on random patches and evaluate whole volumes through sliding
+# windows (`tfp_seg.runs.volumes`): the fields that size them and their defaults.
+PATCH_DEFAULTS = {
+    "patch_size": 32,
+    "patches_per_epoch": 256,
+    "foreground_fraction": 0.5,
+    "window_overlap": None,
+}
 # Backbones that take volumes: the built-in U-Net (keras-hub / keras-cv models are 2D).
 VOLUME_BACKBONES = ("unet",)
 _IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
@@ -81,7 +91,17 @@ class TrainConfig:
     `ambiguous_shapes(..., spatial_dims=3)`, `UNet(spatial_dims=3)` and the head on its 3D
     features). `image_size`, `num_images` and `epochs` left unset (None) take their image
     defaults (64, 640, 36) or, with `spatial_dims=3`, `VOLUME_DEFAULTS` (24, 160, 20). A
-    stored config without `spatial_dims` is a 2D run.
+    stored config without `spatial_dims` is a 2D run; `spatial_dims` left unset (None) is 3
+    for `data` `nifti:DIR` (volumes only) and 2 otherwise.
+
+    NIfTI volumes (`data="nifti:DIR"`, `tfp_seg.runs.volumes`): training streams
+    `patches_per_epoch` random patches of `patch_size`^3 voxels per epoch (rounded up to
+    whole batches), a share `foreground_fraction` of them centred on a tumour class, the brain
+    mask as the SSN `roi_mask`; validation curves and evaluation run on whole volumes through
+    sliding windows of `patch_size` with `window_overlap` voxels shared by neighbours
+    (default `patch_size // 4`). `image_size`, `num_images` and `num_annotations` do not
+    apply (the cases give them). They need `model` segmenter, a distribution `head` (not a
+    sampling baseline) and no `ensemble`.
     """
 
     name: Optional[str] = None
@@ -124,15 +144,29 @@ class TrainConfig:
     strategy: str = "auto"
     resume: bool = False
     mixed_precision: Optional[str] = None
-    spatial_dims: int = 2
+    spatial_dims: Optional[int] = None  # 2; 3 for nifti data
+    patch_size: int = PATCH_DEFAULTS["patch_size"]
+    patches_per_epoch: int = PATCH_DEFAULTS["patches_per_epoch"]
+    foreground_fraction: float = PATCH_DEFAULTS["foreground_fraction"]
+    window_overlap: Optional[int] = None  # patch_size // 4
 
     def __post_init__(self) -> None:
+        if self.spatial_dims is None:
+            self.spatial_dims = 3 if self.patch_data else 2
         # The sizes left unset take the defaults of the run's rank (a bad rank: those of
         # images, and `validate` names the field).
         defaults = VOLUME_DEFAULTS if self.spatial_dims == 3 else _IMAGE_DEFAULTS
         for field, value in defaults.items():
             if getattr(self, field) is None:
                 setattr(self, field, value)
+
+    @property
+    def patch_data(self) -> bool:
+        """Whether `data` names NIfTI volumes (trained on patches, evaluated by windows)."""
+        try:
+            return data_sources.parse_spec(self.data).kind == "nifti"
+        except ValueError:  # a bad spec: `validate` names it
+            return False
 
     def validate(self) -> "TrainConfig":
         """Check every field; return `self`, or raise `ValueError` naming the field."""
@@ -180,7 +214,9 @@ class TrainConfig:
         _checks.positive_int(self.val_every, "val_every", minimum=0)
         _checks.positive_int(self.val_samples, "val_samples", minimum=2)
         self._validate_ensemble()
-        if self.image_size % (2**self.depth):
+        if self.patch_data:
+            self._validate_patches()
+        elif self.image_size % (2**self.depth):
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
             )
@@ -203,6 +239,12 @@ class TrainConfig:
 
     def _validate_volumes(self) -> None:
         self.spatial_dims = _checks.check_spatial_dims(self.spatial_dims)
+        kind = data_sources.parse_spec(self.data).kind
+        if kind == "nifti" and self.spatial_dims == 2:
+            raise ValueError(
+                f"`data` {self.data!r} gives volumes: `spatial_dims` must be 3 (its default "
+                "for nifti data); got 2."
+            )
         if self.spatial_dims == 2:
             return
         if self.backbone not in VOLUME_BACKBONES:
@@ -211,12 +253,11 @@ class TrainConfig:
                 f"are 2D); `spatial_dims` 3 needs one of {VOLUME_BACKBONES} (the built-in "
                 "U-Net, 3D convolutions)."
             )
-        kind = data_sources.parse_spec(self.data).kind
         if kind not in VOLUME_SOURCES:
             raise ValueError(
                 f"`data` {self.data!r} is not a volume source of runs yet: `spatial_dims` 3 "
-                f"takes `data` in {VOLUME_SOURCES} for now (the built-in benchmark in 3D); "
-                "leave `data` at builtin or use `spatial_dims` 2."
+                f"takes `data` in {VOLUME_SOURCES} for now (the built-in benchmark in 3D, "
+                "NIfTI volumes); use `spatial_dims` 2 for images."
             )
 
     def _validate_stream(self) -> None:
@@ -224,6 +265,12 @@ class TrainConfig:
             raise ValueError(
                 f"`stream` must be true, false or null (auto: stream users' data larger than "
                 f"the threshold of tfp_seg.data.load); got {self.stream!r}."
+            )
+        if self.stream is False and self.patch_data:
+            raise ValueError(
+                f"`stream` false does not apply to `data` {self.data!r}: NIfTI volumes are "
+                "always decoded into the disk cache and read from it (patches, windows); "
+                "leave `stream` unset (or true)."
             )
         if self.stream and self.data == "builtin":
             raise ValueError(
@@ -256,6 +303,38 @@ class TrainConfig:
                 "the joint likelihood of a soft label map is not defined; use all or random "
                 "(marginal is for the per-pixel heads: heteroscedastic, deterministic and the "
                 "sampling baselines)."
+            )
+
+    def _validate_patches(self) -> None:
+        if self.model != "segmenter" or self.head not in HEADS or self.ensemble:
+            raise ValueError(
+                f"`data` {self.data!r} (NIfTI volumes, evaluated by sliding windows with one "
+                f"latent per volume) needs `model` segmenter, `head` one of {HEADS} and no "
+                f"`ensemble`; got model={self.model!r}, head={self.head!r}, "
+                f"ensemble={self.ensemble!r}."
+            )
+        _checks.positive_int(self.patch_size, "patch_size")
+        _checks.positive_int(self.patches_per_epoch, "patches_per_epoch")
+        if self.patch_size % (2**self.depth):
+            raise ValueError(
+                f"`patch_size` ({self.patch_size}) must be divisible by 2**depth "
+                f"({2**self.depth}): the U-Net takes patches and windows of that size."
+            )
+        fraction = self.foreground_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            fraction = None
+        if fraction is None or not 0.0 <= fraction <= 1.0:
+            raise ValueError(
+                "`foreground_fraction` must be a number in [0, 1] (the share of patches "
+                f"centred on a tumour class); got {self.foreground_fraction!r}."
+            )
+        if self.window_overlap is None:
+            self.window_overlap = self.patch_size // 4
+        overlap = _checks.positive_int(self.window_overlap, "window_overlap", minimum=0)
+        if overlap >= self.patch_size:
+            raise ValueError(
+                f"`window_overlap` ({overlap}) must be smaller than `patch_size` "
+                f"({self.patch_size}): the windows' stride is their difference."
             )
 
     def _validate_ensemble(self) -> None:

@@ -10,10 +10,11 @@ folder without the file, from before the file existed, is split again, which giv
 parts for the built-in data).
 
 Volumes (`config.spatial_dims == 3`) come from the sources of `VOLUME_LOADERS` (the built-in
-benchmark in 3D, `ambiguous_shapes(..., spatial_dims=3)`; `TrainConfig.validate` refuses the
-others with a clear error): a volume source (such as `nifti:DIR`) is one more entry there, a
-function of `(spec, config)` that returns the whole data set, volumes `[N, D, H, W, channels]`
-and annotations `[N, K, D, H, W]`, with the `AnnotatedSet` methods the split takes.
+benchmark in 3D, `ambiguous_shapes(..., spatial_dims=3)`, and `nifti:DIR`, the cases of
+`tfp_seg.data.load_nifti` as a `tfp_seg.runs.volumes.VolumeSet`, split 60/20/20 by case;
+`TrainConfig.validate` refuses the others with a clear error): a volume source is a function of
+`(spec, config)` that returns the whole data set, volumes `[N, D, H, W, channels]` and
+annotations `[N, K, D, H, W]`, with the `AnnotatedSet` methods the split takes.
 
 Users' data are loaded in memory or streamed from a disk cache as `config.stream` says (None:
 auto, by their decoded size; `tfp_seg.data.load`), the cache under `config.cache_dir` (default
@@ -30,6 +31,7 @@ from typing import Optional
 
 from tfp_seg import data as data_lib
 from tfp_seg._io import atomic_write_json
+from tfp_seg.runs import volumes
 from tfp_seg.runs.config import TrainConfig
 
 __all__ = [
@@ -55,7 +57,7 @@ def _builtin_volumes(spec, config: TrainConfig):
     )
 
 
-VOLUME_LOADERS = {"builtin": _builtin_volumes}
+VOLUME_LOADERS = {"builtin": _builtin_volumes, "nifti": volumes.load_volume_set}
 """`{source kind: loader(spec, config)}`: the data sources of runs on volumes
 (`spatial_dims=3`); the keys are `tfp_seg.runs.config.VOLUME_SOURCES`."""
 
@@ -149,7 +151,8 @@ def write_split(run_dir: str, config: TrainConfig, parts: tuple) -> str:
     record = data_lib.split_record(
         config.data, parts, data_lib.sources.default_fractions(config.data), config.seed
     )
-    record["stream"] = isinstance(parts[0], data_lib.DiskAnnotatedImages)
+    # NIfTI volumes are always read from their disk cache.
+    record["stream"] = isinstance(parts[0], (data_lib.DiskAnnotatedImages, volumes.VolumeSet))
     path = os.path.join(run_dir, SPLIT_FILE)
     atomic_write_json(path, record)
     return path
@@ -158,9 +161,12 @@ def write_split(run_dir: str, config: TrainConfig, parts: tuple) -> str:
 def describe(config: TrainConfig, parts: tuple) -> str:
     """One log line about the run's data."""
     train, val, test = parts
-    size = "x".join(str(n) for n in train.images.shape[1:-1])  # H x W, or D x H x W
+    try:
+        size = "x".join(str(n) for n in train.images.shape[1:-1])  # H x W, or D x H x W
+    except ValueError:  # NIfTI cases of several shapes (trained on patches)
+        size = "(several sizes)"
     source = "ambiguous_shapes" if config.data == "builtin" else config.data
-    items = "volumes" if train.images.ndim == 5 else "images"
+    items = "volumes" if config.spatial_dims == 3 else "images"
     line = (
         f"data: {source} {size}, {len(train)} train / {len(val)} val / {len(test)} test "
         f"{items}, {train.num_annotations} annotations each"

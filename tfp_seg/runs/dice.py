@@ -15,11 +15,14 @@ dice_class_c = (1 / (B K)) sum_b sum_k Dice_bkc   averaged over images and annot
 per-pixel marginals. The logit samples of batch `k` (`batch_size` images) are drawn with the
 Sampler's seed of its own batch `k` (`seed`, then `fold_seed(seed, k)`), so the values equal
 `tfp_seg.metrics.per_class_dice` of the arg max of `mean_probabilities(sampler, images, N,
-seed)` against the annotations, which `tfp-seg sample` saves. Regions (unions of classes,
-`tfp_seg.metrics.region_dice`) come from the data: `dice_regions(data)` is the data set's
-`dice_regions` attribute (a volume source with BraTS labels sets it to
-`tfp_seg.metrics.BRATS_REGIONS`), and the users' data evaluation reports them as
-`dice_<region>` (`tfp_seg.evaluation.evaluate_annotations(regions=...)`).
+seed)` against the annotations, which `tfp-seg sample` saves.
+
+Regions (unions of classes) come from the data: `dice_regions(data)` is the data set's
+`dice_regions` attribute (`tfp_seg.runs.volumes.VolumeSet` of BraTS labels sets it to
+`tfp_seg.metrics.BRATS_REGIONS`: whole tumour {1, 2, 3}, tumour core {1, 3}, enhancing {3}).
+`dice_report` then adds `dice_<region>`, the same average over images and annotations of the
+region's Dice (`tfp_seg.metrics.region_dice(..., per_image=True)`: 1 where the region is in
+neither map), from the same prediction as the per-class values.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from tfp_seg.data import AmbiguousShapes
 __all__ = [
     "CLASS_PREFIX",
     "DICE_BATCH",
+    "VOLUME_BATCH",
+    "batch_size_for",
     "class_names",
     "dice_regions",
     "dice_report",
@@ -43,8 +48,19 @@ __all__ = [
 CLASS_PREFIX = "dice_class_"
 """The report keys of the per-class Dice: `dice_class_0`, `dice_class_1`, ..."""
 DICE_BATCH = 16
-"""Images (volumes) per `sample_logits` call; the seeds follow the batches."""
+"""Images per `sample_logits` call; the seeds follow the batches."""
+VOLUME_BATCH = 1
+"""Volumes per `sample_logits` call (`batch_size_for`): the samples `[N, 1, D, H, W, C]` of one
+volume at a time (BraTS, 155 x 240 x 240 x 4 classes: 143 MB per float32 sample)."""
 _BUILTIN_NAMES = ("background", "class A", "class B")
+
+
+def batch_size_for(images, batch_size: Optional[int] = None) -> int:
+    """`batch_size` checked, or by default `VOLUME_BATCH` for volumes `[B, D, H, W, ch]` and
+    `DICE_BATCH` for images `[B, H, W, ch]`."""
+    if batch_size is None:
+        return VOLUME_BATCH if len(images.shape) == 5 else DICE_BATCH
+    return _checks.positive_int(batch_size, "batch_size")
 
 
 def _batch_seed(seed: Any, index: int) -> Any:
@@ -79,13 +95,14 @@ def _batches(sampler, images, num_samples: int, seed: Any, batch_size: int):
 
 
 def mean_probabilities(
-    sampler, images, num_samples: int, seed: Any = 0, batch_size: int = DICE_BATCH
+    sampler, images, num_samples: int, seed: Any = 0, batch_size: Optional[int] = None
 ) -> np.ndarray:
     """The mean softmax of `num_samples` logit samples, float32 `[B, *S, C]`, for images
     `[B, *S, channels]` (`S = (H, W)` or `(D, H, W)`): the probabilities whose arg max
-    `dice_report` scores (the same draws for the same `seed` and `batch_size`)."""
+    `dice_report` scores (the same draws for the same `seed` and `batch_size`, default
+    `batch_size_for(images)`)."""
     num_samples = _checks.positive_int(num_samples, "num_samples")
-    batch_size = _checks.positive_int(batch_size, "batch_size")
+    batch_size = batch_size_for(images, batch_size)
     parts = [p for _, p in _batches(sampler, images, num_samples, seed, batch_size)]
     return np.concatenate(parts, axis=0).astype(np.float32)
 
@@ -108,18 +125,27 @@ def dice_regions(data: Any) -> Optional[Mapping[str, Sequence[int]]]:
     return dict(regions) if regions else None
 
 
-def _class_sums(pred: np.ndarray, annotations: np.ndarray, num_classes: int, ignore) -> tuple:
-    """Sum over images and annotations of the per-class Dice, and the number of pairs."""
+def _pairs(pred: np.ndarray, annotations: np.ndarray) -> tuple:
+    """`(pred_k, annotations_k)` `[B K, *S]`: every prediction against each of its K maps."""
     b, k = annotations.shape[:2]
     pred_k = np.repeat(pred[:, None], k, axis=1).reshape((b * k,) + pred.shape[1:])
-    table = metrics.per_class_dice(
-        pred_k,
-        np.asarray(annotations).reshape((b * k,) + pred.shape[1:]),
-        num_classes,
-        ignore_label=ignore,
-        per_image=True,
+    return pred_k, np.asarray(annotations).reshape((b * k,) + pred.shape[1:])
+
+
+def _class_sums(pred: np.ndarray, annotations: np.ndarray, num_classes: int, ignore) -> tuple:
+    """Sum over images and annotations of the per-class Dice, and the number of pairs."""
+    pred_k, ann_k = _pairs(pred, annotations)
+    table = metrics.per_class_dice(pred_k, ann_k, num_classes, ignore_label=ignore, per_image=True)
+    return table.sum(axis=0), pred_k.shape[0]
+
+
+def _region_sums(pred, annotations, regions: Mapping, num_classes: int, ignore) -> np.ndarray:
+    """Sum over images and annotations of the Dice of every region, `[len(regions)]`."""
+    pred_k, ann_k = _pairs(pred, annotations)
+    dice = metrics.region_dice(
+        pred_k, ann_k, regions, ignore_label=ignore, num_classes=num_classes, per_image=True
     )
-    return table.sum(axis=0), b * k
+    return np.array([dice[name].sum() for name in regions])
 
 
 def dice_report(
@@ -127,7 +153,7 @@ def dice_report(
     data,
     num_samples: int,
     seed: Any = 0,
-    batch_size: int = DICE_BATCH,
+    batch_size: Optional[int] = None,
 ) -> dict:
     """The Dice keys of a run's report (module docstring) for `sampler` on `data`.
 
@@ -139,15 +165,15 @@ def dice_report(
         one (those voxels are left out).
       num_samples: N, the logit samples averaged into the prediction (the evaluation's).
       seed: the sampling seed (the evaluation's).
-      batch_size: images per `sample_logits` call.
+      batch_size: images per `sample_logits` call (default `batch_size_for(data.images)`).
 
     Returns:
       `{"dice_class_<c>": float, ..., "class_names": [C names]}`, with `oracle_dice_class_<c>`
-      for `AmbiguousShapes`.
+      for `AmbiguousShapes` and `dice_<region>` for the data's `dice_regions`.
     """
     num_samples = _checks.positive_int(num_samples, "num_samples")
-    batch_size = _checks.positive_int(batch_size, "batch_size")
     images, annotations = data.images, data.annotations
+    batch_size = batch_size_for(images, batch_size)
     if images.ndim not in (4, 5) or annotations.ndim != images.ndim:
         raise ValueError(
             "`data` must have images [B, *S, channels] and annotations [B, K, *S] with S = "
@@ -156,14 +182,19 @@ def dice_report(
     num_classes = int(data.num_classes)
     ignore = getattr(data, "ignore_label", None)
     exact = isinstance(data, AmbiguousShapes)
+    regions = dice_regions(data) or {}
     totals = {"model": np.zeros(num_classes), "oracle": np.zeros(num_classes)}
+    totals["regions"] = np.zeros(len(regions))
     pairs = 0
     for start, probs in _batches(sampler, images, num_samples, seed, batch_size):
         stop = start + probs.shape[0]
         ann = np.asarray(annotations[start:stop])
-        sums, count = _class_sums(probs.argmax(axis=-1), ann, num_classes, ignore)
+        pred = probs.argmax(axis=-1)
+        sums, count = _class_sums(pred, ann, num_classes, ignore)
         totals["model"] += sums
         pairs += count
+        if regions:
+            totals["regions"] += _region_sums(pred, ann, regions, num_classes, ignore)
         if exact:
             oracle = data[start:stop].marginals().argmax(axis=-1)
             totals["oracle"] += _class_sums(oracle, ann, num_classes, ignore)[0]
@@ -171,5 +202,7 @@ def dice_report(
     if exact:
         for c in range(num_classes):
             report[f"oracle_{CLASS_PREFIX}{c}"] = float(totals["oracle"][c] / pairs)
+    for name, total in zip(regions, totals["regions"], strict=True):
+        report[f"dice_{name}"] = float(total / pairs)
     report["class_names"] = class_names(data, num_classes)
     return report

@@ -18,7 +18,7 @@ from tfp_seg.data import AmbiguousShapes
 from tfp_seg.evaluation import evaluate_ambiguous, evaluate_annotations, format_report
 from tfp_seg.models.wrappers import DeepEnsemble
 from tfp_seg.runs.config import TrainConfig
-from tfp_seg.runs.dice import dice_regions, dice_report
+from tfp_seg.runs.dice import batch_size_for, dice_report
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
 
@@ -32,9 +32,9 @@ def evaluate_data(sampler, data, num_samples: int, seed, progress: bool = False)
     """The report of `sampler` on `data` (images or volumes): `evaluate_ambiguous` for the
     built-in benchmark (exact label distribution, oracle values), else `evaluate_annotations`
     against the raters, with `ged_16`, `ged_100`, `hm_iou_16`, `hm_iou_100` (from the same
-    draw of 100 samples) and `dice_<region>` for the regions the data name
-    (`tfp_seg.runs.dice.dice_regions`); then the per-class Dice of `tfp_seg.runs.dice`
-    (`dice_class_<c>`, `class_names`; `oracle_dice_class_<c>` on the built-in benchmark)."""
+    draw of 100 samples); then the Dice of `tfp_seg.runs.dice` (`dice_class_<c>`,
+    `class_names`, `dice_<region>` for the regions the data name; `oracle_dice_class_<c>` on
+    the built-in benchmark), from the prediction `tfp-seg sample` saves."""
     if isinstance(data, AmbiguousShapes):
         report = evaluate_ambiguous(
             sampler, data, num_samples=num_samples, seed=seed, progress=progress
@@ -47,7 +47,7 @@ def evaluate_data(sampler, data, num_samples: int, seed, progress: bool = False)
             seed=seed,
             sample_counts=SAMPLE_COUNTS,
             progress=progress,
-            regions=dice_regions(data),
+            batch_size=batch_size_for(data.images),  # volumes: one at a time
         )
     return report | dice_report(sampler, data, num_samples, seed)
 

@@ -14,7 +14,8 @@ Volumes (`images [B, D, H, W, channels]`, `annotations [B, K, D, H, W]`) get the
 of one axial slice each: the slice `d` with the most foreground in the volume's annotations
 (`tfp_seg.plots.informative_slice`), taken of the image, the annotations, the samples and the
 probabilities by `tfp_seg.plots.volume_slice`; the figure's title names it ("axial slice d of
-D"). The reliability diagram counts every voxel.
+D"). The image column shows the volume's first channel (the first modality of a NIfTI case,
+FLAIR for BraTS) in grey. The reliability diagram counts every voxel.
 """
 
 from __future__ import annotations
@@ -85,13 +86,14 @@ def _check_data(data: Any) -> tuple:
 def _shown_views(image, annotations, prob_samples) -> tuple:
     """What the figures of one image show: `(image [H, W, ch], annotations [K, H, W],
     probability samples [N, H, W, C], where)`; for a volume its informative axial slice
-    `d` and `where = " (axial slice d of D)"`, else the image itself and `where = ""`."""
+    `d` (of its first channel) and `where = " (axial slice d of D)"`, else the image itself
+    and `where = ""`."""
     image, annotations = np.asarray(image), np.asarray(annotations)
     if image.ndim == 3:
         return image, annotations, prob_samples, ""
     d = plots.informative_slice(annotations)
     views = (
-        plots.volume_slice(image, d),
+        plots.volume_slice(image[..., :1], d),  # the first channel (modality) in grey
         plots.volume_slice(annotations, d, leading=1),
         plots.volume_slice(prob_samples, d, leading=1),
     )

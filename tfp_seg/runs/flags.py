@@ -42,8 +42,10 @@ TRAIN_FLAGS: dict = {
         str,
         "data source: builtin (the exact-distribution benchmark, split 80/10/10), "
         "lidc:PATH (the data_lidc.pickle of LIDC-IDRI crops, or a folder of its parts), or "
-        "folder:IMAGES_DIR:MASKS_DIR (one or several masks per image); real data are split "
-        "60/20/20 by patient series, recorded in <run>/split.json (default: builtin)",
+        "folder:IMAGES_DIR:MASKS_DIR (one or several masks per image), or nifti:DIR (BraTS-"
+        "layout volumes, a folder per case: trained on patches, evaluated by sliding "
+        "windows); real data are split 60/20/20 by patient series (cases), recorded in "
+        "<run>/split.json (default: builtin)",
     ),
     "cache_dir": (str, "decode cache of streamed data (default: $TFP_SEG_CACHE, ~/.cache/tfp_seg)"),
     "head": (
@@ -80,7 +82,27 @@ TRAIN_FLAGS: dict = {
     "spatial_dims": (
         int,
         "2: images [H, W]; 3: volumes [D, H, W] (the built-in benchmark in 3D, the 3D U-Net, "
-        f"the head on 3D features; with 3 the defaults of {_volume_defaults()}) (default: 2)",
+        f"the head on 3D features; with 3 the defaults of {_volume_defaults()}) (default: 2; "
+        "3 with --data nifti:DIR)",
+    ),
+    "patch_size": (
+        int,
+        "nifti data: side of the cubic training patches and of the sliding windows of "
+        "evaluation, divisible by 2**depth (default: 32)",
+    ),
+    "patches_per_epoch": (
+        int,
+        "nifti data: random training patches per epoch, rounded up to whole batches (default: 256)",
+    ),
+    "foreground_fraction": (
+        float,
+        "nifti data: share of the patches centred on a tumour class, the rest anywhere in the "
+        "brain (default: 0.5)",
+    ),
+    "window_overlap": (
+        int,
+        "nifti data: voxels shared by neighbouring sliding windows, < --patch-size (default: "
+        "patch size // 4)",
     ),
     "image_size": (
         int,

@@ -13,6 +13,7 @@ import keras
 
 from tfp_seg import layers, models
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
+from tfp_seg.runs import volumes
 from tfp_seg.runs.config import TrainConfig
 
 __all__ = ["build_model", "compile_model", "sampler_for"]
@@ -84,9 +85,18 @@ def build_model(config: TrainConfig, num_classes: int, input_shape=None):
 
 
 def sampler_for(model, config: TrainConfig):
-    """The object whose `sample_logits` represents the run's predictive distribution."""
+    """The object whose `sample_logits` represents the run's predictive distribution: on NIfTI
+    volumes (`config.patch_data`) a `tfp_seg.runs.volumes.VolumeSampler` over whole volumes
+    (sliding windows of `patch_size`, overlap `window_overlap`, the brain as `roi_mask`)."""
     if config.head == "mc_dropout":
         return MCDropout(model, num_samples=config.eval_samples)
+    if config.patch_data:
+        return volumes.VolumeSampler(
+            model,
+            window=config.patch_size,
+            overlap=config.window_overlap,
+            roi_mask=config.head in volumes.ROI_HEADS,
+        )
     return model
 
 

@@ -53,6 +53,7 @@ from tfp_seg.evaluation import evaluate_ambiguous, evaluate_annotations
 from tfp_seg.models.wrappers import DeepEnsemble
 from tfp_seg.plots.curves import EPOCHS_KEY, VALIDATION_CURVES  # what the figure plots
 from tfp_seg.runs.config import TrainConfig
+from tfp_seg.runs.dice import VOLUME_BATCH
 from tfp_seg.runs.model import sampler_for
 
 __all__ = [
@@ -195,6 +196,8 @@ def make_monitor(
         epochs=config.epochs,
         num_samples=config.val_samples,
         seed=config.seed,
+        # NIfTI volumes one at a time (tfp_seg.runs.dice.VOLUME_BATCH); 16 images otherwise
+        batch_size=VOLUME_BATCH if config.patch_data else 16,
     )
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from tfp_seg import _checks
 from tfp_seg._io import atomic_write_json, atomic_write_text
 from tfp_seg.evaluation import evaluate_ambiguous
+from tfp_seg.runs.dice import DICE_BATCH, batch_size_for
 from tfp_seg.runs.figures import draw_curves, draw_figures
 from tfp_seg.runs.report_tables import METRICS, config_dict, render_markdown
 
@@ -80,7 +81,7 @@ def write_report(
     figures: bool = True,
     num_images: int = 3,
     num_bins: int = 10,
-    batch_size: int = 16,
+    batch_size: Optional[int] = None,
     progress: Optional[bool] = None,
     dpi: int = 100,
     title: Optional[str] = None,
@@ -106,7 +107,8 @@ def write_report(
       figures: Draw the PNG figures (needs `model` and `data`; skipped without them).
       num_images: Images (the first of `data`) that get a samples grid and uncertainty maps.
       num_bins: Confidence bins of the reliability diagram.
-      batch_size: Images per `sample_logits` call.
+      batch_size: Images per `sample_logits` call (default 16 images, or 1 volume:
+        `tfp_seg.runs.dice.batch_size_for`).
       progress: Progress bar over the batches; None: only for 64 images or more.
       dpi: Resolution of the PNGs.
       title: First heading of `report.md` (default "Evaluation report: <run>").
@@ -119,6 +121,9 @@ def write_report(
       `{"json": path, "markdown": path, "figures": [paths]}`.
     """
     out_dir = os.fspath(out_dir)
+    if batch_size is None:
+        images = getattr(data, "images", None)
+        batch_size = DICE_BATCH if images is None else batch_size_for(images)
     for name, value, low in (
         ("num_samples", num_samples, 1),
         ("num_images", num_images, 0),

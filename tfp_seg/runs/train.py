@@ -8,6 +8,10 @@ saved model. Evaluation and the report follow in `tfp_seg.runs.evaluate`.
 <output_dir>/<name>/backup/        per-epoch backup of a --resume run (deleted at the end)
 ```
 
+On NIfTI volumes (`config.patch_data`) the model trains on the random patches of
+`tfp_seg.runs.volumes.patch_datasets` (`patches_per_epoch` per epoch) and is evaluated on
+whole volumes by its sliding-window sampler.
+
 Every file is written with `tfp_seg._io` (temporary name, fsync, rename), so an interrupted run
 never leaves a half-written file in place of a good one.
 """
@@ -26,6 +30,7 @@ import tensorflow as tf
 from tfp_seg import _interrupt, distribute
 from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
 from tfp_seg.runs import monitor as validation
+from tfp_seg.runs import volumes
 from tfp_seg.runs.config import TrainConfig
 from tfp_seg.runs.data import describe, make_data, write_split
 from tfp_seg.runs.evaluate import evaluate_trained
@@ -116,6 +121,8 @@ def train(config: TrainConfig, log=print) -> dict:
     config.validate()
     strategy = distribute.get_strategy(config.strategy)
     parts = make_data(config)  # before anything is written: a bad data source fails first
+    if config.patch_data:  # the validation and test volumes are evaluated stacked
+        volumes.evaluation_shapes(parts[1:])
     run_dir = _prepare_run_dir(config)
     if not distribute.is_chief(strategy):
         # Every worker of a multi-worker job runs this; only the chief writes the run folder
@@ -131,24 +138,34 @@ def train(config: TrainConfig, log=print) -> dict:
             f"strategy: {type(strategy).__name__}, {strategy.num_replicas_in_sync} replica(s), "
             f"global batch {config.batch_size}; dtype policy {config.mixed_precision or 'float32'}"
         )
+    patches = config.patch_data  # NIfTI volumes: random patches (tfp_seg.runs.volumes)
+    if patches:
+        input_shape = (config.patch_size,) * 3 + (len(train_data.volumes.modalities),)
+    else:
+        input_shape = tuple(train_data.images.shape[1:])
     with distribute.dtype_policy_scope(config.mixed_precision), strategy.scope():
-        model = build_model(config, train_data.num_classes, train_data.images.shape[1:])
+        model = build_model(config, train_data.num_classes, input_shape)
         compile_model(model, config)
         members = model.members if config.head == "ensemble" else [model]
         if config.resume:  # BackupAndRestore restores into built models
-            shape = (None,) + tuple(train_data.images.shape[1:])
             for member in members:
-                member.build(shape)
-    train_ds = train_data.to_dataset(
-        batch_size=config.batch_size,
-        shuffle=True,
-        annotation=config.annotations,
-        seed=config.seed,
-        augment=config.augment,
-    )
-    val_ds = val_data.to_dataset(batch_size=config.batch_size, shuffle=False, annotation="first")
+                member.build((None,) + input_shape)
+    if patches:
+        train_ds, val_ds, patch_steps = volumes.patch_datasets(config, train_data, val_data)
+    else:
+        train_ds = train_data.to_dataset(
+            batch_size=config.batch_size,
+            shuffle=True,
+            annotation=config.annotations,
+            seed=config.seed,
+            augment=config.augment,
+        )
+        val_ds = val_data.to_dataset(
+            batch_size=config.batch_size, shuffle=False, annotation="first"
+        )
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        train_ds, val_ds = distribute.shard_by_data(train_ds), distribute.shard_by_data(val_ds)
+        train_ds = distribute.shard_by_data(train_ds)
+        val_ds = val_ds if val_ds is None else distribute.shard_by_data(val_ds)
     # Keras fails on a first batch that does not split over the replicas: a split smaller than
     # one global batch is trimmed to a multiple of them (see distribute.divisible_batches).
     replicas = strategy.num_replicas_in_sync
@@ -158,11 +175,11 @@ def train(config: TrainConfig, log=print) -> dict:
             f"the {replicas} replicas of the {type(strategy).__name__}"
         )
     for name, part in (("train", train_data), ("validation", val_data)):
-        if len(part) < config.batch_size and len(part) % replicas:
+        if not patches and len(part) < config.batch_size and len(part) % replicas:
             log(f"{len(part) % replicas} {name} image(s) left out: {replicas} replicas")
-    if len(train_data) < config.batch_size:
+    if not patches and len(train_data) < config.batch_size:  # patches come in whole batches
         train_ds = distribute.divisible_batches(train_ds, replicas)
-    if len(val_data) < config.batch_size:
+    if not patches and len(val_data) < config.batch_size:
         val_ds = distribute.divisible_batches(val_ds, replicas)
     start = time.time()
     histories, monitors = [], []
@@ -176,7 +193,7 @@ def train(config: TrainConfig, log=print) -> dict:
         if monitor is not None:
             callbacks.append(monitor)
             monitors.append(monitor)
-        member_ds, steps = train_ds, None
+        member_ds, steps = train_ds, (patch_steps if patches else None)
         if config.resume:
             backup_dir = os.path.join(run_dir, "backup")
             if len(members) > 1:
@@ -186,20 +203,22 @@ def train(config: TrainConfig, log=print) -> dict:
             )
             callbacks.append(backup)
             # One seeded, repeated stream (its order depends on the seed alone): a resumed
-            # run skips exactly the batches of the completed epochs.
-            steps = -(-len(train_data) // config.batch_size)
-            member_ds = distribute.seeded_stream(
-                lambda seed=config.seed + i: train_data.to_dataset(
-                    batch_size=config.batch_size,
-                    shuffle=True,
-                    annotation=config.annotations,
-                    seed=seed,
-                    repeat=True,
-                    augment=config.augment,
+            # run skips exactly the batches of the completed epochs. (A patch stream is one:
+            # patch k depends on the seed and k alone.)
+            if not patches:
+                steps = -(-len(train_data) // config.batch_size)
+                member_ds = distribute.seeded_stream(
+                    lambda seed=config.seed + i: train_data.to_dataset(
+                        batch_size=config.batch_size,
+                        shuffle=True,
+                        annotation=config.annotations,
+                        seed=seed,
+                        repeat=True,
+                        augment=config.augment,
+                    )
                 )
-            )
-            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                member_ds = distribute.shard_by_data(member_ds)
+                if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                    member_ds = distribute.shard_by_data(member_ds)
             done = backup.completed_epochs()
             if done:
                 log(f"resuming from {backup.backup_dir}: {done}/{config.epochs} epochs done")

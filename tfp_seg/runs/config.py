@@ -57,6 +57,8 @@ MODELS = ("segmenter", "prob_unet")
 ANNOTATIONS = ("random", "all", "marginal")
 # Normalisation layers of the built-in U-Net (tfp_seg.models.UNet(norm=...)).
 NORMS = ("group", "batch")
+# Learning rate over the epochs (`lr_schedule`): constant, or cosine decay to 0 by epoch.
+LR_SCHEDULES = ("constant", "cosine")
 # Efficient ensembles of the built-in U-Net (tfp_seg.models.UNet(ensemble=...)).
 ENSEMBLES = ("batch", "packed")
 # Volumes (`spatial_dims=3`): the defaults of the fields that size the built-in benchmark and
@@ -117,6 +119,7 @@ class TrainConfig:
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
     batch_size: int = 8
     learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
     image_size: Optional[int] = None  # 64; VOLUME_DEFAULTS with spatial_dims 3
     num_images: Optional[int] = None  # 640; VOLUME_DEFAULTS with spatial_dims 3
     num_annotations: int = 4
@@ -224,6 +227,10 @@ class TrainConfig:
             raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be > 0; got {self.learning_rate!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"`lr_schedule` must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}."
+            )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"`strategy` must be one of {STRATEGIES}; got {self.strategy!r}.")
         if self.mixed_precision not in POLICIES:

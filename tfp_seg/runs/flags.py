@@ -79,6 +79,11 @@ TRAIN_FLAGS: dict = {
     ),
     "batch_size": (int, "batch size (default: 8)"),
     "learning_rate": (float, "Adam learning rate (default: 1e-3)"),
+    "lr_schedule": (
+        str,
+        "learning rate over the epochs: constant, or cosine (lr * (1 + cos(pi e / epochs)) / 2 "
+        "in epoch e = 0..epochs-1) (default: constant)",
+    ),
     "spatial_dims": (
         int,
         "2: images [H, W]; 3: volumes [D, H, W] (the built-in benchmark in 3D, the 3D U-Net, "

@@ -116,6 +116,17 @@ def _prepare_run_dir(config: TrainConfig) -> str:
     return run_dir
 
 
+def cosine_schedule(learning_rate: float, epochs: int) -> keras.callbacks.Callback:
+    """Cosine decay by epoch, `lr_e = learning_rate * (1 + cos(pi e / epochs)) / 2` at the start
+    of epoch `e = 0..epochs-1` (from `learning_rate` towards 0). It depends on the epoch index
+    alone, so a resumed run continues the same schedule."""
+
+    def rate(epoch: int, _lr=None) -> float:
+        return float(learning_rate * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)))
+
+    return keras.callbacks.LearningRateScheduler(rate)
+
+
 def train(config: TrainConfig, log=print) -> dict:
     """Train, evaluate and save one run. Returns `{"run_dir", "report", "model"}`."""
     config.validate()
@@ -188,6 +199,8 @@ def train(config: TrainConfig, log=print) -> dict:
             log(f"ensemble member {i + 1}/{len(members)}")
         guard = NonFiniteGuard()
         callbacks = [guard, InterruptGuard()]
+        if config.lr_schedule == "cosine":
+            callbacks.append(cosine_schedule(config.learning_rate, config.epochs))
         # Before the backup, which then stores the validation values with the epoch's weights.
         monitor = validation.make_monitor(model, config, val_data, strategy, member=i, log=log)
         if monitor is not None:

@@ -1,0 +1,33 @@
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tests.helpers import tiny_train_args
+from tfp_seg import cli
+from tfp_seg.runs.train import cosine_schedule
+
+
+def test_cosine_schedule_values():
+    rate = cosine_schedule(1e-3, 4).schedule
+    got = [rate(e) for e in range(4)]
+    expected = [1e-3 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] == 1e-3 and got[2] == pytest.approx(5e-4)
+    assert all(a > b > 0 for a, b in zip(got, got[1:], strict=False))
+
+
+def test_a_run_with_the_cosine_schedule_records_its_rates(tmp_path):
+    argv = ["train", *tiny_train_args(epochs=2, lr_schedule="cosine", learning_rate=2e-3)]
+    assert cli.main([*argv, "--val-every", "0", "--output-dir", str(tmp_path), "--name", "r"]) == 0
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    np.testing.assert_allclose(history["learning_rate"], [2e-3, 1e-3], rtol=1e-6)
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert config["lr_schedule"] == "cosine"
+
+
+def test_a_bad_schedule_is_named(tmp_path, capsys):
+    argv = ["train", *tiny_train_args(lr_schedule="step"), "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 1
+    assert "`lr_schedule` must be one of ('constant', 'cosine')" in capsys.readouterr().err

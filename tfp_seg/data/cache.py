@@ -295,12 +295,11 @@ def open_array(folder: str, name: str, meta: dict) -> np.ndarray:
     return array
 
 
-def open_cache(folder: str, name: str) -> tuple:
-    """`(images, annotations, order, meta)` of the complete cache `folder` of fingerprint
-    `name`: read-only memory maps `[M, ...]`, int64 `order [N]` (None: 0..M-1) and the
-    parsed `meta.json`. Raises `FileNotFoundError` if there is no such folder and
-    `CacheInvalid` (with the reason) if it is partial or corrupt. The ids are read apart
-    (`read_ids`)."""
+def read_meta(folder: str, fmt: str, fingerprint: str, what: str) -> dict:
+    """The parsed `meta.json` of the complete cache `folder`, checked to be of format `fmt`
+    and fingerprint `fingerprint`. Raises `FileNotFoundError` if there is no such folder and
+    `CacheInvalid` if meta.json is missing, unreadable or of another format or version of
+    the `what` (e.g. "source")."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(folder)
     try:
@@ -310,10 +309,20 @@ def open_cache(folder: str, name: str) -> tuple:
         raise CacheInvalid(f"meta.json is missing or unreadable ({exc})") from exc
     if (
         not isinstance(meta, dict)
-        or meta.get("format") != FORMAT
-        or meta.get("fingerprint") != name
+        or meta.get("format") != fmt
+        or meta.get("fingerprint") != fingerprint
     ):
-        raise CacheInvalid("meta.json is of another format or version of the source")
+        raise CacheInvalid(f"meta.json is of another format or version of the {what}")
+    return meta
+
+
+def open_cache(folder: str, name: str) -> tuple:
+    """`(images, annotations, order, meta)` of the complete cache `folder` of fingerprint
+    `name`: read-only memory maps `[M, ...]`, int64 `order [N]` (None: 0..M-1) and the
+    parsed `meta.json`. Raises `FileNotFoundError` if there is no such folder and
+    `CacheInvalid` (with the reason) if it is partial or corrupt. The ids are read apart
+    (`read_ids`)."""
+    meta = read_meta(folder, FORMAT, name, "source")
     images, annotations = (open_array(folder, name, meta) for name in ARRAYS)
     rows = images.shape[0]
     if annotations.shape[0] != rows:

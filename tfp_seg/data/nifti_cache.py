@@ -27,7 +27,6 @@ the case again (`status` `"rebuilt: <why>"`). Indices are int32 when the volume 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 from typing import Callable, Optional
@@ -107,19 +106,8 @@ def open_case(folder: str) -> tuple:
     """`(arrays, meta)` of a complete case folder: read-only memory maps by name and the
     parsed `meta.json`. `FileNotFoundError` if there is no such folder, `cache.CacheInvalid`
     (with the reason) if it is partial, corrupt or of another format."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(folder)
-    try:
-        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise cache.CacheInvalid(f"meta.json is missing or unreadable ({exc})") from exc
-    if (
-        not isinstance(meta, dict)
-        or meta.get("format") != FORMAT
-        or meta.get("fingerprint") != os.path.basename(folder)
-        or not isinstance(meta.get("arrays"), list)
-    ):
+    meta = cache.read_meta(folder, FORMAT, os.path.basename(folder), "case")
+    if not isinstance(meta.get("arrays"), list):
         raise cache.CacheInvalid("meta.json is of another format or version of the case")
     arrays = {key: cache.open_array(folder, key, meta) for key in meta["arrays"]}
     shape = tuple(meta.get("shape", ()))

@@ -247,6 +247,21 @@ def block(value):
     return value
 
 
+def loss_gradient_fn(loss, labels, params) -> Callable[[], object]:
+    """A function of no argument that evaluates `loss(labels, params)` and its gradient with
+    respect to `params` (forward + backward, one `tf.function`) and waits for both."""
+    import tensorflow as tf
+
+    @tf.function
+    def step(p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            value = loss(labels, p)
+        return value, tape.gradient(value, p)
+
+    return lambda: block(step(params))
+
+
 def environment() -> dict:
     import keras
     import tensorflow as tf

@@ -84,23 +84,15 @@ def _variants(args):
     labels = tf.constant(rng.integers(0, c, size=shape).astype("int32"))
     logits = tf.constant(params[..., :c])
 
-    def grad_fn(loss, x):
-        @tf.function
-        def step(p):
-            with tf.GradientTape() as tape:
-                tape.watch(p)
-                value = loss(labels, p)
-            return value, tape.gradient(value, p)
-
-        return lambda: _common.block(step(x))
-
     def ssn(m, k):
         loss = tfp_seg.losses.StochasticSegmentationNLL(head, num_samples=m, chunk_size=k)
-        return grad_fn(loss, params)
+        return _common.loss_gradient_fn(loss, labels, params)
+
+    cross_entropy = tfp_seg.losses.SegmentationCrossEntropy(c)
 
     k = args.chunk_size
     variants = {
-        "deterministic": (None, None, grad_fn(tfp_seg.losses.SegmentationCrossEntropy(c), logits)),
+        "deterministic": (None, None, _common.loss_gradient_fn(cross_entropy, labels, logits)),
         "direct": (args.samples, None, ssn(args.samples, None)),
     }
     for m in [args.samples] + [m for m in args.sweep_samples if m != args.samples]:

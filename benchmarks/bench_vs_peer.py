@@ -384,15 +384,7 @@ def ours_step(batch, classes, samples, height, width, rank, seed=0, threads=2):
     size = (batch, height, width)
     params = tf.constant(0.3 * rng.normal(size=size + (head.params_size,)).astype("float32"))
     labels = tf.constant(rng.integers(0, classes, size=size).astype("int32"))
-
-    @tf.function
-    def step(p):
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            value = loss(labels, p)
-        return value, tape.gradient(value, p)
-
-    return lambda: _common.block(step(params))
+    return _common.loss_gradient_fn(loss, labels, params)
 
 
 def value_check(args, peer_dir, work_dir) -> dict:

@@ -27,6 +27,7 @@ __all__ = [
     "seed_pair",
     "split_seed",
     "fold_seed",
+    "batch_seed",
     "draw_seed",
     "replica_seed",
 ]
@@ -110,6 +111,16 @@ def fold_seed(seed: SeedLike, k, dtype: tf.DType = tf.int32) -> Optional[tf.Tens
     if seed is None:
         return None
     return tf.random.experimental.stateless_fold_in(seed, tf.cast(k, dtype))
+
+
+def batch_seed(seed: Any, index: int) -> Any:
+    """The seed of batch `index` of a batched read-out: `seed` itself for batch 0,
+    `fold_seed(seed, index)` (as NumPy) after; None stays None. `tfp_seg.models.sampling.Sampler`
+    seeds its batches so, and the streaming evaluations and run reports follow it, so that
+    their draws equal the Sampler's own."""
+    if seed is None or index == 0:
+        return seed
+    return fold_seed(seed, index).numpy()
 
 
 def draw_seed() -> tf.Tensor:

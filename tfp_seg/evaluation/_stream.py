@@ -30,12 +30,7 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def batch_seed(seed: Any, index: int) -> Any:
-    """The seed of batch `index`: `seed` itself for batch 0, `fold_seed(seed, index)` after
-    (None stays None), as `tfp_seg.models.sampling.Sampler` seeds its own batches."""
-    if seed is None or index == 0:
-        return seed
-    return _seeds.fold_seed(seed, index).numpy()
+batch_seed = _seeds.batch_seed
 
 
 def draw_logits(

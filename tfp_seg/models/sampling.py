@@ -53,7 +53,7 @@ Every argument is checked before anything runs, with the same `ValueError` for e
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -66,13 +66,6 @@ from tfp_seg.models import _spatial
 __all__ = ["Sampler", "DEFAULT_NUM_SAMPLES"]
 
 DEFAULT_NUM_SAMPLES = 16
-
-
-def _batch_seed(seed: Union[None, int, np.ndarray], index: int):
-    """The seed of batch `index`: `seed` itself for batch 0, `fold_seed(seed, index)` after."""
-    if seed is None or index == 0:
-        return seed
-    return _seeds.fold_seed(seed, index).numpy()
 
 
 INPUT_KEYS = ("images", "roi_mask")
@@ -208,7 +201,7 @@ class Sampler:
             return iter([(x, seed)])
         starts = range(0, int(n), batch_size)
         return (
-            (_rows(x, start, start + batch_size), _batch_seed(seed, k))
+            (_rows(x, start, start + batch_size), _seeds.batch_seed(seed, k))
             for k, start in enumerate(starts)
         )
 

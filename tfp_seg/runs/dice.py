@@ -33,6 +33,7 @@ import numpy as np
 
 from tfp_seg import _checks, _seeds, metrics
 from tfp_seg.data import AmbiguousShapes
+from tfp_seg.evaluation import softmax
 
 __all__ = [
     "CLASS_PREFIX",
@@ -63,25 +64,13 @@ def batch_size_for(images, batch_size: Optional[int] = None) -> int:
     return _checks.positive_int(batch_size, "batch_size")
 
 
-def _batch_seed(seed: Any, index: int) -> Any:
-    if seed is None or index == 0:
-        return seed
-    return _seeds.fold_seed(seed, index).numpy()
-
-
-def _softmax_mean(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(axis=-1, keepdims=True)).mean(axis=0)
-
-
 def _batches(sampler, images, num_samples: int, seed: Any, batch_size: int):
     """Yield `(start, mean probabilities [b, *S, C])` batch by batch."""
     for index, start in enumerate(range(0, images.shape[0], batch_size)):
         xb = np.asarray(images[start : start + batch_size])
         logits = np.asarray(
             sampler.sample_logits(
-                xb, num_samples, seed=_batch_seed(seed, index), batch_size=batch_size
+                xb, num_samples, seed=_seeds.batch_seed(seed, index), batch_size=batch_size
             ),
             np.float32,
         )
@@ -91,7 +80,7 @@ def _batches(sampler, images, num_samples: int, seed: Any, batch_size: int):
                 f"`sampler.sample_logits` must return [N, B, *S, C] = {expected + ('C',)} "
                 f"logits for images {tuple(xb.shape)}; got {logits.shape}."
             )
-        yield start, _softmax_mean(logits)
+        yield start, softmax(logits).mean(axis=0)
 
 
 def mean_probabilities(

@@ -9,7 +9,7 @@ import tensorflow as tf
 from tests.helpers import benchmarks_common
 from tfp_seg import losses
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
-from tfp_seg.losses import chunked
+from tfp_seg.losses import chunked, scorers
 
 B, H, W, C, R, M = 2, 6, 5, 3, 4, 8
 VOLUME = (3, 4, 5)  # D, H, W
@@ -171,7 +171,7 @@ def _graph_values(fn, params):
 
 
 def test_box_muller_noise_is_standard_normal():
-    x = chunked._normal(tf.constant([200_001]), tf.constant([1, 2])).numpy()
+    x = scorers.normal(tf.constant([200_001]), tf.constant([1, 2])).numpy()
     n = x.size
     assert x.shape == (200_001,)
     # moments within 5 standard errors: mean 1/sqrt(n), var sqrt(2/n), 4th moment sqrt(96/n)
@@ -257,6 +257,65 @@ def test_chunked_peak_memory_is_flat_in_num_samples():
     small, large, direct_large = peak(8, 4), peak(64, 4), peak(64, None)
     assert large < 1.5 * small, (small, large)
     assert direct_large > 3 * large, (direct_large, large)
+
+
+def test_auto_is_the_default_and_equals_its_explicit_chunk_size(rng):
+    head = LowRankLogits(2, rank=R)
+    loss = losses.StochasticSegmentationNLL(head, num_samples=40)
+    assert loss.chunk_size == "auto" and loss.get_config()["chunk_size"] == "auto"
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(loss))
+    assert revived.chunk_size == "auto"
+    assert losses.StochasticSegmentationNLL(head, 40, chunk_size=None).chunk_size is None
+    with pytest.raises(ValueError, match="chunk_size"):
+        losses.StochasticSegmentationNLL(head, 40, chunk_size="fast")
+    # 64 x 64 images, 3 classes, M = 100: 100 * 3 * 4096 > 2**20 values per image -> chunks
+    # of the largest even divisor S of 100 with S * 3 * 4096 <= 2**16: 4
+    head3 = LowRankLogits(3, rank=R)
+    params = tf.constant(rng.normal(size=(2, 64, 64, head3.params_size)).astype("float32"))
+    labels = rng.integers(0, 3, size=(2, 64, 64))
+    assert chunked.auto_chunk_size(100, True, 3 * 64 * 64) == 4
+    kw = dict(seed=5, antithetic=True)
+    fns = {
+        cs: (lambda p, cs=cs: chunked.sampled_nll_terms(head3, labels, p, 100, chunk_size=cs, **kw))
+        for cs in ("auto", 4, None)
+    }
+    auto, explicit, direct = (_value_and_grads(fns[cs], params) for cs in ("auto", 4, None))
+    for a, b in zip(auto, explicit, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # the same chunks, same samples
+    assert not np.allclose(auto[0], direct[0])  # direct draws other (equally distributed) ones
+
+
+def default_path_step(num_samples):
+    """The issue-21 shape (B, C, H x W = 8, 2, 128 x 128, rank 10) with the default
+    `chunk_size`, forward + backward, built in the memory child process."""
+    rng = np.random.default_rng(0)
+    head = LowRankLogits(2, rank=10)
+    shape = (8, 128, 128)
+    params = tf.constant(0.3 * rng.normal(size=shape + (head.params_size,)).astype("float32"))
+    labels = tf.constant(rng.integers(0, 2, size=shape).astype("int32"))
+    loss = losses.StochasticSegmentationNLL(head, num_samples, normalize="none")
+
+    @tf.function
+    def step(p):
+        with tf.GradientTape() as tape:
+            tape.watch(p)
+            value = loss(labels, p)
+        return tape.gradient(value, p)
+
+    return lambda: step(params).numpy()
+
+
+@pytest.mark.slow
+def test_default_path_peak_memory_is_flat_from_10_to_100_samples():
+    # Issue 21, target 2: without a chosen chunk_size, the peak at M = 100 is at most 1.2x the
+    # peak at M = 10 (measured 0.99x), where all samples at once grow it 8.6x.
+    def peak(num_samples):
+        return benchmarks_common().peak_rss_increase_mib(
+            __file__, "default_path_step", {"num_samples": num_samples}
+        )
+
+    small, large = peak(10), peak(100)
+    assert large <= 1.2 * small, (small, large)
 
 
 def test_heteroscedastic_loss_chunked_option(rng):

@@ -18,6 +18,8 @@ mixture         MixtureNLL, mixture_nll_terms (mixture heads: logsumexp over com
 elbo            ELBO, GECO (Probabilistic U-Net)
 chunked         sampled_nll_terms: Monte Carlo NLL terms in sample chunks, fused SSN path
 planar          the fused class-planar SSN kernels (sampling, label pick, hand-written VJP)
+scorers         chunk scorers: a chunk's label log-probabilities (fused planar or any head)
+chunk_sizes     chunk_size: None, S, or "auto" (auto_chunk_size: from the problem size)
 targets         what y_true holds: label maps, label sets [B, K, *S], soft labels
 ```
 

@@ -14,7 +14,7 @@ never import losses and `model.compile(loss="auto")` / `head.default_loss()` fin
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -140,7 +140,7 @@ class SampledHeadLoss(HeadLoss):
         head,
         num_samples: int,
         antithetic: Optional[bool],
-        chunk_size: Optional[int] = None,
+        chunk_size: Union[int, str, None] = None,
         **kwargs,
     ):
         head = head_copy(head)

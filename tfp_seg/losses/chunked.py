@@ -19,6 +19,10 @@ through the same reductions, and the drivers average the K raters' terms
 (`sampled_nll_terms`). The label pick costs K x `[B, M, X]` without chunks and K x
 `[B, S, X]` per chunk (memory still flat in M).
 
+`chunk_size="auto"` (the losses' default) picks S from the problem size when the loss runs
+(`auto_chunk_size`): all samples at once up to 20 samples or 2**20 sample values per image,
+chunks of at most 2**16 values per image beyond.
+
 The backward pass redraws each chunk from the same stateless seed (or slices the same fixed
 noise), recomputes its log-probabilities and applies the exact vector-Jacobian product
 
@@ -36,127 +40,31 @@ a class-planar layout (`[B, C, S, X]`) straight from the parameters (noise by Bo
 from stateless uniforms), with a hand-written gradient through the softmax, the sampling and,
 without chunks, the two reductions: on CPU this is several times faster than sampling
 `[M, B, *S, C]` and scoring with a softmax over the trailing class axis (measurements in
-`benchmarks/README.md`). Other heads (any `tfp_seg.protocols.Head`) are sampled through
-their own `sample_logits`. The planar kernels are `tfp_seg.losses.planar`.
+`benchmarks/README.md`); with 2 classes and drawn noise, through their logit difference (one
+normal per pixel, `planar.binary_parts`). Other heads (any `tfp_seg.protocols.Head`) are
+sampled through their own `sample_logits`. The planar kernels are `tfp_seg.losses.planar`.
 """
 
 from __future__ import annotations
 
 import math
 import typing
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import tensorflow as tf
 
 from tfp_seg import _checks, _seeds, protocols
-from tfp_seg import distributions as dists
-from tfp_seg.losses import pixelwise, planar, targets
+from tfp_seg.losses import pixelwise, planar, scorers, targets
+from tfp_seg.losses.chunk_sizes import AUTO, auto_chunk_size, check_chunk_size
 
 __all__ = [
     "sampled_nll_terms",
     "sampled_log_likelihoods",
     "sampled_marginal_nll",
     "check_chunk_size",
+    "auto_chunk_size",
+    "AUTO",
 ]
-
-
-def check_chunk_size(chunk_size, num_samples: int, antithetic: bool) -> Optional[int]:
-    """Validate `chunk_size` (None, or a divisor of `num_samples`, even with antithetic)."""
-    chunk_size = _checks.positive_int(chunk_size, "chunk_size", optional=True)
-    if chunk_size is None:
-        return None
-    if num_samples % chunk_size:
-        raise ValueError(f"`chunk_size` ({chunk_size}) must divide `num_samples` ({num_samples}).")
-    if antithetic and chunk_size % 2:
-        raise ValueError(
-            f"`chunk_size` must be even with antithetic sampling (mirrored pairs stay in one "
-            f"chunk); got {chunk_size}."
-        )
-    return chunk_size
-
-
-# --- noise ---------------------------------------------------------------------------------------
-def _normal(shape, seed) -> tf.Tensor:
-    """Standard normal noise from a stateless seed (Box-Muller, `dists.standard_normal`);
-    distinct per replica under `tf.distribute`."""
-    return dists.standard_normal(shape, seed)
-
-
-# --- chunk scorers -------------------------------------------------------------------------------
-# A scorer maps (differentiable tensors `theta`, chunk index k) to the log-probabilities
-# `lp [B*K, M_k, X]` of the K label maps of each image (row b*K + k) under the chunk's M_k
-# samples of that image; it is a pure function of k (stateless noise or sliced fixed noise),
-# so the backward pass can recompute it. The samples depend on the image only: its K raters
-# share them.
-
-
-def _slice_noise(noise, start, size: int):
-    """Entries `[start, start + size)` of the leading axis (a static size, as XLA needs)."""
-
-    def one(t):
-        t = tf.convert_to_tensor(t)
-        begin = tf.concat([[start], tf.zeros([tf.rank(t) - 1], tf.int32)], axis=0)
-        return tf.slice(t, begin, tf.concat([[size], -tf.ones([tf.rank(t) - 1], tf.int32)], 0))
-
-    if isinstance(noise, (tuple, list)):
-        return type(noise)(one(t) for t in noise)
-    return one(noise)
-
-
-def _low_rank_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
-    c = head.num_classes
-    batch = tf.shape(labels)[0]
-    flat_labels = tf.reshape(labels, tf.stack([batch, tf.shape(labels)[1], -1]))  # [B, K, X]
-    mask = tf.one_hot(flat_labels, c, on_value=True, off_value=False, axis=2)  # [B, K, C, X]
-    base = chunk // 2 if antithetic else chunk
-    if noise is not None:
-        z_all, eps_all = (tf.convert_to_tensor(t, tf.float32) for t in noise)
-
-    def chunk_noise(theta, k):
-        if noise is None:
-            seed_k = _seeds.fold_seed(seed, k)
-            z = _normal(tf.stack([batch, 1, base, head.rank]), _seeds.fold_seed(seed_k, 0))
-            eps = _normal(
-                tf.stack([batch, c, base, tf.shape(theta[0])[-1]]), _seeds.fold_seed(seed_k, 1)
-            )
-            return z, eps
-        # Head layout (z [N', B, R], eps [N', B, *S, C]) -> planar.
-        z, eps = _slice_noise((z_all, eps_all), k * base, base)
-        z = tf.transpose(z, [1, 0, 2])[:, tf.newaxis]
-        eps = tf.reshape(eps, tf.stack([base, batch, -1, c]))
-        return z, tf.transpose(eps, [1, 3, 0, 2])
-
-    def scorer(theta, k):
-        loc, factor, scale = theta
-        z, eps = chunk_noise(theta, k)
-        return planar.log_probs(loc, factor, scale, z, eps, mask, antithetic)
-
-    def reductions(theta, weights):
-        z, eps = chunk_noise(theta, tf.constant(0))
-        return planar.reductions(theta, z, eps, mask, weights, antithetic)
-
-    scorer.reductions = reductions  # type: ignore[attr-defined]
-    return scorer
-
-
-def _generic_scorer(head, labels, chunk, antithetic, seed, noise) -> Callable:
-    base = chunk // 2 if antithetic else chunk
-
-    def scorer(theta, k):
-        (params,) = theta
-        if noise is None:
-            samples = head.sample_logits(
-                params, chunk, seed=_seeds.fold_seed(seed, k), antithetic=antithetic
-            )
-        else:
-            chunk_noise = _slice_noise(noise, k * base, base)
-            samples = head.sample_logits(params, chunk, antithetic=antithetic, noise=chunk_noise)
-        log_p = pixelwise.label_set_log_probs(labels, samples)  # [M_k, B, K, *S]
-        shape = tf.shape(log_p)
-        flat = tf.reshape(log_p, tf.stack([shape[0], shape[1] * shape[2], -1]))
-        return tf.transpose(flat, [1, 0, 2])
-
-    return scorer
 
 
 # --- drivers -------------------------------------------------------------------------------------
@@ -250,7 +158,7 @@ def sampled_nll_terms(
     labels,
     params,
     num_samples: int,
-    chunk_size: Optional[int] = None,
+    chunk_size=AUTO,
     antithetic: bool = False,
     ignore_label: Optional[int] = None,
     class_weights: Optional[Sequence[float]] = None,
@@ -288,8 +196,9 @@ def sampled_nll_terms(
       params: the head's parameters `[B, *S, params_size]`, `S = (H, W)` or `(D, H, W)` as
         the head's `spatial_dims` says (a head without the attribute is 2D).
       num_samples: M (even with antithetic sampling).
-      chunk_size: None (all M samples at once) or S dividing M: draw, score and discard S
-        samples at a time and recompute them in the backward pass (memory flat in M).
+      chunk_size: None (all M samples at once), S dividing M: draw, score and discard S
+        samples at a time and recompute them in the backward pass (memory flat in M), or
+        `"auto"` (the default): S chosen from the problem size (`auto_chunk_size`).
       antithetic: mirrored pairs `mu +/- deviation` (kept within a chunk).
       ignore_label, class_weights: as in `mc_categorical_nll`, per rater map.
       seed: None (a fresh seed from the stateful RNG at every call) or an int / shape-[2]
@@ -326,7 +235,7 @@ def sampled_log_likelihoods(
     labels,
     params,
     num_samples: int,
-    chunk_size: Optional[int] = None,
+    chunk_size=AUTO,
     antithetic: bool = False,
     ignore_label: Optional[int] = None,
     class_weights: Optional[Sequence[float]] = None,
@@ -376,7 +285,7 @@ def sampled_marginal_nll(
     labels,
     params,
     num_samples: int,
-    chunk_size: Optional[int] = None,
+    chunk_size=AUTO,
     antithetic: bool = False,
     ignore_label: Optional[int] = None,
     class_weights: Optional[Sequence[float]] = None,
@@ -436,7 +345,7 @@ def _check_sampling(head, params, num_samples, chunk_size, antithetic):
         )
     fused = isinstance(head, protocols.PlanarLowRankLogits)
     num_samples = _checks.check_num_samples(num_samples, antithetic)
-    chunk = check_chunk_size(chunk_size, num_samples, antithetic) or num_samples
+    chunk = check_chunk_size(chunk_size, num_samples, antithetic) or num_samples  # or AUTO
     params = tf.convert_to_tensor(params)
     check_head_params(head, params)
     return fused, num_samples, chunk, params
@@ -466,15 +375,21 @@ def _fold_rows(t):
 
 def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused):
     """`loglik [B*K, M]`, `pixel_lse [B*K, X]` of safe label maps `labels [B, K, *S]`."""
+    if chunk == AUTO:
+        chunk = auto_chunk_size(
+            num_samples, antithetic, _sample_elements(head, labels, weights, fused, noise)
+        )
     num_chunks = num_samples // chunk
     if noise is None:
         seed = _seeds.draw_seed() if seed is None else _seeds.stateless_seed(seed)
     if fused:
         theta = typing.cast(protocols.PlanarLowRankLogits, head).planar_low_rank_parts(params)
-        scorer = _low_rank_scorer(head, labels, chunk, antithetic, seed, noise)
+        if scorers.uses_logit_difference(head, noise):
+            theta = planar.binary_parts(theta)
+        scorer = scorers.low_rank_scorer(head, labels, chunk, antithetic, seed, noise)
     else:
         theta = [params]
-        scorer = _generic_scorer(head, labels, chunk, antithetic, seed, noise)
+        scorer = scorers.generic_scorer(head, labels, chunk, antithetic, seed, noise)
 
     if num_chunks == 1 and fused:
         return scorer.reductions(theta, weights)  # type: ignore[attr-defined]
@@ -483,3 +398,14 @@ def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, s
         loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
         return loglik, tf.reduce_logsumexp(lp, axis=1)
     return _chunked_reductions(theta, scorer, num_chunks, weights)
+
+
+def _sample_elements(head, labels, weights, fused: bool, noise) -> Optional[int]:
+    """Values per image of one sample in the kernel that scores it (`auto_chunk_size`):
+    X times the larger of the class planes (1 for a 2-class head's logit difference) and the
+    K raters; None if X or K is known only at run time."""
+    pixels, raters = weights.shape[1], labels.shape[1]
+    if pixels is None or raters is None:
+        return None
+    planes = 1 if fused and scorers.uses_logit_difference(head, noise) else head.num_classes
+    return int(pixels) * max(planes, int(raters))

@@ -36,7 +36,7 @@ over components are taken here.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
@@ -62,7 +62,7 @@ def mixture_nll_terms(
     labels,
     params,
     num_samples: int,
-    chunk_size: Optional[int] = None,
+    chunk_size: Union[int, str, None] = chunked.AUTO,
     antithetic: bool = False,
     ignore_label: Optional[int] = None,
     class_weights: Optional[Sequence[float]] = None,
@@ -93,8 +93,9 @@ def mixture_nll_terms(
       params: the head's parameters `[B, *S, params_size]` (`S` of the head's
         `spatial_dims`: `(H, W)` or `(D, H, W)`).
       num_samples: M samples of every component (even with antithetic sampling).
-      chunk_size: None (all M samples at once) or K' dividing M: draw, score and discard K'
-        samples at a time and recompute them in the backward pass (memory flat in M).
+      chunk_size: None (all M samples at once), K' dividing M: draw, score and discard K'
+        samples at a time and recompute them in the backward pass (memory flat in M), or
+        "auto" (the default: `tfp_seg.losses.chunked.auto_chunk_size`).
       antithetic: mirrored pairs about each component's mean.
       ignore_label, class_weights: as in `tfp_seg.losses.mc_categorical_nll`.
       seed: None (fresh noise at every call) or an int / shape-[2] seed.
@@ -185,7 +186,8 @@ class MixtureNLL(base.SampledHeadLoss):
       ignore_label, class_weights: see `tfp_seg.losses.mc_categorical_nll`.
       normalize: "pixels" or "none".
       marginal_weight: weight of the per-pixel term (0: the joint estimator alone).
-      chunk_size: None (all samples at once) or a divisor of M (even with antithetic).
+      chunk_size: "auto" (the default: `tfp_seg.losses.chunked.auto_chunk_size`), None (all
+        samples at once) or a divisor of M (even with antithetic).
     """
 
     def __init__(
@@ -199,7 +201,7 @@ class MixtureNLL(base.SampledHeadLoss):
         marginal_weight: float = 1.0,
         validate_args: bool = True,
         name: str = "mixture_nll",
-        chunk_size: Optional[int] = None,
+        chunk_size: Union[int, str, None] = chunked.AUTO,
         **kwargs,
     ):
         if not isinstance(head, dict):

@@ -23,13 +23,13 @@ and in float32, also under a mixed-precision policy. The pixel-wise kernels
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
 from tfp_seg import _checks
-from tfp_seg.losses import base, pixelwise, targets
+from tfp_seg.losses import base, chunked, pixelwise, targets
 from tfp_seg.losses.pixelwise import mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood
 
 __all__ = [
@@ -90,11 +90,16 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
     0.020 (the oracle's GED is 0.03). Both
     terms are proper scoring rules for the same distribution, so the target is unchanged.
 
-    Memory: by default all M samples are drawn at once. `chunk_size=K` (a divisor of M, even
-    with antithetic sampling) draws, scores and discards K samples at a time and recomputes
-    them in the backward pass (`tfp_seg.losses.chunked`): the same value and gradient on the
-    same samples, with peak memory flat in M, for a second pass over the samples.
-    `LowRankLogits` is sampled and scored in a fused class-planar form on either path.
+    Memory: `chunk_size=K` (a divisor of M, even with antithetic sampling) draws, scores and
+    discards K samples at a time and recomputes them in the backward pass
+    (`tfp_seg.losses.chunked`): the same value and gradient on the same samples, with peak
+    memory flat in M, for a second pass over the samples; `chunk_size=None` draws all M at
+    once. The default, `"auto"`, chooses from the problem size when the loss runs
+    (`tfp_seg.losses.chunked.auto_chunk_size`): all samples at once up to 20 samples or
+    2**20 sample values per image, chunks of at most 2**16 values per image beyond (at
+    128 x 128 with 2 classes: 4 samples a chunk from M = 64 on), so peak memory stops growing
+    with M. `LowRankLogits` is sampled and scored in a fused class-planar form on either path
+    (for 2 classes through the logit difference: `tfp_seg.losses.planar`).
 
     Args:
       head: any `DistributionHead` (its `sample_logits` is used; weights are not).
@@ -102,7 +107,8 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
       antithetic: override the head's default.
       ignore_label, class_weights: see `mc_categorical_nll`.
       marginal_weight: weight of the per-pixel term (0 = Monteiro et al. exactly).
-      chunk_size: None (all samples at once) or K: samples per chunk (see above).
+      chunk_size: "auto" (the default), None (all samples at once) or K: samples per chunk
+        (see above).
     """
 
     def __init__(
@@ -116,7 +122,7 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         marginal_weight: float = 1.0,
         validate_args: bool = True,
         name: str = "stochastic_segmentation_nll",
-        chunk_size: Optional[int] = None,
+        chunk_size: Union[int, str, None] = chunked.AUTO,
         **kwargs,
     ):
         if not (isinstance(marginal_weight, (int, float)) and marginal_weight >= 0):

@@ -21,13 +21,31 @@ dL/d eta^m_{b,c,i} = sum_k g[b,k,m,i] [c == y_{b,k,i}] - softmax(eta^m_{b,i})_c 
 
 One label map (K = 1, static) takes the single-rater kernels unchanged. Memory of the pick:
 K x `[B, M, X]` (the one-hot masks are `[B, K, C, X]`, no sample axis).
+
+Two classes (`binary_*`): the label log-probabilities depend only on the logit difference
+`d = eta_1 - eta_0`, which under the low-rank normal is itself low-rank normal with ONE noise
+value per pixel (`binary_parts`), so drawn-noise losses of 2-class heads sample and score
+`[B, 1, M, X]` instead of `[B, 2, M, X]` (`tfp_seg.losses.chunked.uses_logit_difference`):
+
+```none
+d = (mu_1 - mu_0) +/- ((P_1 - P_0) z + sqrt(D_0 + D_1) eps'),   eps' [B, 1, M', X]
+lp = log sigmoid(s d),   s = +1 (label 1) / -1 (label 0),   d lp / d d = -s expm1(lp)
+```
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["log_probs", "reductions", "reductions_vjp"]
+__all__ = [
+    "binary_log_probs",
+    "binary_parts",
+    "binary_reductions",
+    "binary_signs",
+    "log_probs",
+    "reductions",
+    "reductions_vjp",
+]
 
 
 def _one_rater(mask_f) -> bool:
@@ -78,11 +96,102 @@ def _vjp(g_lp, probs, z, eps, mask_f):
     back through the softmax, then through `eta = mu +/- dev`."""
     parts = tf.split(g_lp, len(probs), axis=2) if len(probs) == 2 else [g_lp]
     g_eta = [_eta_grad(g, p, mask_f) for g, p in zip(parts, probs, strict=True)]
+    return _param_grads(g_eta, z, eps)
+
+
+def _param_grads(g_eta, z, eps):
+    """`[g_loc, g_factor, g_scale]` from `dL/d eta` of the `+` (and `-`) samples."""
     g_loc = tf.reduce_sum(tf.add_n(g_eta), axis=2, keepdims=True)
-    g_dev = g_eta[0] - g_eta[1] if len(probs) == 2 else g_eta[0]
+    g_dev = g_eta[0] - g_eta[1] if len(g_eta) == 2 else g_eta[0]
     g_factor = tf.matmul(z, g_dev, transpose_a=True)  # [B, C, R, X]
     g_scale = tf.reduce_sum(g_dev * eps, axis=2, keepdims=True)
     return [g_loc, g_factor, g_scale]
+
+
+# --- two classes: the logit difference ------------------------------------------------------
+# With C = 2 a label's log-probability depends on the logits only through their difference
+# d = eta_1 - eta_0:  lp = log sigmoid(s d),  s = +1 for label 1 and -1 for label 0. Under the
+# low-rank normal, d = (mu_1 - mu_0) + (P_1 - P_0) z + sqrt(D_0 + D_1) eps' with ONE standard
+# normal eps' per pixel (the difference of the two independent diagonal terms is normal with
+# variance D_0 + D_1): the same joint distribution over all pixels with half the noise and half
+# the per-sample work. The kernels below are the C-class ones on this one "class" plane, with
+# the sign `s` in place of the one-hot mask:
+#   d lp / d d = s sigmoid(-s d) = -s expm1(lp)        (no softmax to keep for the backward)
+
+
+def binary_parts(theta):
+    """The planar parts `[loc, factor, scale]` of a 2-class head (`[B, 2, 1, X]`,
+    `[B, 2, R, X]`, `[B, 2, 1, X]`) -> those of its logit difference (class 1 minus class 0):
+    `[B, 1, 1, X]`, `[B, 1, R, X]`, `[B, 1, 1, X]` with `scale = sqrt(D_0 + D_1)`
+    (differentiable, plain TensorFlow ops)."""
+    # splits, not slices: a split's gradient is one concat, a slice's a zero-padded copy
+    (loc0, loc1), (f0, f1), (s0, s1) = (tf.split(t, 2, axis=1) for t in theta)
+    return [loc1 - loc0, f1 - f0, tf.sqrt(tf.square(s0) + tf.square(s1))]
+
+
+def binary_signs(mask):
+    """`s [B, K, 1, X]`: +1 where the label is class 1, -1 where it is class 0 (`mask` bool
+    `[B, K, 2, X]`, one-hot)."""
+    return tf.where(mask[:, :, 1:2], 1.0, -1.0)
+
+
+def _binary_forward(loc, factor, scale, z, eps, signs, antithetic: bool):
+    """`lp [B, K, M, X]` of the labels (signs `[B, K, 1, X]`) under samples of the logit
+    difference (`eps [B, 1, M', X]`)."""
+    deviation = tf.matmul(z, factor) + scale * eps  # [B, 1, M', X]
+    d = tf.concat([loc + deviation, loc - deviation], axis=2) if antithetic else loc + deviation
+    return -tf.math.softplus(-signs * d)
+
+
+def _binary_vjp(g_lp, lp, z, eps, signs, antithetic: bool):
+    """Gradient of `sum(g_lp * lp)` w.r.t. the difference parts `(loc, factor, scale)`."""
+    g_d = tf.reduce_sum(g_lp * signs * -tf.math.expm1(lp), axis=1, keepdims=True)  # [B,1,M,X]
+    g_eta = tf.split(g_d, 2, axis=2) if antithetic else [g_d]
+    return _param_grads(g_eta, z, eps)
+
+
+def binary_log_probs(loc, factor, scale, z, eps, signs, antithetic: bool):
+    """`lp [B*K, M, X]` of a 2-class head from its difference parts (`binary_parts`) and
+    `binary_signs`, with the fused gradient: `log_probs` on the logit difference."""
+
+    @tf.custom_gradient
+    def score(*theta):
+        loc_, factor_, scale_ = (tf.stop_gradient(t) for t in theta)  # see `log_probs`
+        lp = _binary_forward(loc_, factor_, scale_, z, eps, signs, antithetic)
+
+        def grad(upstream):
+            return _binary_vjp(_unfold(upstream, signs), lp, z, eps, signs, antithetic)
+
+        return _fold(lp), grad
+
+    return score(loc, factor, scale)
+
+
+def binary_reductions(theta, z, eps, signs, weights, antithetic: bool):
+    """`reductions` of a 2-class head from its difference parts (`binary_parts`)."""
+
+    @tf.custom_gradient
+    def run(*theta):
+        loc, factor, scale = (tf.stop_gradient(t) for t in theta)  # see `log_probs`
+        lp4 = _binary_forward(loc, factor, scale, z, eps, signs, antithetic)
+        lp = _fold(lp4)
+        loglik, pixel_lse = _lse_reductions(lp, weights)
+
+        def grad(g_loglik, g_lse):
+            g_lp = reductions_vjp(g_loglik, g_lse, lp, pixel_lse, weights)
+            return _binary_vjp(_unfold(g_lp, signs), lp4, z, eps, signs, antithetic)
+
+        return (loglik, pixel_lse), grad
+
+    return run(*theta)
+
+
+def _lse_reductions(lp, weights):
+    """`loglik [N, M]` (weighted sum over pixels) and `logsumexp_m lp [N, X]` of `lp [N, M, X]`."""
+    loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
+    high = tf.reduce_max(lp, axis=1)
+    pixel_lse = high + tf.math.log(tf.reduce_sum(tf.exp(lp - high[:, tf.newaxis]), axis=1))
+    return loglik, pixel_lse
 
 
 def _fold(lp):
@@ -135,9 +244,7 @@ def reductions(theta, z, eps, mask, weights, antithetic: bool):
         loc, factor, scale = (tf.stop_gradient(t) for t in theta)  # see `log_probs`
         lp4, probs = _forward(loc, factor, scale, z, eps, mask_f, antithetic)
         lp = _fold(lp4)
-        loglik = tf.reduce_sum(lp * weights[:, tf.newaxis], axis=2)
-        high = tf.reduce_max(lp, axis=1)
-        pixel_lse = high + tf.math.log(tf.reduce_sum(tf.exp(lp - high[:, tf.newaxis]), axis=1))
+        loglik, pixel_lse = _lse_reductions(lp, weights)
 
         def grad(g_loglik, g_lse):
             g_lp = reductions_vjp(g_loglik, g_lse, lp, pixel_lse, weights)

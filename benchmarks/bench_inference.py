@@ -18,8 +18,24 @@ default (antithetic pairs for the SSN when N is even, as `model.predict_proba`).
 Times are medians of interleaved repeats; ratios are against the deterministic forward pass
 of the same batch.
 
+`--user-calls` (issue 21, item 3) times instead what a user calls, side by side for
+U-Net(16, 3) and U-Net(8, 2) x 2 and 3 classes (`--configs`), batch 8, 128x128, N = 100:
+
+```none
+baseline          one compiled deterministic forward pass (`tf.function`, CategoricalLogits)
+sample            model.sample(x, N)          (SSN head LowRankLogits(C, rank=10); numpy out)
+predict_proba     model.predict_proba(x, N)
+floor sample      compiled forward pass + the noise `sample` draws (z, C - 2 normal planes
+                  and one uniform plane [B, N, H*W]), nothing else
+floor proba       compiled forward pass + the noise `predict_proba` draws (z, C - 1 normal
+                  planes [B, N/2, H*W]: antithetic pairs)
+```
+
+with ratios to the baseline of the same configuration.
+
 Run:
     python benchmarks/bench_inference.py [benchmarks/results/inference.json] [--quick]
+    python benchmarks/bench_inference.py benchmarks/results/inference_user.json --user-calls
 """
 
 from __future__ import annotations
@@ -46,6 +62,13 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="64x64, batch 2")
+    parser.add_argument("--user-calls", action="store_true", help="model.sample / predict_proba")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["16,3,2", "16,3,3", "8,2,2", "8,2,3"],
+        help="--user-calls: base_filters,depth,classes triples",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batch, args.repeats = 64, 2, 5
@@ -78,6 +101,80 @@ def _models(args):
     return built
 
 
+def _user_call_fns(args, config, x):
+    """The timed functions of one `base_filters,depth,classes` configuration."""
+    import keras
+    import tensorflow as tf
+
+    import tfp_seg
+    from tfp_seg.distributions import noise
+
+    base_filters, depth, c = (int(v) for v in config.split(","))
+    models = {}
+    for name, head in (
+        ("det", tfp_seg.layers.CategoricalLogits(c)),
+        ("ssn", tfp_seg.layers.LowRankLogits(c, rank=args.rank)),
+    ):
+        keras.utils.set_random_seed(0)
+        unet = tfp_seg.models.UNet(base_filters=base_filters, depth=depth)
+        models[name] = tfp_seg.models.ProbabilisticSegmenter(unet, head)
+        models[name].build((None, *x.shape[1:]))
+    det, ssn = models["det"], models["ssn"]
+    n, (b, h, w) = args.samples[-1], x.shape[:3]
+    r, pixels = args.rank, h * w
+
+    @tf.function
+    def forward(v):
+        return det(v, training=False)
+
+    @tf.function
+    def floor_sample(v, seed):
+        z = noise.standard_normal([b, n, r], seed)
+        planes = noise.standard_normal([c - 2, b, n, pixels], seed) if c > 2 else None
+        u = tf.random.stateless_uniform([b, n, pixels], seed=seed, minval=-1.0, maxval=1.0)
+        return det(v, training=False), z, planes, u
+
+    @tf.function
+    def floor_proba(v, seed):
+        z = noise.standard_normal([b, n // 2, r], seed)
+        planes = noise.standard_normal([c - 1, b, n // 2, pixels], seed)
+        return det(v, training=False), z, planes
+
+    seed = tf.constant([0, 1], tf.int64)
+    xt = tf.constant(x)
+    return {
+        (config, "baseline: compiled forward"): lambda: _common.block(forward(xt)),
+        (config, "model.sample"): lambda: ssn.sample(x, num_samples=n),
+        (config, "model.predict_proba"): lambda: ssn.predict_proba(x, num_samples=n),
+        (config, "floor sample: forward + noise"): lambda: _common.block(floor_sample(xt, seed)),
+        (config, "floor proba: forward + noise"): lambda: _common.block(floor_proba(xt, seed)),
+    }
+
+
+def user_calls(args, x) -> dict:
+    fns = {}
+    for config in args.configs:
+        fns.update(_user_call_fns(args, config, x))
+    for fn in fns.values():
+        fn()  # trace
+    times = _common.interleaved_ms(fns, args.repeats, args.warmup)
+    rows = []
+    for (config, output), ms in times.items():
+        base = times[(config, "baseline: compiled forward")]
+        rows.append({"U-Net, C": config, "output": output, "ms": ms, "ratio": ms / base})
+    columns = [
+        ("U-Net, C", "base_filters,depth,C", ""),
+        ("output", "output", ""),
+        ("ms", "ms", ".1f"),
+        ("ratio", "/ compiled forward", ".2f"),
+    ]
+    title = (
+        f"User calls on CPU, batch {args.batch}, {args.size}x{args.size}, N={args.samples[-1]}, "
+        f"SSN R={args.rank}; median of {args.repeats} interleaved calls"
+    )
+    return _common.publish(args, title, rows, columns)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import numpy as np
@@ -85,12 +182,15 @@ def main(argv=None) -> dict:
 
     import tfp_seg
 
-    models = _models(args)
-    x = tf.constant(
+    x = (
         np.random.default_rng(0)
         .normal(size=(args.batch, args.size, args.size, 1))
         .astype("float32")
     )
+    if args.user_calls:
+        return user_calls(args, x)
+    models = _models(args)
+    x = tf.constant(x)
 
     def wrap(fn):
         compiled = tf.function(fn)

@@ -10,6 +10,8 @@ materialised  all M samples drawn through head.sample_logits ([M, B, H, W, C]) a
 fused         StochasticSegmentationNLL(chunk_size=None): the fused class-planar path
 chunked K=k   StochasticSegmentationNLL(chunk_size=k): k samples at a time, recomputed in
               the backward pass (memory flat in M); one row per --chunk-sizes entry
+auto          StochasticSegmentationNLL() (chunk_size="auto", the default): the chunk size
+              tfp_seg.losses.chunked.auto_chunk_size picks from M and the image size
 ```
 
 `--head heteroscedastic` measures `HeteroscedasticNLL` of a `HeteroscedasticLogits` head instead
@@ -94,6 +96,9 @@ def _variants(head, labels, params, num_samples, chunk_sizes, antithetic):
         loss = loss_class(head, num_samples, antithetic=antithetic, chunk_size=chunk)
         name = _reference(heteroscedastic) if chunk is None else f"chunked K={chunk}"
         variants[name] = grad_fn(lambda p, loss=loss: loss(labels, p))
+    if not heteroscedastic:  # the loss's default: chunks chosen from the problem size
+        loss = loss_class(head, num_samples, antithetic=antithetic)
+        variants["auto (default)"] = grad_fn(lambda p, loss=loss: loss(labels, p))
     return variants
 
 

@@ -14,7 +14,8 @@ peer     the head outputs mean [B, C, H, W], log_cov_diag [B, C, H, W], cov_fact
          pairs) -> loss.backward() to the three head outputs
 tfp_seg  params [B, H, W, C (2 + R)] (the packed head output) ->
          StochasticSegmentationNLL(head, M, marginal_weight=0, normalize="none") (the paper's
-         estimator, the default fused path, antithetic pairs) -> gradient w.r.t. params
+         estimator, the default path: fused, 2 classes through the logit difference,
+         chunk_size="auto", antithetic pairs) -> gradient w.r.t. params
 ```
 
 Both compute `mean_b [ -logsumexp_m( sum_i log softmax(eta_i^m)[y_i] ) + log M ]`. The
@@ -30,7 +31,10 @@ hold, per pixel, `[mu (C) | raw (C) | P (C, R) row-major]`. Once per run (`--che
 sides compute the loss and its gradient on the same head outputs with the same noise (the
 peer's draws are recorded and passed to `tfp_seg.losses.chunked.sampled_nll_terms(noise=...)`,
 the kernels the loss runs): the values must agree to `rtol` 1e-4 and the gradients to 1e-4 of
-their largest entry, which shows that the two time the same computation.
+their largest entry, which shows that the two time the same computation. (Fixed noise is per
+class, so the check runs the per-class kernels; with drawn noise a 2-class loss samples the
+logit difference, one normal per pixel: the same distribution of samples, checked against the
+per-class kernels on matched noise and against closed forms in tests/losses/test_planar.py.)
 
 Each measurement is one fresh process (`_common.child_median_ms`: median of `--repeats` calls
 after `--warmup`; `_common.peak_rss_increase_mib`: peak RSS above the RSS before a call,

@@ -62,6 +62,23 @@ def test_bench_inference_runs(bench_path, tmp_path):
     assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
 
 
+def test_bench_inference_user_calls_runs(bench_path, tmp_path):
+    import bench_inference
+
+    out = str(tmp_path / "inference_user.json")
+    bench_inference.main(
+        [out, "--user-calls", "--configs", "4,1,2", "4,1,3", "--size", "16", "--batch", "1"]
+        + ["--rank", "2", "--samples", "4", "--repeats", "1", "--warmup", "0"]
+    )
+    rows = _load(out)["results"]
+    for config in ("4,1,2", "4,1,3"):
+        outputs = {r["output"] for r in rows if r["U-Net, C"] == config}
+        assert {"model.sample", "model.predict_proba", "baseline: compiled forward"} <= outputs
+        assert any(o.startswith("floor sample") for o in outputs)
+        assert any(o.startswith("floor proba") for o in outputs)
+    assert all(r["ms"] > 0 and r["ratio"] > 0 for r in rows)
+
+
 # The two scripts below measure peak memory in a fresh child process per variant (~20 children
 # of a few seconds each): over the marker's 20 s, so in the slow suite, which CI runs with
 # oneDNN off.

@@ -270,3 +270,37 @@ def test_labels_are_the_arg_max_when_no_head_draws_them():
     )
     mc = MCDropout(_sampler_mc_dropout().model, num_samples=3, head_sampling=False)
     np.testing.assert_array_equal(mc.sample(x, seed=1), mc.sample_logits(x, seed=1).argmax(-1))
+
+
+def test_segmenter_read_outs_run_compiled_with_the_eager_values():
+    """`ProbabilisticSegmenter` read-outs run one cached `tf.function` per (read-out, N,
+    antithetic, head settings, input signature with any batch size); seeded calls return what
+    the eager head methods return for the same seed, as writable arrays."""
+    model = ProbabilisticSegmenter(UNet(base_filters=4, depth=1), LowRankLogits(3, rank=2))
+    x = _x(3)
+    first = model.sample(x, 4, seed=7)  # unbuilt: eager once, building the model
+    params = model(x, training=False)
+    eager = model.head.sample_labels(params, 4, seed=7, antithetic=False).numpy()
+    np.testing.assert_array_equal(first, eager)
+    np.testing.assert_array_equal(model.sample(x, 4, seed=7), eager)
+    np.testing.assert_allclose(
+        model.predict_proba(x, 4, seed=7),
+        model.head.mean_probabilities(params, 4, seed=7).numpy(),
+        atol=1e-6,
+    )
+    np.testing.assert_allclose(
+        model.sample_logits(x, 4, seed=7),
+        model.head.sample_logits(params, 4, seed=7, antithetic=False).numpy(),
+        atol=1e-5,
+    )
+    out = model.sample(x, 4, seed=7)
+    assert out.flags.writeable
+    keys = set(model._read_out_cache)
+    model.sample(x[:2], 4, seed=1)  # another batch size: the same trace
+    model.sample(x, 4)  # seed=None: a fresh stateless seed, the same trace
+    assert set(model._read_out_cache) == keys
+    unseeded = [model.sample(x, 4) for _ in range(2)]
+    assert (unseeded[0] != unseeded[1]).any()
+    model.head.antithetic = False  # a head changed in place gets a fresh trace
+    model.predict_proba(x, 4, seed=7)
+    assert len(model._read_out_cache) == len(keys) + 1

@@ -6,6 +6,7 @@ import pytest
 
 from tests.helpers import tiny_train_args
 from tfp_seg import cli
+from tfp_seg.runs import TrainConfig, stored_config
 from tfp_seg.runs.train import cosine_schedule
 
 
@@ -31,3 +32,16 @@ def test_a_bad_schedule_is_named(tmp_path, capsys):
     argv = ["train", *tiny_train_args(lr_schedule="step"), "--output-dir", str(tmp_path)]
     assert cli.main(argv) == 1
     assert "`lr_schedule` must be one of ('constant', 'cosine')" in capsys.readouterr().err
+
+
+def test_default_schedule_and_stored_configs_of_earlier_versions(tmp_path):
+    # The default job trains with cosine decay from 3e-3 (benchmarks/README.md, issue 18);
+    # a run folder of an earlier version, whose config.json has no `lr_schedule`, ran with a
+    # constant rate and resumes that way.
+    config = TrainConfig()
+    assert (config.learning_rate, config.lr_schedule) == (3e-3, "cosine")
+    (tmp_path / "config.json").write_text(json.dumps({"learning_rate": 1e-3, "epochs": 12}))
+    stored = stored_config(str(tmp_path))
+    assert (stored.learning_rate, stored.lr_schedule, stored.epochs) == (1e-3, "constant", 12)
+    (tmp_path / "config.json").write_text(json.dumps({"lr_schedule": "cosine"}))
+    assert stored_config(str(tmp_path)).lr_schedule == "cosine"

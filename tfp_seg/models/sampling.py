@@ -132,6 +132,19 @@ def _check_images(x, spatial_dims: Optional[int] = None):
     return x
 
 
+def _batch_free_spec(value) -> tf.TensorSpec:
+    """The `tf.TensorSpec` of one input array with any batch size."""
+    dtype = value.dtype if isinstance(value, tf.Tensor) else tf.as_dtype(np.asarray(value).dtype)
+    return tf.TensorSpec([None, *value.shape[1:]], dtype)
+
+
+def _signature_key(signature) -> tuple:
+    """A hashable key of a (dict of) `tf.TensorSpec`."""
+    flat = tf.nest.flatten(signature)
+    keys = tuple(sorted(signature)) if isinstance(signature, dict) else None
+    return (keys, tuple((tuple(spec.shape.as_list()), spec.dtype.name) for spec in flat))
+
+
 def _rows(x, start: int, stop: int):
     if isinstance(x, dict):
         return {key: value[start:stop] for key, value in x.items()}
@@ -148,6 +161,9 @@ class Sampler:
 
     # Whether `_sample_logits_tensor(..., antithetic=True)` draws mirrored pairs.
     _supports_antithetic = True
+    # Whether the read-outs run each batch through a cached `tf.function`
+    # (`_compiled_read_out`); models whose hooks are graph-safe turn it on.
+    _compile_read_outs = False
 
     @property
     def input_spatial_dims(self) -> Optional[int]:
@@ -205,16 +221,64 @@ class Sampler:
             for k, start in enumerate(starts)
         )
 
-    def _read_out(self, read, x, num_samples, seed, batch_size, antithetic=False, axis=1):
+    def _read_out(
+        self, read, x, num_samples, seed, batch_size, antithetic=False, axis=1, kind=None
+    ):
         """Check the arguments (all before anything runs), then `read(images, n, seed=...,
-        antithetic=...)` per batch of `x`, joined along `axis` as one numpy array."""
+        antithetic=...)` per batch of `x`, joined along `axis` as one numpy array.
+
+        With `_compile_read_outs` (and a `kind` naming the read-out), each batch runs through
+        one `tf.function` cached on the model (`_compiled_read_out`); seeded calls give the
+        values of the eager `read` for the same seed."""
         antithetic = bool(antithetic)
         n = self._num_samples_arg(num_samples, antithetic)
+        if kind is not None and self._compile_read_outs:
+            read = self._compiled_read_out(kind, read, n, antithetic)
         out = [
             np.asarray(read(xb, n, seed=s, antithetic=antithetic))
             for xb, s in self._batches(x, batch_size, seed)
         ]
-        return np.concatenate(out, axis=axis)
+        # A writable array of its own, as from `np.concatenate` (the tensors' views are not).
+        return np.array(out[0]) if len(out) == 1 else np.concatenate(out, axis=axis)
+
+    def _read_out_key(self) -> tuple:
+        """What besides the weights a compiled read-out depends on (a model whose Python
+        settings can change after it is built extends it; the cache is keyed by it)."""
+        return ()
+
+    def _compiled_read_out(self, kind: str, read, n: int, antithetic: bool):
+        """`read` as a function of `(images, n, seed, antithetic)` that runs one `tf.function`
+        per (kind, N, antithetic, `_read_out_key()`, input signature with any batch size),
+        cached on the model. An unbuilt model runs eagerly once (building it). `seed=None`
+        draws a fresh stateless seed eagerly (`_seeds.draw_seed`, which follows a global
+        seed), so the compiled function is always stateless and traced once."""
+        cache = self.__dict__.get("_read_out_cache")
+        if cache is None:
+            cache = {}
+            # Not a Keras-tracked attribute: nothing of it is saved or exported.
+            object.__setattr__(self, "_read_out_cache", cache)
+
+        def run(images, num, seed=None, antithetic=antithetic):
+            if not getattr(self, "built", True):
+                return read(images, num, seed=seed, antithetic=antithetic)
+            signature = tf.nest.map_structure(_batch_free_spec, images)
+            key = (kind, num, antithetic, self._read_out_key(), _signature_key(signature))
+            fn = cache.get(key)
+            if fn is None:
+
+                def traced(images_arg, seed_arg):
+                    return read(images_arg, num, seed=seed_arg, antithetic=antithetic)
+
+                fn = tf.function(
+                    traced,
+                    input_signature=[signature, tf.TensorSpec([2], tf.int64)],
+                    reduce_retracing=False,
+                )
+                cache[key] = fn
+            seed = _seeds.draw_seed() if seed is None else seed
+            return fn(images, _seeds.stateless_seed(seed))
+
+        return run
 
     # --- read-outs -----------------------------------------------------------------------------
     def sample_logits(
@@ -231,7 +295,13 @@ class Sampler:
         wants); `antithetic=True` gives mirrored pairs, a variance reduction for estimators.
         """
         return self._read_out(
-            self._sample_logits_tensor, x, num_samples, seed, batch_size, antithetic
+            self._sample_logits_tensor,
+            x,
+            num_samples,
+            seed,
+            batch_size,
+            antithetic,
+            kind="sample_logits",
         )
 
     def sample(
@@ -251,7 +321,7 @@ class Sampler:
         distribution.
         """
         return self._read_out(
-            self._sample_labels_tensor, x, num_samples, seed, batch_size, antithetic
+            self._sample_labels_tensor, x, num_samples, seed, batch_size, antithetic, kind="sample"
         )
 
     def probability_samples(
@@ -270,7 +340,9 @@ class Sampler:
             samples = self._sample_logits_tensor(images, n, seed=seed, antithetic=antithetic)
             return dists.class_softmax(samples)
 
-        return self._read_out(softmax_of_samples, x, num_samples, seed, batch_size)
+        return self._read_out(
+            softmax_of_samples, x, num_samples, seed, batch_size, kind="probability_samples"
+        )
 
     def predict_proba(
         self,
@@ -287,4 +359,6 @@ class Sampler:
         def mean_probabilities(images, n, seed, antithetic):
             return self._mean_probabilities(images, n, seed=seed)
 
-        return self._read_out(mean_probabilities, x, num_samples, seed, batch_size, axis=0)
+        return self._read_out(
+            mean_probabilities, x, num_samples, seed, batch_size, axis=0, kind="predict_proba"
+        )

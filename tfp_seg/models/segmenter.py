@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Generic, TypeVar
 
 import keras
@@ -61,6 +62,9 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
         tfp_seg.layers.LowRankLogits(num_classes=4, rank=10, spatial_dims=3))
     ```
     """
+
+    # The read-outs (`sample`, `predict_proba`, ...) run as cached `tf.function`s.
+    _compile_read_outs = True
 
     def __init__(self, backbone, head: HeadT, validate_inputs: bool = True, **kwargs):
         super().__init__(**kwargs)
@@ -148,6 +152,12 @@ class ProbabilisticSegmenter(sampling.Sampler, keras.Model, Generic[HeadT]):
             self.optimizer.build(self.trainable_variables)
 
     # --- probabilistic read-outs ---------------------------------------------------------------
+    def _read_out_key(self) -> tuple:
+        # The head's settings are Python values baked into a traced read-out: a head changed
+        # in place (e.g. `model.head.antithetic = False`) gets a fresh trace.
+        config = json.dumps(self.head.get_config(), sort_keys=True, default=repr)
+        return (type(self.head).__name__, config, self.validate_inputs)
+
     def distribution(self, x, training: bool = False):
         """The logits distribution for images `x`: batch `[B]`, event `[*S, C]`."""
         return self.head.distribution(self(x, training=training))

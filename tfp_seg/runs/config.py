@@ -79,6 +79,10 @@ PATCH_DEFAULTS = {
 # Backbones that take volumes: the built-in U-Net (keras-hub / keras-cv models are 2D).
 VOLUME_BACKBONES = ("unet",)
 _IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
+# Fields whose default changed, with the value a stored run config of an earlier version ran
+# with when it lacks the field (`stored_config`): runs of earlier versions resume as they ran.
+# The learning rate was always stored; the schedule (constant before it existed) was not.
+_EARLIER_DEFAULTS = {"lr_schedule": "constant"}
 
 
 @dataclasses.dataclass
@@ -118,8 +122,8 @@ class TrainConfig:
     marginal_weight: float = 1.0
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
     batch_size: int = 8
-    learning_rate: float = 1e-3
-    lr_schedule: str = "constant"
+    learning_rate: float = 3e-3
+    lr_schedule: str = "cosine"
     image_size: Optional[int] = None  # 64; VOLUME_DEFAULTS with spatial_dims 3
     num_images: Optional[int] = None  # 640; VOLUME_DEFAULTS with spatial_dims 3
     num_annotations: int = 4
@@ -418,4 +422,5 @@ def stored_config(run_dir: str) -> Optional[TrainConfig]:
     if not isinstance(stored, dict):
         raise ValueError(f"corrupt run config {path}: not a mapping of fields")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in stored.items() if k in known})
+    values = {**_EARLIER_DEFAULTS, **{k: v for k, v in stored.items() if k in known}}
+    return TrainConfig(**values)

@@ -225,15 +225,8 @@ def test_loss_option_config_and_validation(rng):
     )
 
 
-def flatness_step(num_samples, chunk_size):
-    """Forward + backward of the SSN loss at 64x64, B = 4, built in the memory child process of
-    `peak_rss_increase_mib`."""
-    rng = np.random.default_rng(1234)
-    head = LowRankLogits(C, rank=R)
-    shape = (4, 64, 64)
-    params = tf.constant(rng.normal(size=shape + (head.params_size,)).astype("float32"))
-    labels = tf.constant(rng.integers(0, C, size=shape).astype("int32"))
-    loss = losses.StochasticSegmentationNLL(head, num_samples, chunk_size=chunk_size)
+def _gradient_call(loss, labels, params):
+    """A no-argument call of the loss's gradient w.r.t. `params` (one `tf.function`)."""
 
     @tf.function
     def step(p):
@@ -243,6 +236,18 @@ def flatness_step(num_samples, chunk_size):
         return tape.gradient(value, p)
 
     return lambda: step(params).numpy()
+
+
+def flatness_step(num_samples, chunk_size):
+    """Forward + backward of the SSN loss at 64x64, B = 4, built in the memory child process of
+    `peak_rss_increase_mib`."""
+    rng = np.random.default_rng(1234)
+    head = LowRankLogits(C, rank=R)
+    shape = (4, 64, 64)
+    params = tf.constant(rng.normal(size=shape + (head.params_size,)).astype("float32"))
+    labels = tf.constant(rng.integers(0, C, size=shape).astype("int32"))
+    loss = losses.StochasticSegmentationNLL(head, num_samples, chunk_size=chunk_size)
+    return _gradient_call(loss, labels, params)
 
 
 def test_chunked_peak_memory_is_flat_in_num_samples():
@@ -294,15 +299,7 @@ def default_path_step(num_samples):
     params = tf.constant(0.3 * rng.normal(size=shape + (head.params_size,)).astype("float32"))
     labels = tf.constant(rng.integers(0, 2, size=shape).astype("int32"))
     loss = losses.StochasticSegmentationNLL(head, num_samples, normalize="none")
-
-    @tf.function
-    def step(p):
-        with tf.GradientTape() as tape:
-            tape.watch(p)
-            value = loss(labels, p)
-        return tape.gradient(value, p)
-
-    return lambda: step(params).numpy()
+    return _gradient_call(loss, labels, params)
 
 
 @pytest.mark.slow

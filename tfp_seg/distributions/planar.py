@@ -276,7 +276,7 @@ def sample_low_rank_labels(
         loc.dtype,
     )
     inv = 1.0 / (math.sqrt(2.0) * diffs.diag[-1])  # [B, 1, X]
-    factor = None if cov_factor is None else diffs.factors[-1]
+    factor = None if diffs.factors is None else diffs.factors[-1]
     if antithetic:
         low_rank = _add(_low_rank(noise.z, factor), running)
         # Side +: w < erf(arg+); side -: -w < erf(arg-), i.e. w > erf(-arg-).
@@ -319,6 +319,7 @@ def _sum_softmax(deltas, sides: int) -> List[tf.Tensor]:
         inv_total = 1.0 / tf.add_n(exps)
         sums = [tf.reduce_sum(e * inv_total, axis=1) for e in exps]
         totals = sums if totals is None else [a + b for a, b in zip(totals, sums, strict=True)]
+    assert totals is not None  # sides >= 1
     return totals
 
 

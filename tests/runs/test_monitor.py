@@ -231,7 +231,8 @@ def test_val_every_0_records_no_curves(tmp_path):
     assert _train(tmp_path, "off", val_every=0) == 0
     run = tmp_path / "off"
     history, report = _json(run / "history.json"), _json(run / "report.json")
-    assert sorted(history) == ["loss", "val_loss"]
+    # the losses and the cosine schedule's learning rate per epoch (the default schedule)
+    assert sorted(history) == ["learning_rate", "loss", "val_loss"]
     assert not [k for k in report if k.startswith(("val_", "oracle_val_"))]
     assert_png(run / "figures" / "curves.png")  # the losses alone
     assert "val_ged" not in (run / "report.md").read_text()

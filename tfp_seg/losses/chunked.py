@@ -375,16 +375,16 @@ def _fold_rows(t):
 
 def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, seed, noise, fused):
     """`loglik [B*K, M]`, `pixel_lse [B*K, X]` of safe label maps `labels [B, K, *S]`."""
+    binary = fused and scorers.uses_logit_difference(head, noise)
     if chunk == AUTO:
-        chunk = auto_chunk_size(
-            num_samples, antithetic, _sample_elements(head, labels, weights, fused, noise)
-        )
+        planes = 1 if binary else head.num_classes
+        chunk = auto_chunk_size(num_samples, antithetic, _sample_elements(labels, weights, planes))
     num_chunks = num_samples // chunk
     if noise is None:
         seed = _seeds.draw_seed() if seed is None else _seeds.stateless_seed(seed)
     if fused:
         theta = typing.cast(protocols.PlanarLowRankLogits, head).planar_low_rank_parts(params)
-        if scorers.uses_logit_difference(head, noise):
+        if binary:
             theta = planar.binary_parts(theta)
         scorer = scorers.low_rank_scorer(head, labels, chunk, antithetic, seed, noise)
     else:
@@ -400,12 +400,11 @@ def _reductions(head, labels, weights, params, num_samples, chunk, antithetic, s
     return _chunked_reductions(theta, scorer, num_chunks, weights)
 
 
-def _sample_elements(head, labels, weights, fused: bool, noise) -> Optional[int]:
+def _sample_elements(labels, weights, planes: int) -> Optional[int]:
     """Values per image of one sample in the kernel that scores it (`auto_chunk_size`):
     X times the larger of the class planes (1 for a 2-class head's logit difference) and the
     K raters; None if X or K is known only at run time."""
     pixels, raters = weights.shape[1], labels.shape[1]
     if pixels is None or raters is None:
         return None
-    planes = 1 if fused and scorers.uses_logit_difference(head, noise) else head.num_classes
     return int(pixels) * max(planes, int(raters))

@@ -258,11 +258,13 @@ class Sampler:
             # Not a Keras-tracked attribute: nothing of it is saved or exported.
             object.__setattr__(self, "_read_out_cache", cache)
 
+        settings = self._read_out_key()  # once per read-out call, not per batch
+
         def run(images, num, seed=None, antithetic=antithetic):
             if not getattr(self, "built", True):
                 return read(images, num, seed=seed, antithetic=antithetic)
             signature = tf.nest.map_structure(_batch_free_spec, images)
-            key = (kind, num, antithetic, self._read_out_key(), _signature_key(signature))
+            key = (kind, num, antithetic, settings, _signature_key(signature))
             fn = cache.get(key)
             if fn is None:
 

@@ -68,13 +68,31 @@ VARIANTS = {
     "heteroscedastic": ("the heteroscedastic head", ["--head", "heteroscedastic"]),
     "deterministic": ("the deterministic head", ["--head", "deterministic"]),
     "prob_unet": ("the Probabilistic U-Net", ["--model", "prob_unet"]),
+    # On today's default job (no BASE): where the SSN head's covariance starts. Glorot's
+    # factor gives the logits a standard deviation of ~2 at initialisation and D starts at 1.
+    "start_small": (
+        "the default job, factor kernel x0.03, diagonal from 0.018 (exp(-4))",
+        ["--factor-init-scale", "0.03", "--initial-diagonal", "0.018"],
+    ),
+    "start_small_0.1": (
+        "the default job, factor kernel x0.1, diagonal from 0.018",
+        ["--factor-init-scale", "0.1", "--initial-diagonal", "0.018"],
+    ),
+    "start_glorot": (
+        "the default job, glorot factor, diagonal from 1 (the start before the study)",
+        ["--factor-init-scale", "1", "--initial-diagonal", "1.00001"],
+    ),
 }
+# Variants whose flags apply to today's default job rather than to BASE.
+ON_DEFAULT_JOB = {"start_small", "start_small_0.1", "start_glorot"}
 
 
 def variant_flags(name: str) -> list:
     """The `tfp-seg train` flags of a variant (the base's, then its own)."""
     own = VARIANTS[name][1]
-    return [] if own is None else BASE + own
+    if own is None:
+        return []
+    return list(own) if name in ON_DEFAULT_JOB else BASE + own
 
 
 METRICS = ("ged", "hm_iou", "diversity", "miou", "nll", "train_seconds")

@@ -97,6 +97,18 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=10, help="SSN (and mixture component) rank")
     p.add_argument("--components", type=int, default=3, help="mixture components K")
     p.add_argument(
+        "--factor-init-scale",
+        type=float,
+        default=None,
+        help="SSN / mixture factor kernel at initialisation x this (default: the head's)",
+    )
+    p.add_argument(
+        "--initial-diagonal",
+        type=float,
+        default=None,
+        help="SSN / mixture starting diagonal variance (default: the head's)",
+    )
+    p.add_argument(
         "--train-samples",
         type=int,
         default=20,
@@ -153,15 +165,25 @@ def build(head: str, args, num_classes: int):
         loss = layer.default_loss(num_samples=args.train_samples)
     elif head == "mixture":
         layer = tfp_seg.layers.MixtureLowRankLogits(
-            num_classes, num_components=args.components, rank=args.rank
+            num_classes, num_components=args.components, rank=args.rank, **_covariance_start(args)
         )
         loss = layer.default_loss(num_samples=args.train_samples)
     else:
-        layer = tfp_seg.layers.LowRankLogits(num_classes, rank=args.rank)
+        layer = tfp_seg.layers.LowRankLogits(num_classes, rank=args.rank, **_covariance_start(args))
         loss = layer.default_loss(num_samples=args.train_samples)
     model = tfp_seg.models.ProbabilisticSegmenter(backbone, layer)
     model.compile(optimizer=optimizer, loss=loss)
     return model
+
+
+def _covariance_start(args) -> dict:
+    """Where the SSN / mixture covariance starts: the flags given, else the heads' defaults."""
+    start = {}
+    if args.factor_init_scale is not None:
+        start["factor_init_scale"] = args.factor_init_scale
+    if args.initial_diagonal is not None:
+        start["initial_diagonal"] = args.initial_diagonal
+    return start
 
 
 def available_heads(requested) -> list:

@@ -255,7 +255,13 @@ CASES = {
     "tfp_seg>LowRankLogits": Case(
         "head",
         lambda: tfp_seg.layers.LowRankLogits(
-            C, rank=2, epsilon=1e-4, diagonal_transform="softplus", antithetic=False
+            C,
+            rank=2,
+            epsilon=1e-4,
+            diagonal_transform="softplus",
+            antithetic=False,
+            factor_init_scale=0.1,
+            initial_diagonal=0.05,
         ),
         lambda: FEATURES,
     ),
@@ -269,6 +275,8 @@ CASES = {
             diagonal_transform="softplus",
             antithetic=False,
             kernel_size=3,
+            factor_init_scale=0.0,
+            initial_diagonal=2.0,
         ),
         lambda: FEATURES,
     ),
@@ -497,6 +505,24 @@ CASES = {
             num_classes=C, low_rank_classes=1, log_variance=-4.0
         ),
         lambda: (C * (2 + 1),),
+    ),
+    "tfp_seg>LowRankBiasInitializer": Case(
+        "initializer",
+        lambda: registered("LowRankBiasInitializer")(
+            num_classes=C, rank=2, raw_diagonal=-4.0, num_components=2
+        ),
+        lambda: (2 * C * (2 + 2),),
+    ),
+    "tfp_seg>LowRankKernelInitializer": Case(
+        "initializer",
+        lambda: registered("LowRankKernelInitializer")(
+            keras.initializers.GlorotNormal(seed=3),
+            num_classes=C,
+            rank=2,
+            factor_scale=0.1,
+            num_components=2,
+        ),
+        lambda: (1, 1, 5, 2 * C * (2 + 2)),
     ),
 }
 

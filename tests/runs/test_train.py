@@ -45,3 +45,29 @@ def test_default_schedule_and_stored_configs_of_earlier_versions(tmp_path):
     assert (stored.learning_rate, stored.lr_schedule, stored.epochs) == (1e-3, "constant", 12)
     (tmp_path / "config.json").write_text(json.dumps({"lr_schedule": "cosine"}))
     assert stored_config(str(tmp_path)).lr_schedule == "cosine"
+
+
+@pytest.mark.parametrize("head", ["low_rank", "mixture"])
+def test_the_covariance_start_reaches_the_head(head):
+    from tfp_seg.runs.model import build_model
+
+    config = TrainConfig(head=head, factor_init_scale=0.05, initial_diagonal=0.02).validate()
+    model = build_model(config, 3)
+    assert (model.head.factor_init_scale, model.head.initial_diagonal) == (0.05, 0.02)
+    flags = cli.build_parser().parse_args(
+        ["train", "--factor-init-scale", "0.05", "--initial-diagonal", "0.02"]
+    )
+    assert (flags.factor_init_scale, flags.initial_diagonal) == (0.05, 0.02)
+
+
+@pytest.mark.parametrize(
+    "flag, value, match",
+    [
+        ("factor_init_scale", -1, "`factor_init_scale` must be a finite float >= 0"),
+        ("initial_diagonal", 0, "`initial_diagonal` must be None or a finite variance"),
+    ],
+)
+def test_a_bad_covariance_start_is_named(tmp_path, capsys, flag, value, match):
+    argv = ["train", *tiny_train_args(**{flag: value}), "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 1
+    assert match in capsys.readouterr().err

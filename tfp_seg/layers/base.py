@@ -109,6 +109,9 @@ class DistributionHead(keras.layers.Layer):
     def _bias_initializer(self):
         return "zeros"
 
+    def _projection_kernel_initializer(self):
+        return self.kernel_initializer
+
     def _make_projection(self, filters: Optional[int] = None):
         # One convolution to every parameter channel (`params_size` unless `filters`), always
         # float32: Conv2D for images (the layer that `.keras` files saved before volumes
@@ -117,7 +120,7 @@ class DistributionHead(keras.layers.Layer):
             self.params_size if filters is None else filters,
             self.kernel_size,
             padding="same",
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=self._projection_kernel_initializer(),
             bias_initializer=self._bias_initializer(),
             dtype="float32",
             name="projection",

@@ -10,6 +10,7 @@ import tensorflow_probability as tfp
 
 from tfp_seg import _checks
 from tfp_seg import distributions as dists
+from tfp_seg.layers import _init
 from tfp_seg.layers.base import DistributionHead
 
 __all__ = ["LowRankLogits"]
@@ -48,6 +49,11 @@ class LowRankLogits(DistributionHead):
       diagonal_transform: "exp" (SSN) or "softplus" maps `d_raw` to a positive variance.
       antithetic: default for `sample_logits` and the loss: mirrored pairs
         `mu +/- (P z + sqrt(D) eps)`, as in the reference code.
+      factor_init_scale: the factor's kernel columns are `kernel_initializer`'s times this
+        at initialisation (1: as drawn; 0: the factor starts at zero). Only where training
+        starts: loaded weights are loaded as saved.
+      initial_diagonal: the diagonal's starting variance `D` (through the bias of `d_raw`);
+        None starts `d_raw` at 0 (`D = 1 + epsilon` with exp, 0.69 with softplus).
       kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`.
 
     #### Examples
@@ -80,6 +86,8 @@ class LowRankLogits(DistributionHead):
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
         spatial_dims: int = 2,
+        factor_init_scale: float = 1.0,
+        initial_diagonal: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(
@@ -101,6 +109,10 @@ class LowRankLogits(DistributionHead):
         self.epsilon = float(epsilon)
         self.diagonal_transform = diagonal_transform
         self.antithetic = bool(antithetic)
+        self.factor_init_scale = _init.check_factor_init_scale(factor_init_scale)
+        self.initial_diagonal = _init.check_initial_diagonal(
+            initial_diagonal, self.epsilon, diagonal_transform
+        )
         self.projection = self._make_projection()
 
     @staticmethod
@@ -111,6 +123,15 @@ class LowRankLogits(DistributionHead):
     @property
     def params_size(self) -> int:
         return self.params_size_for(self.num_classes, self.rank)
+
+    def _projection_kernel_initializer(self):
+        return _init.LowRankKernelInitializer(
+            self.kernel_initializer, self.num_classes, self.rank, self.factor_init_scale
+        )
+
+    def _bias_initializer(self):
+        raw = _init.raw_diagonal_for(self.initial_diagonal, self.epsilon, self.diagonal_transform)
+        return _init.LowRankBiasInitializer(self.num_classes, self.rank, raw)
 
     # --- parameter packing ---------------------------------------------------------------------
     def split_params(self, params):
@@ -239,6 +260,8 @@ class LowRankLogits(DistributionHead):
                 "epsilon": self.epsilon,
                 "diagonal_transform": self.diagonal_transform,
                 "antithetic": self.antithetic,
+                "factor_init_scale": self.factor_init_scale,
+                "initial_diagonal": self.initial_diagonal,
             }
         )
         return config

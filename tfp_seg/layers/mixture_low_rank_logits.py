@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from tfp_seg import _checks
 from tfp_seg import distributions as dists
+from tfp_seg.layers import _init
 from tfp_seg.layers.base import DistributionHead
 from tfp_seg.layers.low_rank_logits import _MASKED_RAW_DIAG, _TRANSFORMS, LowRankLogits
 
@@ -70,6 +71,8 @@ class MixtureLowRankLogits(DistributionHead):
       kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`
         (the kernel initializer also initialises the gate; its bias starts at 0: equal
         weights).
+      factor_init_scale, initial_diagonal: where every component's covariance starts, as in
+        `LowRankLogits`.
 
     #### Examples
 
@@ -103,6 +106,8 @@ class MixtureLowRankLogits(DistributionHead):
         kernel_initializer="glorot_uniform",
         validate_args: bool = True,
         spatial_dims: int = 2,
+        factor_init_scale: float = 1.0,
+        initial_diagonal: Optional[float] = None,
         **kwargs,
     ):
         super().__init__(
@@ -124,6 +129,10 @@ class MixtureLowRankLogits(DistributionHead):
         self.epsilon = float(epsilon)
         self.diagonal_transform = diagonal_transform
         self.antithetic = bool(antithetic)
+        self.factor_init_scale = _init.check_factor_init_scale(factor_init_scale)
+        self.initial_diagonal = _init.check_initial_diagonal(
+            initial_diagonal, self.epsilon, diagonal_transform
+        )
         # The components' parameter functions (never its weights): kept out of Keras' layer
         # tracking, so it is neither saved nor counted as a sublayer.
         component = LowRankLogits(
@@ -173,6 +182,21 @@ class MixtureLowRankLogits(DistributionHead):
     def params_size(self) -> int:
         """P = `K * C * (2 + R) + K`, the parameter channels per pixel."""
         return self.params_size_for(self.num_classes, self.num_components, self.rank)
+
+    def _projection_kernel_initializer(self):
+        return _init.LowRankKernelInitializer(
+            self.kernel_initializer,
+            self.num_classes,
+            self.rank,
+            self.factor_init_scale,
+            num_components=self.num_components,
+        )
+
+    def _bias_initializer(self):
+        raw = _init.raw_diagonal_for(self.initial_diagonal, self.epsilon, self.diagonal_transform)
+        return _init.LowRankBiasInitializer(
+            self.num_classes, self.rank, raw, num_components=self.num_components
+        )
 
     @property
     def component_head(self) -> LowRankLogits:
@@ -374,6 +398,8 @@ class MixtureLowRankLogits(DistributionHead):
                 "epsilon": self.epsilon,
                 "diagonal_transform": self.diagonal_transform,
                 "antithetic": self.antithetic,
+                "factor_init_scale": self.factor_init_scale,
+                "initial_diagonal": self.initial_diagonal,
             }
         )
         return config

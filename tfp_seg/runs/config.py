@@ -21,6 +21,7 @@ import yaml
 from tfp_seg import _checks
 from tfp_seg.data import sources as data_sources
 from tfp_seg.distribute import POLICIES, STRATEGIES
+from tfp_seg.layers import _init as layer_init
 from tfp_seg.models.backbones import catalog
 
 __all__ = [
@@ -118,6 +119,8 @@ class TrainConfig:
     head: str = "low_rank"
     backbone: str = "unet"
     rank: int = 10
+    factor_init_scale: float = 1.0
+    initial_diagonal: Optional[float] = None
     num_samples: int = 20
     marginal_weight: float = 1.0
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
@@ -227,6 +230,9 @@ class TrainConfig:
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
             )
+        # Where the SSN / mixture heads' covariance starts (their epsilon 1e-5, exp diagonal).
+        layer_init.check_factor_init_scale(self.factor_init_scale)
+        layer_init.check_initial_diagonal(self.initial_diagonal, 1e-5, "exp")
         if not self.beta >= 0:
             raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")
         if not self.learning_rate > 0:

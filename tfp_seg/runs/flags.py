@@ -59,6 +59,15 @@ TRAIN_FLAGS: dict = {
         "are keras-hub / keras-cv models built from config, nothing is downloaded)",
     ),
     "rank": (int, "rank R of the SSN covariance factor (default: 10)"),
+    "factor_init_scale": (
+        float,
+        "the SSN (and mixture) head's factor kernel at initialisation is glorot's times this; "
+        "0 starts the factor at zero (default: 1)",
+    ),
+    "initial_diagonal": (
+        float,
+        "starting variance of the SSN (and mixture) head's diagonal (default: 1, raw diagonal 0)",
+    ),
     "components": (
         int,
         "mixture components K of --head mixture, each a rank-R SSN component (default: 3)",

@@ -22,13 +22,17 @@ __all__ = ["build_model", "compile_model", "sampler_for"]
 def _head(config: TrainConfig, num_classes: int):
     """The head on features `[B, *S, F]` (`S` of rank `config.spatial_dims`)."""
     rank = {"spatial_dims": config.spatial_dims}
+    start = {
+        "factor_init_scale": config.factor_init_scale,
+        "initial_diagonal": config.initial_diagonal,
+    }
     if config.head == "low_rank":
-        return layers.LowRankLogits(num_classes, rank=config.rank, **rank)
+        return layers.LowRankLogits(num_classes, rank=config.rank, **start, **rank)
     if config.head == "heteroscedastic":
         return layers.HeteroscedasticLogits(num_classes, **rank)
     if config.head == "mixture":
         return layers.MixtureLowRankLogits(
-            num_classes, num_components=config.components, rank=config.rank, **rank
+            num_classes, num_components=config.components, rank=config.rank, **start, **rank
         )
     return layers.CategoricalLogits(num_classes, **rank)  # deterministic, and the baselines
 

@@ -75,12 +75,12 @@ VARIANTS = {
         ["--factor-init-scale", "0.03", "--initial-diagonal", "0.018"],
     ),
     "start_small_0.1": (
-        "the default job, factor kernel x0.1, diagonal from 0.018",
+        "the default job, factor kernel x0.1, diagonal from 0.018 (the SSN default since)",
         ["--factor-init-scale", "0.1", "--initial-diagonal", "0.018"],
     ),
     "start_glorot": (
         "the default job, glorot factor, diagonal from 1 (the start before the study)",
-        ["--factor-init-scale", "1", "--initial-diagonal", "1.00001"],
+        ["--factor-init-scale", "1", "--initial-diagonal", "none"],
     ),
 }
 # Variants whose flags apply to today's default job rather than to BASE.

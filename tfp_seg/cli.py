@@ -39,7 +39,7 @@ from tfp_seg.runs.config import TrainConfig, load_config, stored_config
 from tfp_seg.runs.data import evaluation_data
 from tfp_seg.runs.dice import batch_size_for, mean_probabilities
 from tfp_seg.runs.evaluate import evaluate_data, load_run
-from tfp_seg.runs.flags import TRAIN_FLAGS, parse_bool
+from tfp_seg.runs.flags import NONE, TRAIN_FLAGS, parse_bool
 from tfp_seg.runs.model import sampler_for
 from tfp_seg.runs.report import write_report
 from tfp_seg.runs.train import train
@@ -201,7 +201,9 @@ def _train_config(args) -> TrainConfig:
     values = load_config(args.config) if args.config else {}
     for field in list(_TRAIN_FLAGS) + ["export", "progress", "resume", "stream"]:
         value = getattr(args, field, None)
-        if value is not None:
+        if value is NONE:  # `--flag none`: the field set to None
+            values[field] = None
+        elif value is not None:
             values[field] = value
     try:
         return TrainConfig(**values).validate()

@@ -45,6 +45,10 @@ def test_default_schedule_and_stored_configs_of_earlier_versions(tmp_path):
     assert (stored.learning_rate, stored.lr_schedule, stored.epochs) == (1e-3, "constant", 12)
     (tmp_path / "config.json").write_text(json.dumps({"lr_schedule": "cosine"}))
     assert stored_config(str(tmp_path)).lr_schedule == "cosine"
+    # ... and its SSN head started from glorot's factor and D = 1 (the head's small start is
+    # the default since: "auto"; benchmarks/README.md, "Model quality").
+    assert (config.factor_init_scale, config.initial_diagonal) == ("auto", "auto")
+    assert (stored.factor_init_scale, stored.initial_diagonal) == (1.0, None)
 
 
 @pytest.mark.parametrize("head", ["low_rank", "mixture"])
@@ -54,10 +58,23 @@ def test_the_covariance_start_reaches_the_head(head):
     config = TrainConfig(head=head, factor_init_scale=0.05, initial_diagonal=0.02).validate()
     model = build_model(config, 3)
     assert (model.head.factor_init_scale, model.head.initial_diagonal) == (0.05, 0.02)
+    auto = build_model(TrainConfig(head=head).validate(), 3).head
+    expected = (0.1, 0.018) if head == "low_rank" else (1.0, None)
+    assert (auto.factor_init_scale, auto.initial_diagonal) == expected
     flags = cli.build_parser().parse_args(
         ["train", "--factor-init-scale", "0.05", "--initial-diagonal", "0.02"]
     )
     assert (flags.factor_init_scale, flags.initial_diagonal) == (0.05, 0.02)
+
+
+def test_initial_diagonal_none_from_the_command_line(tmp_path):
+    # `--initial-diagonal none` is the start of earlier versions (raw diagonal bias 0), not
+    # "flag not given".
+    argv = ["train", *tiny_train_args(epochs=1), "--initial-diagonal", "none"]
+    argv += ["--factor-init-scale", "1", "--val-every", "0", "--output-dir", str(tmp_path)]
+    assert cli.main([*argv, "--name", "r", "--no-export"]) == 0
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert (config["factor_init_scale"], config["initial_diagonal"]) == (1.0, None)
 
 
 @pytest.mark.parametrize(

@@ -17,12 +17,20 @@ from typing import Optional
 import keras
 
 __all__ = [
+    "FACTOR_INIT_SCALE",
+    "INITIAL_DIAGONAL",
     "LowRankBiasInitializer",
     "LowRankKernelInitializer",
     "check_factor_init_scale",
     "check_initial_diagonal",
     "raw_diagonal_for",
 ]
+
+
+# The heads' defaults since they were measured (benchmarks/README.md, "Model quality"):
+# the factor's kernel at a tenth of glorot's, the diagonal from exp(-4) ~ 0.018.
+FACTOR_INIT_SCALE = 0.1
+INITIAL_DIAGONAL = 0.018
 
 
 def check_factor_init_scale(value) -> float:

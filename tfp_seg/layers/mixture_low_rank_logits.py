@@ -72,7 +72,10 @@ class MixtureLowRankLogits(DistributionHead):
         (the kernel initializer also initialises the gate; its bias starts at 0: equal
         weights).
       factor_init_scale, initial_diagonal: where every component's covariance starts, as in
-        `LowRankLogits`.
+        `LowRankLogits`, but by default glorot's factor and `D = 1` (1, None): the small start
+        that is `LowRankLogits`' default made the mixture worse on the built-in benchmark
+        (`examples/compare_heads.py --epochs 12 --num-images 640 --image-size 64`: D2_GED
+        0.49 against 0.38; benchmarks/README.md, "Model quality").
 
     #### Examples
 

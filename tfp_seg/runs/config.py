@@ -14,7 +14,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import yaml
 
@@ -82,8 +82,9 @@ VOLUME_BACKBONES = ("unet",)
 _IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
 # Fields whose default changed, with the value a stored run config of an earlier version ran
 # with when it lacks the field (`stored_config`): runs of earlier versions resume as they ran.
-# The learning rate was always stored; the schedule (constant before it existed) was not.
-_EARLIER_DEFAULTS = {"lr_schedule": "constant"}
+# The learning rate was always stored; the schedule (constant before it existed) was not, nor
+# the covariance start (glorot's factor and D = 1 before the SSN head's small start).
+_EARLIER_DEFAULTS = {"lr_schedule": "constant", "factor_init_scale": 1.0, "initial_diagonal": None}
 
 
 @dataclasses.dataclass
@@ -119,8 +120,8 @@ class TrainConfig:
     head: str = "low_rank"
     backbone: str = "unet"
     rank: int = 10
-    factor_init_scale: float = 1.0
-    initial_diagonal: Optional[float] = None
+    factor_init_scale: Union[float, str] = "auto"  # "auto": the head's default
+    initial_diagonal: Union[float, str, None] = "auto"
     num_samples: int = 20
     marginal_weight: float = 1.0
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
@@ -231,8 +232,10 @@ class TrainConfig:
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
             )
         # Where the SSN / mixture heads' covariance starts (their epsilon 1e-5, exp diagonal).
-        layer_init.check_factor_init_scale(self.factor_init_scale)
-        layer_init.check_initial_diagonal(self.initial_diagonal, 1e-5, "exp")
+        if self.factor_init_scale != "auto":
+            layer_init.check_factor_init_scale(self.factor_init_scale)
+        if self.initial_diagonal != "auto":
+            layer_init.check_initial_diagonal(self.initial_diagonal, 1e-5, "exp")
         if not self.beta >= 0:
             raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")
         if not self.learning_rate > 0:

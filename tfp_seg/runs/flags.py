@@ -11,7 +11,7 @@ import argparse
 
 from tfp_seg.runs.config import BACKBONES, BASELINES, HEADS, MODELS, VOLUME_DEFAULTS
 
-__all__ = ["TRAIN_FLAGS", "parse_bool"]
+__all__ = ["AUTO", "NONE", "TRAIN_FLAGS", "parse_bool", "parse_start"]
 
 
 def _volume_defaults() -> str:
@@ -26,6 +26,21 @@ def parse_bool(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return value
+
+
+AUTO = "auto"  # a head argument left at the head's own default
+NONE = "none"  # the field set to None (argparse's None means "flag not given")
+
+
+def parse_start(text: str):
+    """`auto` as `AUTO`, `none` as `NONE`, else the text as a float, for argparse."""
+    word = text.strip().lower()
+    if word in (AUTO, NONE):
+        return AUTO if word == AUTO else NONE
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, auto or none; got {text!r}") from None
 
 
 TRAIN_FLAGS: dict = {
@@ -60,13 +75,15 @@ TRAIN_FLAGS: dict = {
     ),
     "rank": (int, "rank R of the SSN covariance factor (default: 10)"),
     "factor_init_scale": (
-        float,
-        "the SSN (and mixture) head's factor kernel at initialisation is glorot's times this; "
-        "0 starts the factor at zero (default: 1)",
+        parse_start,
+        "the SSN / mixture head's factor kernel at initialisation is glorot's times this; 0 "
+        "starts the factor at zero, 1 as glorot drew it; auto: the head's default (SSN 0.1, "
+        "mixture 1) (default: auto)",
     ),
     "initial_diagonal": (
-        float,
-        "starting variance of the SSN (and mixture) head's diagonal (default: 1, raw diagonal 0)",
+        parse_start,
+        "starting variance D of the SSN / mixture head's diagonal; none starts its raw value "
+        "at 0 (D = 1); auto: the head's default (SSN 0.018, mixture none) (default: auto)",
     ),
     "components": (
         int,

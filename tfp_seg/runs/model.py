@@ -22,9 +22,14 @@ __all__ = ["build_model", "compile_model", "sampler_for"]
 def _head(config: TrainConfig, num_classes: int):
     """The head on features `[B, *S, F]` (`S` of rank `config.spatial_dims`)."""
     rank = {"spatial_dims": config.spatial_dims}
+    # Where the covariance starts: the config's values, or the head's defaults ("auto").
     start = {
-        "factor_init_scale": config.factor_init_scale,
-        "initial_diagonal": config.initial_diagonal,
+        k: v
+        for k, v in (
+            ("factor_init_scale", config.factor_init_scale),
+            ("initial_diagonal", config.initial_diagonal),
+        )
+        if v != "auto"
     }
     if config.head == "low_rank":
         return layers.LowRankLogits(num_classes, rank=config.rank, **start, **rank)

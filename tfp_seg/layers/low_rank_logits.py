@@ -56,8 +56,8 @@ class LowRankLogits(DistributionHead):
         is zero (through its bias; default 0.018, `d_raw = -4` with exp); None starts the bias
         at 0 (`D = 1 + epsilon` with exp, 0.69 with softplus), as versions before it did.
         With glorot's factor and `D = 1` the logits start with a standard deviation of about
-        2 from the covariance; the small start halves D2_GED of a small U-Net trained for 12
-        epochs on the built-in benchmark and raises HM-IoU on the default job
+        2 from the covariance; the small start cuts D2_GED of a small U-Net trained for 12
+        epochs on the built-in benchmark to a third and raises HM-IoU on the default job
         (benchmarks/README.md, "Model quality").
       kernel_size, kernel_initializer, validate_args, spatial_dims: see `DistributionHead`.
 

@@ -223,6 +223,26 @@ def test_single_pixel_uniform_logits_give_log_c():
     assert math.isclose(float(nll.numpy()[0]), math.log(2.0), rel_tol=1e-6)
 
 
+@pytest.fixture
+def sigint_deliverable():
+    """SIGINT raises KeyboardInterrupt while the test runs, also where the test process
+    inherited it ignored (a suite started in the background by a non-interactive shell, or
+    under nohup): there `tfp-seg` leaves SIGINT ignored, as it should, and no interrupt
+    reaches the code under test."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_default():
+    """`preexec_fn` of a child that must receive SIGINT (see `sigint_deliverable`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow  # signal timing against TF start-up under load: kept out of the default suite
 def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
     import os
@@ -248,6 +268,7 @@ def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+        preexec_fn=_sigint_default,
     )
     try:
         deadline = time.time() + 120
@@ -266,7 +287,9 @@ def test_interrupted_training_exits_130_and_keeps_complete_files(tmp_path):
     assert not [p for p in os.listdir(run) if ".tmp" in p]
 
 
-def test_interrupt_that_library_code_reraises_as_another_error_exits_130(monkeypatch, capsys):
+def test_interrupt_that_library_code_reraises_as_another_error_exits_130(
+    monkeypatch, capsys, sigint_deliverable
+):
     # Keras' loss bookkeeping (keras/src/trainers/compile_utils.py) has bare `except:` clauses
     # that run while fit traces its first step: a Ctrl-C landing there comes out as a ValueError.
     import os
@@ -304,7 +327,9 @@ def test_errors_without_an_interrupt_keep_their_exit_status(monkeypatch, capsys)
         cli.main(["train"])
 
 
-def test_interrupt_swallowed_by_library_code_still_stops_training(monkeypatch, tmp_path, capsys):
+def test_interrupt_swallowed_by_library_code_still_stops_training(
+    monkeypatch, tmp_path, capsys, sigint_deliverable
+):
     # A KeyboardInterrupt raised inside a C-extension call can come out as a SystemError that
     # is printed and swallowed while fit goes on; the recorded request stops it at the next batch.
     import importlib
@@ -339,3 +364,24 @@ def test_interrupt_swallowed_by_library_code_still_stops_training(monkeypatch, t
     assert sent == [0]
     assert "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "swallowed" / "report.json").exists()  # training did not finish
+
+
+def test_an_ignored_sigint_stays_ignored(monkeypatch):
+    # Under nohup, or started in the background by a shell, SIGINT is ignored: tfp-seg keeps
+    # it so (no handler of its own), and puts nothing back afterwards but the same disposition.
+    import signal
+
+    seen = []
+
+    def train(args):
+        seen.append(signal.getsignal(signal.SIGINT))
+        return 0
+
+    monkeypatch.setitem(cli._COMMANDS, "train", train)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert cli.main(["train"]) == 0
+        assert seen == [signal.SIG_IGN]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

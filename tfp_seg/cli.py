@@ -201,7 +201,7 @@ def _train_config(args) -> TrainConfig:
     values = load_config(args.config) if args.config else {}
     for field in list(_TRAIN_FLAGS) + ["export", "progress", "resume", "stream"]:
         value = getattr(args, field, None)
-        if value is NONE:  # `--flag none`: the field set to None
+        if value == NONE:  # `--flag none`: the field set to None
             values[field] = None
         elif value is not None:
             values[field] = value

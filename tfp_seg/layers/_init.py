@@ -33,33 +33,32 @@ FACTOR_INIT_SCALE = 0.1
 INITIAL_DIAGONAL = 0.018
 
 
+def _finite_real(value) -> bool:
+    """Whether `value` is a finite Python real (bool excluded)."""
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
 def check_factor_init_scale(value) -> float:
     """`factor_init_scale` as a finite float >= 0, else a `ValueError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not (_finite_real(value) and value >= 0):
         raise ValueError(f"`factor_init_scale` must be a finite float >= 0; got {value!r}.")
-    value = float(value)
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"`factor_init_scale` must be a finite float >= 0; got {value!r}.")
-    return value
+    return float(value)
 
 
-def check_initial_diagonal(value, epsilon: float, transform: str) -> Optional[float]:
+def check_initial_diagonal(value, epsilon: float) -> Optional[float]:
     """`initial_diagonal` (None, or a finite variance > `epsilon`), else a `ValueError`."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not (_finite_real(value) and value > epsilon):
         raise ValueError(
             f"`initial_diagonal` must be None or a finite variance > epsilon ({epsilon}); "
             f"got {value!r}."
         )
-    value = float(value)
-    if not (math.isfinite(value) and value > epsilon):
-        raise ValueError(
-            f"`initial_diagonal` must be None or a finite variance > epsilon ({epsilon}); "
-            f"got {value!r}."
-        )
-    raw_diagonal_for(value, epsilon, transform)  # representable
-    return value
+    return float(value)
 
 
 def raw_diagonal_for(variance: Optional[float], epsilon: float, transform: str) -> float:

@@ -115,9 +115,7 @@ class LowRankLogits(DistributionHead):
         self.diagonal_transform = diagonal_transform
         self.antithetic = bool(antithetic)
         self.factor_init_scale = _init.check_factor_init_scale(factor_init_scale)
-        self.initial_diagonal = _init.check_initial_diagonal(
-            initial_diagonal, self.epsilon, diagonal_transform
-        )
+        self.initial_diagonal = _init.check_initial_diagonal(initial_diagonal, self.epsilon)
         self.projection = self._make_projection()
 
     @staticmethod

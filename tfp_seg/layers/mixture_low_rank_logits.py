@@ -133,9 +133,7 @@ class MixtureLowRankLogits(DistributionHead):
         self.diagonal_transform = diagonal_transform
         self.antithetic = bool(antithetic)
         self.factor_init_scale = _init.check_factor_init_scale(factor_init_scale)
-        self.initial_diagonal = _init.check_initial_diagonal(
-            initial_diagonal, self.epsilon, diagonal_transform
-        )
+        self.initial_diagonal = _init.check_initial_diagonal(initial_diagonal, self.epsilon)
         # The components' parameter functions (never its weights): kept out of Keras' layer
         # tracking, so it is neither saved nor counted as a sublayer.
         component = LowRankLogits(

@@ -80,6 +80,8 @@ PATCH_DEFAULTS = {
 # Backbones that take volumes: the built-in U-Net (keras-hub / keras-cv models are 2D).
 VOLUME_BACKBONES = ("unet",)
 _IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
+# A head argument left at the head's own default (`factor_init_scale`, `initial_diagonal`).
+AUTO = "auto"
 # Fields whose default changed, with the value a stored run config of an earlier version ran
 # with when it lacks the field (`stored_config`): runs of earlier versions resume as they ran.
 # The learning rate was always stored; the schedule (constant before it existed) was not, nor
@@ -120,8 +122,8 @@ class TrainConfig:
     head: str = "low_rank"
     backbone: str = "unet"
     rank: int = 10
-    factor_init_scale: Union[float, str] = "auto"  # "auto": the head's default
-    initial_diagonal: Union[float, str, None] = "auto"
+    factor_init_scale: Union[float, str] = AUTO  # AUTO: the head's default
+    initial_diagonal: Union[float, str, None] = AUTO
     num_samples: int = 20
     marginal_weight: float = 1.0
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
@@ -232,10 +234,10 @@ class TrainConfig:
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
             )
         # Where the SSN / mixture heads' covariance starts (their epsilon 1e-5, exp diagonal).
-        if self.factor_init_scale != "auto":
+        if self.factor_init_scale != AUTO:
             layer_init.check_factor_init_scale(self.factor_init_scale)
-        if self.initial_diagonal != "auto":
-            layer_init.check_initial_diagonal(self.initial_diagonal, 1e-5, "exp")
+        if self.initial_diagonal != AUTO:
+            layer_init.check_initial_diagonal(self.initial_diagonal, 1e-5)
         if not self.beta >= 0:
             raise ValueError(f"`beta` must be >= 0; got {self.beta!r}.")
         if not self.learning_rate > 0:

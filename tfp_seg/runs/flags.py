@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from tfp_seg.runs.config import BACKBONES, BASELINES, HEADS, MODELS, VOLUME_DEFAULTS
+from tfp_seg.runs.config import AUTO, BACKBONES, BASELINES, HEADS, MODELS, VOLUME_DEFAULTS
 
 __all__ = ["AUTO", "NONE", "TRAIN_FLAGS", "parse_bool", "parse_start"]
 
@@ -28,7 +28,6 @@ def parse_bool(text: str) -> bool:
     return value
 
 
-AUTO = "auto"  # a head argument left at the head's own default
 NONE = "none"  # the field set to None (argparse's None means "flag not given")
 
 
@@ -36,7 +35,7 @@ def parse_start(text: str):
     """`auto` as `AUTO`, `none` as `NONE`, else the text as a float, for argparse."""
     word = text.strip().lower()
     if word in (AUTO, NONE):
-        return AUTO if word == AUTO else NONE
+        return word
     try:
         return float(text)
     except ValueError:

@@ -14,7 +14,7 @@ import keras
 from tfp_seg import layers, models
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
 from tfp_seg.runs import volumes
-from tfp_seg.runs.config import TrainConfig
+from tfp_seg.runs.config import AUTO, TrainConfig
 
 __all__ = ["build_model", "compile_model", "sampler_for"]
 
@@ -29,7 +29,7 @@ def _head(config: TrainConfig, num_classes: int):
             ("factor_init_scale", config.factor_init_scale),
             ("initial_diagonal", config.initial_diagonal),
         )
-        if v != "auto"
+        if v != AUTO
     }
     if config.head == "low_rank":
         return layers.LowRankLogits(num_classes, rank=config.rank, **start, **rank)

@@ -160,9 +160,10 @@ def main(argv=None) -> dict:
 
 
 def _ratio(value, reference):
-    """`value / reference`, or None without a positive reference (the deterministic head not
-    measured, or a step that makes nothing new resident at tiny sizes)."""
-    return value / reference if reference else None
+    """`value / reference`, or None unless both are positive: the deterministic head not
+    measured, or either step making nothing new resident at tiny sizes (a peak of 0 MiB is
+    below what peak RSS resolves, so 0 / x is no measured ratio)."""
+    return value / reference if value and reference else None
 
 
 if __name__ == "__main__":

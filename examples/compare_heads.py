@@ -114,6 +114,19 @@ def parse_args(argv=None):
         default=20,
         help="Monte Carlo samples in the SSN / heteroscedastic losses (mixture: per component)",
     )
+    p.add_argument(
+        "--marginal-weight",
+        type=float,
+        default=None,
+        help="weight of the per-pixel term in the SSN / mixture loss (0: the paper's "
+        "estimator; default: the loss's, 1)",
+    )
+    p.add_argument(
+        "--mean-weight",
+        type=float,
+        default=0.0,
+        help="weight of the mean logits' cross-entropy in the SSN loss (default: 0, none)",
+    )
     p.add_argument("--latent-dim", type=int, default=6, help="Prob U-Net latent size")
     p.add_argument("--eval-samples", type=int, default=16, help="samples per test image")
     p.add_argument("--seed", type=int, default=0)
@@ -167,10 +180,12 @@ def build(head: str, args, num_classes: int):
         layer = tfp_seg.layers.MixtureLowRankLogits(
             num_classes, num_components=args.components, rank=args.rank, **_covariance_start(args)
         )
-        loss = layer.default_loss(num_samples=args.train_samples)
+        loss = layer.default_loss(num_samples=args.train_samples, **_loss_weights(args))
     else:
         layer = tfp_seg.layers.LowRankLogits(num_classes, rank=args.rank, **_covariance_start(args))
-        loss = layer.default_loss(num_samples=args.train_samples)
+        loss = layer.default_loss(
+            num_samples=args.train_samples, mean_weight=args.mean_weight, **_loss_weights(args)
+        )
     model = tfp_seg.models.ProbabilisticSegmenter(backbone, layer)
     model.compile(optimizer=optimizer, loss=loss)
     return model
@@ -184,6 +199,11 @@ def _covariance_start(args) -> dict:
     if args.initial_diagonal is not None:
         start["initial_diagonal"] = args.initial_diagonal
     return start
+
+
+def _loss_weights(args) -> dict:
+    """The SSN / mixture loss's per-pixel weight: the flag given, else the loss's default."""
+    return {} if args.marginal_weight is None else {"marginal_weight": args.marginal_weight}
 
 
 def available_heads(requested) -> list:

@@ -174,6 +174,7 @@ def _ssn_loss():
         class_weights=[1.0, 2.0, 0.5],
         marginal_weight=0.5,
         chunk_size=2,
+        mean_weight=0.25,
         name="ssn_nll",
     )
 

@@ -70,6 +70,79 @@ def test_mc_nll_reduces_to_cross_entropy_without_covariance(rng):
     np.testing.assert_allclose(xent.numpy(), ce.numpy().mean() / 16, rtol=1e-5)
 
 
+def _still_params(logits, rank):
+    """Packed SSN params with no covariance to speak of: every sample is the mean."""
+    b, h, w, c = logits.shape
+    return np.concatenate(
+        [logits, np.full_like(logits, -60.0), np.zeros((b, h, w, c * rank), "float32")], -1
+    )
+
+
+def test_mean_weight_adds_the_mean_cross_entropy_with_label_sets_and_weights(rng):
+    """mean_weight w adds w x the deterministic baseline's loss (same labels, ignored pixels,
+    class weights, normalisation); with no covariance the SSN terms equal it too."""
+    logits = (2 * rng.normal(size=(2, 5, 4, 3))).astype("float32")
+    head = LowRankLogits(3, rank=2)
+    params = _still_params(logits, 2)
+    label_sets = rng.integers(0, 3, size=(2, 3, 5, 4))
+    label_sets[0, 1, :2] = 255
+    options = {"ignore_label": 255, "class_weights": [0.5, 1.0, 2.0]}
+    xent = losses.SegmentationCrossEntropy(num_classes=3, **options)(label_sets, params).numpy()
+    for marginal_weight, mean_weight in ((0.0, 0.0), (0.0, 0.7), (1.0, 2.5)):
+        loss = losses.StochasticSegmentationNLL(
+            head,
+            num_samples=4,
+            marginal_weight=marginal_weight,
+            mean_weight=mean_weight,
+            **options,
+        )
+        np.testing.assert_allclose(
+            loss(label_sets, params).numpy(), (1 + marginal_weight + mean_weight) * xent, rtol=1e-5
+        )
+
+
+def test_mean_weight_term_is_the_numpy_cross_entropy_of_the_mean(rng):
+    """With a real covariance the added term is exactly w x CE(mu) on a label map: the same
+    seeded samples give the SSN terms, so the difference of the two losses is the term."""
+    head = LowRankLogits(3, rank=2)
+    params = rng.normal(size=(2, 3, 4, head.params_size)).astype("float32")
+    labels = rng.integers(0, 3, size=(2, 3, 4))
+    mu = params[..., :3].astype("float64")
+    log_p = mu - logsumexp(mu, axis=-1, keepdims=True)
+    ce = -np.take_along_axis(log_p, labels[..., None], -1).sum((1, 2, 3)) / 12
+    values = []
+    for mean_weight in (0.0, 1.5):
+        loss = losses.StochasticSegmentationNLL(head, num_samples=6, mean_weight=mean_weight)
+        tf.random.set_seed(3)
+        keras.utils.set_random_seed(3)
+        values.append(loss(labels, params).numpy())
+    np.testing.assert_allclose(values[1] - values[0], 1.5 * ce.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_mean_weight_gradient_reaches_only_the_mean_beyond_the_ssn_terms(rng):
+    head = LowRankLogits(3, rank=2, antithetic=False)
+    params = tf.Variable(rng.normal(size=(2, 4, 4, head.params_size)).astype("float32"))
+    labels = rng.integers(0, 3, size=(2, 4, 4))
+    grads = []
+    for mean_weight in (0.0, 1.0):
+        loss_fn = losses.StochasticSegmentationNLL(head, num_samples=4, mean_weight=mean_weight)
+        keras.utils.set_random_seed(5)
+        tf.random.set_seed(5)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels, params)
+        grads.append(tape.gradient(loss, params).numpy())
+    delta = grads[1] - grads[0]
+    assert np.isfinite(grads[1]).all()
+    assert np.abs(delta[..., :3]).max() > 1e-4
+    np.testing.assert_allclose(delta[..., 3:], 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.5, True, "1", None])
+def test_mean_weight_rejects_bad_values_naming_the_argument(bad):
+    with pytest.raises(ValueError, match="`mean_weight` must be a float >= 0"):
+        losses.StochasticSegmentationNLL(LowRankLogits(3, rank=2), mean_weight=bad)
+
+
 def test_marginal_nll_matches_numpy_loop(rng):
     samples = rng.normal(size=(6, 2, 3, 3, 3)).astype("float32") * 2
     labels = rng.integers(0, 3, size=(2, 3, 3))

@@ -88,3 +88,27 @@ def test_a_bad_covariance_start_is_named(tmp_path, capsys, flag, value, match):
     argv = ["train", *tiny_train_args(**{flag: value}), "--output-dir", str(tmp_path)]
     assert cli.main(argv) == 1
     assert match in capsys.readouterr().err
+
+
+def test_mean_weight_reaches_the_ssn_loss_and_is_checked(tmp_path, capsys):
+    from tfp_seg.runs.model import build_model, compile_model
+
+    config = TrainConfig(mean_weight=0.5, marginal_weight=2.0).validate()
+    model = build_model(config, 3)
+    compile_model(model, config)
+    assert (model.loss.mean_weight, model.loss.marginal_weight) == (0.5, 2.0)
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 16, 16, 1), dtype=np.float32)
+    loss = model.train_on_batch(x, rng.integers(0, 3, size=(2, 4, 16, 16)))  # a compiled step
+    assert np.isfinite(loss)
+    assert TrainConfig().mean_weight == 0.0  # the default loss is the SSN loss as it was
+    for bad, message in (
+        ({"mean_weight": -1.0}, "`mean_weight` must be a number >= 0; got -1.0"),
+        ({"marginal_weight": True}, "`marginal_weight` must be a number >= 0; got True"),
+        ({"mean_weight": 1.0, "head": "mixture"}, "`mean_weight` applies to the SSN loss only"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()
+    argv = ["train", *tiny_train_args(head="heteroscedastic"), "--mean-weight", "1"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path)]) == 1
+    assert "`mean_weight` applies to the SSN loss only" in capsys.readouterr().err

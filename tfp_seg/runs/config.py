@@ -126,6 +126,7 @@ class TrainConfig:
     initial_diagonal: Union[float, str, None] = AUTO
     num_samples: int = 20
     marginal_weight: float = 1.0
+    mean_weight: float = 0.0  # the SSN loss's mean cross-entropy term (StochasticSegmentationNLL)
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
     batch_size: int = 8
     learning_rate: float = 3e-3
@@ -172,6 +173,17 @@ class TrainConfig:
         for field, value in defaults.items():
             if getattr(self, field) is None:
                 setattr(self, field, value)
+
+    def _validate_loss_weights(self) -> None:
+        for field in ("marginal_weight", "mean_weight"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"`{field}` must be a number >= 0; got {value!r}.")
+        if self.mean_weight and (self.model != "segmenter" or self.head != "low_rank"):
+            raise ValueError(
+                "`mean_weight` applies to the SSN loss only (`head` low_rank, `model` "
+                f"segmenter); got head {self.head!r}, model {self.model!r}."
+            )
 
     @property
     def patch_data(self) -> bool:
@@ -225,6 +237,7 @@ class TrainConfig:
         ):
             _checks.positive_int(getattr(self, field), field)
         _checks.positive_int(self.val_every, "val_every", minimum=0)
+        self._validate_loss_weights()
         _checks.positive_int(self.val_samples, "val_samples", minimum=2)
         self._validate_ensemble()
         if self.patch_data:

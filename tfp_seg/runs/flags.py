@@ -98,6 +98,11 @@ TRAIN_FLAGS: dict = {
         "weight of the per-pixel term added to the SSN joint MC loss; 0 = the paper's loss "
         "(default: 1)",
     ),
+    "mean_weight": (
+        float,
+        "weight of the mean logits' cross-entropy added to the SSN loss, a regulariser of the "
+        "mean for small backbones (--head low_rank only) (default: 0)",
+    ),
     "epochs": (
         int,
         f"training epochs (default: 36; {VOLUME_DEFAULTS['epochs']} with --spatial-dims 3)",

@@ -124,8 +124,11 @@ def compile_model(model, config: TrainConfig) -> None:
         return
     head = model.member_head if config.ensemble else model.head  # EnsembleSegmenter's
     if config.head in ("low_rank", "mixture"):
+        # `mean_weight` is the SSN loss's only (validated), passed where it is set: a mixture's
+        # loss takes no such argument.
+        extra = {"mean_weight": config.mean_weight} if config.mean_weight else {}
         loss = head.default_loss(
-            num_samples=config.num_samples, marginal_weight=config.marginal_weight
+            num_samples=config.num_samples, marginal_weight=config.marginal_weight, **extra
         )
     elif config.head == "heteroscedastic":
         loss = head.default_loss(num_samples=config.num_samples)

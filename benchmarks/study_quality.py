@@ -82,9 +82,24 @@ VARIANTS = {
         "the default job, glorot factor, diagonal from 1 (the start before the study)",
         ["--factor-init-scale", "1", "--initial-diagonal", "none"],
     ),
+    # The SSN loss plus the mean logits' cross-entropy (`mean_weight`), on the default job.
+    "mean_weight_1": (
+        "the default job, plus the mean logits' cross-entropy (weight 1)",
+        ["--mean-weight", "1"],
+    ),
+    "marginal_weight_3": (
+        "the default job, the per-pixel term weighted 3",
+        ["--marginal-weight", "3"],
+    ),
 }
 # Variants whose flags apply to today's default job rather than to BASE.
-ON_DEFAULT_JOB = {"start_small", "start_small_0.1", "start_glorot"}
+ON_DEFAULT_JOB = {
+    "start_small",
+    "start_small_0.1",
+    "start_glorot",
+    "mean_weight_1",
+    "marginal_weight_3",
+}
 
 
 def variant_flags(name: str) -> list:

@@ -47,6 +47,14 @@ def positive_int(
     return int(value)
 
 
+def non_negative_float(value: Any, name: str) -> float:
+    """`value` as a float, or a `ValueError` naming `name` unless it is a number >= 0 (not a
+    bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"`{name}` must be a float >= 0; got {value!r}.")
+    return float(value)
+
+
 def check_num_samples(num_samples: Any, antithetic: bool) -> int:
     """Validate a Python sample count N >= 1 (even with antithetic sampling: mirrored pairs).
 

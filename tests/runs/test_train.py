@@ -103,8 +103,8 @@ def test_mean_weight_reaches_the_ssn_loss_and_is_checked(tmp_path, capsys):
     assert np.isfinite(loss)
     assert TrainConfig().mean_weight == 0.0  # the default loss is the SSN loss as it was
     for bad, message in (
-        ({"mean_weight": -1.0}, "`mean_weight` must be a number >= 0; got -1.0"),
-        ({"marginal_weight": True}, "`marginal_weight` must be a number >= 0; got True"),
+        ({"mean_weight": -1.0}, "`mean_weight` must be a float >= 0; got -1.0"),
+        ({"marginal_weight": True}, "`marginal_weight` must be a float >= 0; got True"),
         ({"mean_weight": 1.0, "head": "mixture"}, "`mean_weight` applies to the SSN loss only"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -138,11 +138,8 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         mean_weight: float = 0.0,
         **kwargs,
     ):
-        for field, value in (("marginal_weight", marginal_weight), ("mean_weight", mean_weight)):
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
-                raise ValueError(f"`{field}` must be a float >= 0; got {value!r}.")
-        self.marginal_weight = float(marginal_weight)
-        self.mean_weight = float(mean_weight)
+        self.marginal_weight = _checks.non_negative_float(marginal_weight, "marginal_weight")
+        self.mean_weight = _checks.non_negative_float(mean_weight, "mean_weight")
         super().__init__(
             head,
             num_samples,
@@ -164,19 +161,9 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         return self._normalize(nll, y_true, y_pred)
 
     def _mean_nll(self, y_true, y_pred):
-        """`[B]` cross-entropy of the mean logits, summed over pixels, mean over raters."""
+        """`[B]` cross-entropy of the mean logits (labels checked by the SSN terms already)."""
         logits = tf.cast(self.head.mean_logits(y_pred), tf.float32)
-        classes = logits.shape[-1]
-        prepared = targets.prepare_targets(
-            y_true, logits, classes, self.ignore_label, validate_args=False, name="y_true"
-        )
-        per_rater = pixelwise.label_set_nll(
-            prepared.labels,
-            logits[tf.newaxis],
-            self.ignore_label,
-            pixelwise.check_class_weights(self.class_weights, classes),
-        )
-        return tf.reduce_mean(per_rater, axis=1)
+        return _cross_entropy(y_true, logits, self.ignore_label, self.class_weights, False)
 
     def get_config(self):
         config = super().get_config()
@@ -236,23 +223,25 @@ class SegmentationCrossEntropy(base.HeadLoss):
         y_pred = tf.cast(y_pred, tf.float32)
         _checks.infer_spatial_dims(y_pred, "y_pred", 2, "[B, H, W, C] logits")
         logits = y_pred if self.num_classes is None else y_pred[..., : self.num_classes]
-        classes = logits.shape[-1]
-        class_weights = pixelwise.check_class_weights(self.class_weights, classes)
-        prepared = targets.prepare_targets(
-            y_true,
-            logits,
-            classes,
-            self.ignore_label,
-            validate_args=self.validate_args,
-            name="y_true",
+        nll = _cross_entropy(
+            y_true, logits, self.ignore_label, self.class_weights, self.validate_args
         )
-        if self.validate_args:
-            logits = _checks.assert_finite(logits, "y_pred")
-        if prepared.kind == targets.SOFT:
-            nll = pixelwise.soft_marginal_nll(prepared.labels, logits[tf.newaxis], class_weights)
-        else:
-            per_rater = pixelwise.label_set_nll(
-                prepared.labels, logits[tf.newaxis], self.ignore_label, class_weights
-            )
-            nll = tf.reduce_mean(per_rater, axis=1)
         return self._normalize(nll, y_true, y_pred)
+
+
+def _cross_entropy(y_true, logits, ignore_label, class_weights, validate_args: bool):
+    """`[B]` softmax cross-entropy of float32 logits `[B, *S, C]`, summed over pixels: the mean
+    over raters for label maps / sets, the soft labels' expected value for soft labels."""
+    classes = logits.shape[-1]
+    class_weights = pixelwise.check_class_weights(class_weights, classes)
+    prepared = targets.prepare_targets(
+        y_true, logits, classes, ignore_label, validate_args=validate_args, name="y_true"
+    )
+    if validate_args:
+        logits = _checks.assert_finite(logits, "y_pred")
+    if prepared.kind == targets.SOFT:
+        return pixelwise.soft_marginal_nll(prepared.labels, logits[tf.newaxis], class_weights)
+    per_rater = pixelwise.label_set_nll(
+        prepared.labels, logits[tf.newaxis], ignore_label, class_weights
+    )
+    return tf.reduce_mean(per_rater, axis=1)

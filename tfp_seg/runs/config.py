@@ -176,9 +176,7 @@ class TrainConfig:
 
     def _validate_loss_weights(self) -> None:
         for field in ("marginal_weight", "mean_weight"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"`{field}` must be a number >= 0; got {value!r}.")
+            _checks.non_negative_float(getattr(self, field), field)
         if self.mean_weight and (self.model != "segmenter" or self.head != "low_rank"):
             raise ValueError(
                 "`mean_weight` applies to the SSN loss only (`head` low_rank, `model` "

@@ -91,6 +91,14 @@ VARIANTS = {
         "the default job, the per-pixel term weighted 3",
         ["--marginal-weight", "3"],
     ),
+    "marginal_weight_0.3": (
+        "the default job, the per-pixel term weighted 0.3",
+        ["--marginal-weight", "0.3"],
+    ),
+    # The loss's Monte Carlo samples per step on the default job (20 there).
+    "samples_10": ("the default job, 10 samples per step", ["--num-samples", "10"]),
+    "samples_40_default": ("the default job, 40 samples per step", ["--num-samples", "40"]),
+    "rank_20_default": ("the default job, rank 20", ["--rank", "20"]),
 }
 # Variants whose flags apply to today's default job rather than to BASE.
 ON_DEFAULT_JOB = {
@@ -99,6 +107,10 @@ ON_DEFAULT_JOB = {
     "start_glorot",
     "mean_weight_1",
     "marginal_weight_3",
+    "marginal_weight_0.3",
+    "samples_10",
+    "samples_40_default",
+    "rank_20_default",
 }
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -406,3 +407,96 @@ def test_bench_vs_peer_profiles_our_side(bench_path, capsys):
     # the loss's sampling matmul and its noise appear among the traced ops
     assert any("BatchMatMul" in op for op in profile["op_ms"]), sorted(profile["op_ms"])
     assert "ns per pixel and sample" in capsys.readouterr().out
+
+
+# --- diagnose_samples.py: per-object scores of a run's samples ----------------------------------
+class _ExactSampler:
+    """Samples the exact label distribution of `data` (the images are ignored: the batch is
+    the whole split, in order)."""
+
+    def __init__(self, data, mode: str = "exact"):
+        self.data, self.mode = data, mode
+
+    def sample(self, images, num_samples, seed=0):
+        from tfp_seg.data import sample_annotations
+
+        assert len(images) == len(self.data)
+        rng = np.random.default_rng(seed)
+        maps = []
+        for j in range(len(self.data)):
+            modes, weights = self.data.modes_of(j)
+            if self.mode == "exact":
+                maps.append(sample_annotations(modes, weights, num_samples, rng))
+            else:  # the most likely joint mode, every time
+                maps.append(np.repeat(modes[np.argmax(weights)][None], num_samples, axis=0))
+        return np.stack(maps, axis=1)
+
+
+@pytest.fixture(scope="module")
+def shapes_split():
+    from tfp_seg.data import ambiguous_shapes
+
+    return ambiguous_shapes(num_images=48, image_size=32, seed=3)
+
+
+def test_diagnose_samples_scores_an_exact_sampler_as_exact(bench_path, shapes_split):
+    import diagnose_samples
+
+    table = diagnose_samples.diagnose(_ExactSampler(shapes_split), shapes_split, num_samples=64)
+    assert set(table) == set(diagnose_samples.KINDS)
+    assert sum(row["objects"] for row in table.values()) == sum(map(len, shapes_split.objects))
+    for kind, row in table.items():
+        # every sample is one of the object's modes
+        assert row["nearest"] == 0 and row["off_mode"] == 0, kind
+        # unbiased estimates of the exact values: the U-statistic of the diversity has mean
+        # `data` and GED mean 0; means over >= 24 objects a type of 64 samples each (data
+        # seeds 0-9: |diversity - data| <= 0.018, |ged| <= 0.005, mode_tv <= 0.08)
+        assert abs(row["diversity"] - row["data"]) < 0.03, (kind, row)
+        assert abs(row["ged"]) < 0.01, (kind, row)
+        # nearest-mode frequencies of 64 draws against the weights: TV ~ 0.05 by noise alone
+        assert row["mode_tv"] < 0.15, (kind, row)
+
+
+def test_diagnose_samples_sees_a_collapsed_sampler(bench_path, shapes_split):
+    import diagnose_samples
+
+    table = diagnose_samples.diagnose(
+        _ExactSampler(shapes_split, "argmax"), shapes_split, num_samples=8
+    )
+    for kind, row in table.items():
+        assert row["diversity"] == 0 and row["nearest"] == 0, kind
+        assert row["data"] > 0.2 and row["ged"] > 0.1, (kind, row)  # every type is ambiguous
+        # the heaviest mode every time: TV = 1 - its weight (>= 0.2 for every type)
+        assert row["mode_tv"] >= 0.2 - 1e-6, (kind, row)
+    assert "| faint |" in diagnose_samples.render(table)
+
+
+def test_diagnose_samples_rejects_bad_input(bench_path, shapes_split):
+    import diagnose_samples
+
+    with pytest.raises(ValueError, match="num_samples"):
+        diagnose_samples.diagnose(_ExactSampler(shapes_split), shapes_split, num_samples=1)
+
+    class Wrong(_ExactSampler):
+        def sample(self, images, num_samples, seed=0):
+            return super().sample(images, num_samples, seed)[:, :-1]
+
+    with pytest.raises(ValueError, match="expected"):
+        diagnose_samples.diagnose(Wrong(shapes_split), shapes_split, num_samples=4)
+
+
+# One tiny `tfp-seg train` (over 5 s): in the slow suite.
+@pytest.mark.slow
+def test_diagnose_samples_runs_on_a_trained_run(bench_path, tmp_path, capsys):
+    import diagnose_samples
+
+    from tfp_seg.cli import main as cli
+
+    tiny = "--epochs 1 --num-images 40 --image-size 32 --base-filters 4 --depth 2 --rank 2"
+    tiny += " --num-samples 4 --eval-samples 4 --val-every 0 --no-export --quiet"
+    assert cli(["train", *tiny.split(), "--output-dir", str(tmp_path), "--name", "r"]) == 0
+    out = str(tmp_path / "diagnosis.json")
+    assert diagnose_samples.main([str(tmp_path / "r"), "--num-samples", "4", "--out", out]) == 0
+    table = _load(out)
+    assert table and all(0 <= row["off_mode"] <= 1 for row in table.values())
+    assert "| type | objects |" in capsys.readouterr().out

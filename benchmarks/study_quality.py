@@ -99,6 +99,14 @@ VARIANTS = {
     "samples_10": ("the default job, 10 samples per step", ["--num-samples", "10"]),
     "samples_40_default": ("the default job, 40 samples per step", ["--num-samples", "40"]),
     "rank_20_default": ("the default job, rank 20", ["--rank", "20"]),
+    # The head's projection over a 3x3 neighbourhood of features instead of one pixel.
+    "head_kernel_3": ("the default job, a 3x3 head projection", ["--head-kernel-size", "3"]),
+    # The Probabilistic U-Net on the default job: today's recipe, and its earlier optimiser.
+    "prob_unet_default": ("the default job, Probabilistic U-Net", ["--model", "prob_unet"]),
+    "prob_unet_lr_1e-3": (
+        "the default job, Probabilistic U-Net, Adam 1e-3 constant",
+        ["--model", "prob_unet", "--learning-rate", "1e-3", "--lr-schedule", "constant"],
+    ),
 }
 # Variants whose flags apply to today's default job rather than to BASE.
 ON_DEFAULT_JOB = {
@@ -111,6 +119,9 @@ ON_DEFAULT_JOB = {
     "samples_10",
     "samples_40_default",
     "rank_20_default",
+    "head_kernel_3",
+    "prob_unet_default",
+    "prob_unet_lr_1e-3",
 }
 
 

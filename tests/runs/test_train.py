@@ -67,6 +67,26 @@ def test_the_covariance_start_reaches_the_head(head):
     assert (flags.factor_init_scale, flags.initial_diagonal) == (0.05, 0.02)
 
 
+@pytest.mark.parametrize("head", ["low_rank", "heteroscedastic", "mixture", "deterministic"])
+def test_head_kernel_size_reaches_the_head(head):
+    from tfp_seg.runs.model import build_model
+
+    model = build_model(TrainConfig(head=head, head_kernel_size=3).validate(), 3)
+    assert model.head.kernel_size == 3
+    model(np.zeros((1, 16, 16, 1), np.float32))
+    assert model.head.projection.kernel.shape[:2] == (3, 3)
+    assert build_model(TrainConfig(head=head).validate(), 3).head.kernel_size == 1
+    flags = cli.build_parser().parse_args(["train", "--head-kernel-size", "3"])
+    assert flags.head_kernel_size == 3
+
+
+def test_a_bad_head_kernel_size_is_named():
+    with pytest.raises(ValueError, match="`head_kernel_size` must be a positive int"):
+        TrainConfig(head_kernel_size=0).validate()
+    with pytest.raises(ValueError, match="`head_kernel_size` applies to `model` segmenter"):
+        TrainConfig(model="prob_unet", head_kernel_size=3).validate()
+
+
 def test_initial_diagonal_none_from_the_command_line(tmp_path):
     # `--initial-diagonal none` is the start of earlier versions (raw diagonal bias 0), not
     # "flag not given".

@@ -122,6 +122,7 @@ class TrainConfig:
     head: str = "low_rank"
     backbone: str = "unet"
     rank: int = 10
+    head_kernel_size: int = 1  # the head's projection convolution (1: per-pixel, 1x1)
     factor_init_scale: Union[float, str] = AUTO  # AUTO: the head's default
     initial_diagonal: Union[float, str, None] = AUTO
     num_samples: int = 20
@@ -219,10 +220,16 @@ class TrainConfig:
                 f"`head` {self.head!r} does not apply to `model` prob_unet (its latent space "
                 "is the distribution); leave `head` at its default."
             )
+        if self.model == "prob_unet" and self.head_kernel_size != 1:
+            raise ValueError(
+                "`head_kernel_size` applies to `model` segmenter (its distribution head); "
+                f"got {self.head_kernel_size!r} with `model` prob_unet."
+            )
         if self.head == "mc_dropout" and self.dropout == 0.0:
             raise ValueError("`head` mc_dropout needs `dropout` > 0 (default 0.2).")
         for field in (
             "rank",
+            "head_kernel_size",
             "num_samples",
             "epochs",
             "batch_size",

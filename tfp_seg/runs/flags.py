@@ -73,6 +73,11 @@ TRAIN_FLAGS: dict = {
         "are keras-hub / keras-cv models built from config, nothing is downloaded)",
     ),
     "rank": (int, "rank R of the SSN covariance factor (default: 10)"),
+    "head_kernel_size": (
+        int,
+        "spatial size of the head's projection convolution from the backbone's features to "
+        "its parameters (default: 1, per pixel)",
+    ),
     "factor_init_scale": (
         parse_start,
         "the SSN / mixture head's factor kernel at initialisation is glorot's times this; 0 "

@@ -21,7 +21,7 @@ __all__ = ["build_model", "compile_model", "sampler_for"]
 
 def _head(config: TrainConfig, num_classes: int):
     """The head on features `[B, *S, F]` (`S` of rank `config.spatial_dims`)."""
-    rank = {"spatial_dims": config.spatial_dims}
+    common = {"spatial_dims": config.spatial_dims, "kernel_size": config.head_kernel_size}
     # Where the covariance starts: the config's values, or the head's defaults ("auto").
     start = {
         k: v
@@ -32,14 +32,14 @@ def _head(config: TrainConfig, num_classes: int):
         if v != AUTO
     }
     if config.head == "low_rank":
-        return layers.LowRankLogits(num_classes, rank=config.rank, **start, **rank)
+        return layers.LowRankLogits(num_classes, rank=config.rank, **start, **common)
     if config.head == "heteroscedastic":
-        return layers.HeteroscedasticLogits(num_classes, **rank)
+        return layers.HeteroscedasticLogits(num_classes, **common)
     if config.head == "mixture":
         return layers.MixtureLowRankLogits(
-            num_classes, num_components=config.components, rank=config.rank, **start, **rank
+            num_classes, num_components=config.components, rank=config.rank, **start, **common
         )
-    return layers.CategoricalLogits(num_classes, **rank)  # deterministic, and the baselines
+    return layers.CategoricalLogits(num_classes, **common)  # deterministic, and the baselines
 
 
 def _backbone(config: TrainConfig, input_shape=None):

@@ -14,7 +14,9 @@ prob_unet       ProbabilisticUNet       Gaussian latent + f_comb (Kohl 2018; if 
 each with `tfp_seg.models.UNet(base_filters, depth)` as the backbone, the same data, batch size,
 optimiser and number of epochs (or `--steps-per-epoch` x epochs), by default with the recipe of
 `tfp-seg train`: every rater of an image in each step (label sets `[B, K, H, W]`) and Adam
-from 3e-3 with cosine decay by epoch (`--annotations random`, `--lr-schedule constant`). Every
+from 3e-3 with cosine decay by epoch, the Probabilistic U-Net at a constant 1e-3
+(`tfp_seg.runs.config.OPTIMISER_DEFAULTS`; `--annotations random`, `--learning-rate`,
+`--lr-schedule` set one for all). Every
 model is evaluated against the exact label distribution of the held-out images
 (`evaluate_ambiguous`), and the median wall time of a training step is measured in this run,
 so the step-time ratio against the deterministic head compares like with like.
@@ -41,6 +43,7 @@ import keras  # noqa: E402
 import tfp_seg  # noqa: E402
 from tfp_seg.evaluation import evaluate_ambiguous  # noqa: E402
 from tfp_seg.reporting import write_report  # noqa: E402
+from tfp_seg.runs.config import OPTIMISER_DEFAULTS  # noqa: E402
 from tfp_seg.runs.train import cosine_schedule  # noqa: E402
 
 HEADS = ("deterministic", "heteroscedastic", "ssn", "mixture", "prob_unet")
@@ -80,12 +83,16 @@ def parse_args(argv=None):
     p.add_argument("--base-filters", type=int, default=8)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="Adam (default 3e-3)")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help="Adam, for every head (default: `tfp-seg train`'s, 3e-3; prob_unet 1e-3)",
+    )
     p.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
-        default="cosine",
-        help="cosine decay to 0 by epoch, as `tfp-seg train` (default), or constant",
+        help="cosine decay to 0 by epoch or constant, for every head (default: `tfp-seg "
+        "train`'s, cosine; prob_unet constant)",
     )
     p.add_argument(
         "--annotations",
@@ -160,10 +167,18 @@ class StepTimer(keras.callbacks.Callback):
         return 1000.0 * statistics.median(self.times) if self.times else float("nan")
 
 
+def optimiser_of(head: str, args) -> tuple[float, str]:
+    """The head's learning rate and schedule: the flags', else `tfp-seg train`'s defaults."""
+    defaults = OPTIMISER_DEFAULTS["prob_unet" if head == "prob_unet" else "segmenter"]
+    rate = defaults["learning_rate"] if args.learning_rate is None else args.learning_rate
+    schedule = defaults["lr_schedule"] if args.lr_schedule is None else args.lr_schedule
+    return float(rate), str(schedule)
+
+
 def build(head: str, args, num_classes: int):
     """Model with the shared backbone configuration, compiled for its head."""
     backbone = tfp_seg.models.UNet(base_filters=args.base_filters, depth=args.depth)
-    optimizer = keras.optimizers.Adam(args.learning_rate)
+    optimizer = keras.optimizers.Adam(optimiser_of(head, args)[0])
     if head == "prob_unet":
         model = tfp_seg.models.ProbabilisticUNet(
             num_classes=num_classes, latent_dim=args.latent_dim, backbone=backbone
@@ -231,7 +246,17 @@ def format_table(results: dict, oracle: dict) -> str:
     )
 
 
+def optimiser_line(heads, args) -> str:
+    """`3e-3 (cosine)`, or per head where they differ: `3e-3 (cosine), prob_unet 1e-3 (...)`."""
+    by_head = {head: optimiser_of(head, args) for head in heads}
+    common = optimiser_of("deterministic", args)
+    parts = [f"{common[0]:g} ({common[1]})"]
+    parts += [f"{h} {r:g} ({s})" for h, (r, s) in by_head.items() if (r, s) != common]
+    return ", ".join(parts)
+
+
 def format_markdown(results: dict, oracle: dict, args, data_line: str) -> str:
+    heads = list(results)
     head_row = "| head | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [
         "# Distribution heads on the same U-Net backbone",
@@ -241,7 +266,7 @@ def format_markdown(results: dict, oracle: dict, args, data_line: str) -> str:
         f"Backbone `UNet(base_filters={args.base_filters}, depth={args.depth})`, "
         f"{args.epochs} epochs"
         + (f" x {args.steps_per_epoch} steps" if args.steps_per_epoch else "")
-        + f", batch {args.batch_size}, Adam {args.learning_rate:g} ({args.lr_schedule}), "
+        + f", batch {args.batch_size}, Adam {optimiser_line(heads, args)}, "
         f"{args.annotations} annotations per step; SSN rank {args.rank}, "
         f"mixture {args.components} components of rank {args.rank}, "
         f"{args.train_samples} Monte Carlo samples in the SSN / heteroscedastic losses "
@@ -299,8 +324,9 @@ def main(argv=None) -> dict:
         model.build((None, args.image_size, args.image_size, data.images.shape[-1]))
         timer = StepTimer()
         callbacks: list = [timer]
-        if args.lr_schedule == "cosine":
-            callbacks.append(cosine_schedule(args.learning_rate, args.epochs))
+        rate, schedule = optimiser_of(head, args)
+        if schedule == "cosine":
+            callbacks.append(cosine_schedule(rate, args.epochs))
         start = time.time()
         model.fit(
             train_ds,

@@ -28,6 +28,15 @@ def test_a_run_with_the_cosine_schedule_records_its_rates(tmp_path):
     assert config["lr_schedule"] == "cosine"
 
 
+def test_a_prob_unet_run_trains_at_its_own_default_rate(tmp_path):
+    argv = ["train", *tiny_train_args(epochs=2, model="prob_unet", latent_dim=2)]
+    assert cli.main([*argv, "--val-every", "0", "--output-dir", str(tmp_path), "--name", "p"]) == 0
+    history = json.loads((tmp_path / "p" / "history.json").read_text())
+    np.testing.assert_allclose(history["learning_rate"], [1e-3, 1e-3], rtol=1e-6)
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert (config["learning_rate"], config["lr_schedule"]) == (1e-3, "constant")
+
+
 def test_a_bad_schedule_is_named(tmp_path, capsys):
     argv = ["train", *tiny_train_args(lr_schedule="step"), "--output-dir", str(tmp_path)]
     assert cli.main(argv) == 1
@@ -45,6 +54,16 @@ def test_default_schedule_and_stored_configs_of_earlier_versions(tmp_path):
     assert (stored.learning_rate, stored.lr_schedule, stored.epochs) == (1e-3, "constant", 12)
     (tmp_path / "config.json").write_text(json.dumps({"lr_schedule": "cosine"}))
     assert stored_config(str(tmp_path)).lr_schedule == "cosine"
+    # The Probabilistic U-Net's default is a constant 1e-3 (three benchmark seeds,
+    # benchmarks/README.md); a stored Prob U-Net run resumes with the rate it stored.
+    prob = TrainConfig(model="prob_unet")
+    assert (prob.learning_rate, prob.lr_schedule) == (1e-3, "constant")
+    assert TrainConfig(model="prob_unet", learning_rate=3e-3).lr_schedule == "constant"
+    assert TrainConfig(model="prob_unet", lr_schedule="cosine").learning_rate == 1e-3
+    stored_prob = {"model": "prob_unet", "learning_rate": 3e-3, "lr_schedule": "cosine"}
+    (tmp_path / "config.json").write_text(json.dumps(stored_prob))
+    resumed = stored_config(str(tmp_path))
+    assert (resumed.learning_rate, resumed.lr_schedule) == (3e-3, "cosine")
     # ... and its SSN head started from glorot's factor and D = 1 (the head's small start is
     # the default since: "auto"; benchmarks/README.md, "Model quality").
     assert (config.factor_init_scale, config.initial_diagonal) == ("auto", "auto")

@@ -113,11 +113,11 @@ TRAIN_FLAGS: dict = {
         f"training epochs (default: 36; {VOLUME_DEFAULTS['epochs']} with --spatial-dims 3)",
     ),
     "batch_size": (int, "batch size (default: 8)"),
-    "learning_rate": (float, "Adam learning rate (default: 3e-3)"),
+    "learning_rate": (float, "Adam learning rate (default: 3e-3; 1e-3 with --model prob_unet)"),
     "lr_schedule": (
         str,
         "learning rate over the epochs: constant, or cosine (lr * (1 + cos(pi e / epochs)) / 2 "
-        "in epoch e = 0..epochs-1) (default: cosine)",
+        "in epoch e = 0..epochs-1) (default: cosine; constant with --model prob_unet)",
     ),
     "spatial_dims": (
         int,

@@ -127,6 +127,16 @@ def cosine_schedule(learning_rate: float, epochs: int) -> keras.callbacks.Callba
     return keras.callbacks.LearningRateScheduler(rate)
 
 
+def constant_schedule(learning_rate: float) -> keras.callbacks.Callback:
+    """`learning_rate` in every epoch: what Adam runs at anyway, set by a callback so that
+    `history.json` records the rate of every run, whatever its schedule."""
+
+    def rate(epoch: int, _lr=None) -> float:
+        return float(learning_rate)
+
+    return keras.callbacks.LearningRateScheduler(rate)
+
+
 def train(config: TrainConfig, log=print) -> dict:
     """Train, evaluate and save one run. Returns `{"run_dir", "report", "model"}`."""
     config.validate()
@@ -201,6 +211,8 @@ def train(config: TrainConfig, log=print) -> dict:
         callbacks = [guard, InterruptGuard()]
         if config.lr_schedule == "cosine":
             callbacks.append(cosine_schedule(config.learning_rate, config.epochs))
+        else:
+            callbacks.append(constant_schedule(config.learning_rate))
         # Before the backup, which then stores the validation values with the epoch's weights.
         monitor = validation.make_monitor(model, config, val_data, strategy, member=i, log=log)
         if monitor is not None:

@@ -358,3 +358,18 @@ def test_many_classes_sample_through_the_logits(rng, head):
     np.testing.assert_allclose(probs, special.softmax(pairs, -1).mean(0), atol=1e-6)
     odd = head.mean_probabilities(params, 3, seed=1).numpy()  # any N, as on the planar path
     np.testing.assert_allclose(odd.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [tf.int8, tf.int32])
+def test_raise_index_is_the_select_it_replaces(dtype):
+    # `max(index, label * condition)` equals `where(condition, label, index)` whenever the
+    # label is above every index, as in the plane-by-plane arg max and the last class.
+    from tfp_seg.distributions.readouts import raise_index
+
+    rng = np.random.default_rng(3)
+    index = tf.constant(rng.integers(0, 4, size=(5, 7, 11)), dtype)
+    condition = tf.constant(rng.random((5, 7, 11)) < 0.4)
+    got = raise_index(index, condition, 4)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, tf.where(condition, tf.constant(4, dtype), index))
+    assert set(np.unique(got.numpy())) == {0, 1, 2, 3, 4}  # both branches taken

@@ -31,6 +31,7 @@ from tfp_seg import _checks, _seeds
 from tfp_seg._seeds import SeedLike
 from tfp_seg.distributions import noise as noise_lib
 from tfp_seg.distributions.low_rank import check_low_rank_ranks
+from tfp_seg.distributions.readouts import raise_index
 
 __all__ = ["sample_low_rank_labels", "low_rank_mean_probabilities"]
 
@@ -212,8 +213,7 @@ def _labels_from_deltas(deltas, sides: int, dtype):
                 best[side] = tf.maximum(delta, 0.0)
                 index[side] = tf.cast(delta > 0, dtype)
             else:
-                label = tf.constant(j + 1, dtype)
-                index[side] = tf.where(delta > best[side], label, index[side])
+                index[side] = raise_index(index[side], delta > best[side], j + 1)
                 best[side] = tf.maximum(best[side], delta)
     return best, index
 
@@ -291,8 +291,7 @@ def sample_low_rank_labels(
     if k == 1:
         labels = hits  # bool planes: transposed as bytes, cast once below
     else:
-        label = tf.constant(k, index_dtype)
-        labels = [tf.where(hit, label, idx) for hit, idx in zip(hits, index, strict=True)]
+        labels = [raise_index(idx, hit, k) for hit, idx in zip(hits, index, strict=True)]
     labels = tf.concat(labels, axis=1) if antithetic else labels[0]  # [B, N, X]
     return tf.reshape(tf.cast(tf.transpose(labels, [1, 0, 2]), tf.int32), maps_shape)
 

@@ -175,10 +175,10 @@ def optimiser_of(head: str, args) -> tuple[float, str]:
     return float(rate), str(schedule)
 
 
-def build(head: str, args, num_classes: int):
+def build(head: str, args, num_classes: int, learning_rate: float):
     """Model with the shared backbone configuration, compiled for its head."""
     backbone = tfp_seg.models.UNet(base_filters=args.base_filters, depth=args.depth)
-    optimizer = keras.optimizers.Adam(optimiser_of(head, args)[0])
+    optimizer = keras.optimizers.Adam(learning_rate)
     if head == "prob_unet":
         model = tfp_seg.models.ProbabilisticUNet(
             num_classes=num_classes, latent_dim=args.latent_dim, backbone=backbone
@@ -320,11 +320,11 @@ def main(argv=None) -> dict:
     oracle: dict = {}
     for head in heads:
         keras.utils.set_random_seed(args.seed)
-        model = build(head, args, data.num_classes)
+        rate, schedule = optimiser_of(head, args)
+        model = build(head, args, data.num_classes, rate)
         model.build((None, args.image_size, args.image_size, data.images.shape[-1]))
         timer = StepTimer()
         callbacks: list = [timer]
-        rate, schedule = optimiser_of(head, args)
         if schedule == "cosine":
             callbacks.append(cosine_schedule(rate, args.epochs))
         start = time.time()

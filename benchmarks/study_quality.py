@@ -107,6 +107,23 @@ VARIANTS = {
         "the default job, Probabilistic U-Net, Adam 1e-3 constant",
         ["--model", "prob_unet", "--learning-rate", "1e-3", "--lr-schedule", "constant"],
     ),
+    # The Probabilistic U-Net's latent size and KL weight (its default optimiser, Adam 1e-3).
+    "prob_unet_latent_3": (
+        "the default job, Prob U-Net, latent dim 3",
+        ["--model", "prob_unet", "--latent-dim", "3"],
+    ),
+    "prob_unet_latent_12": (
+        "the default job, Prob U-Net, latent dim 12",
+        ["--model", "prob_unet", "--latent-dim", "12"],
+    ),
+    "prob_unet_beta_0.3": (
+        "the default job, Prob U-Net, KL weight 0.3",
+        ["--model", "prob_unet", "--beta", "0.3"],
+    ),
+    "prob_unet_beta_10": (
+        "the default job, Prob U-Net, KL weight 10",
+        ["--model", "prob_unet", "--beta", "10"],
+    ),
 }
 # Variants whose flags apply to today's default job rather than to BASE.
 ON_DEFAULT_JOB = {
@@ -122,6 +139,10 @@ ON_DEFAULT_JOB = {
     "head_kernel_3",
     "prob_unet_default",
     "prob_unet_lr_1e-3",
+    "prob_unet_latent_3",
+    "prob_unet_latent_12",
+    "prob_unet_beta_0.3",
+    "prob_unet_beta_10",
 }
 
 

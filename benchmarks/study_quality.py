@@ -91,6 +91,10 @@ VARIANTS = {
         "the default job, the per-pixel term weighted 3",
         ["--marginal-weight", "3"],
     ),
+    "mean_3_marginal_3": (
+        "the default job, the mean logits' cross-entropy weighted 3, the per-pixel term 3",
+        ["--mean-weight", "3", "--marginal-weight", "3"],
+    ),
     "marginal_weight_0.3": (
         "the default job, the per-pixel term weighted 0.3",
         ["--marginal-weight", "0.3"],
@@ -120,6 +124,20 @@ VARIANTS = {
         "the default job, Prob U-Net, KL weight 0.3",
         ["--model", "prob_unet", "--beta", "0.3"],
     ),
+    "prob_unet_lr_1e-3_cosine": (
+        "the default job, Prob U-Net, Adam 1e-3 with cosine decay",
+        ["--model", "prob_unet", "--lr-schedule", "cosine"],
+    ),
+    "prob_unet_lr_3e-4": (
+        "the default job, Prob U-Net, Adam 3e-4 constant",
+        ["--model", "prob_unet", "--learning-rate", "3e-4"],
+    ),
+    # Flips and 90-degree rotations of every training example (image and labels alike).
+    "augment_default": ("the default job, flips and rotations", ["--augment", "true"]),
+    "prob_unet_augment": (
+        "the default job, Prob U-Net, flips and rotations",
+        ["--model", "prob_unet", "--augment", "true"],
+    ),
     "prob_unet_beta_10": (
         "the default job, Prob U-Net, KL weight 10",
         ["--model", "prob_unet", "--beta", "10"],
@@ -133,6 +151,7 @@ ON_DEFAULT_JOB = {
     "mean_weight_1",
     "marginal_weight_3",
     "marginal_weight_0.3",
+    "mean_3_marginal_3",
     "samples_10",
     "samples_40_default",
     "rank_20_default",
@@ -143,6 +162,10 @@ ON_DEFAULT_JOB = {
     "prob_unet_latent_12",
     "prob_unet_beta_0.3",
     "prob_unet_beta_10",
+    "augment_default",
+    "prob_unet_augment",
+    "prob_unet_lr_1e-3_cosine",
+    "prob_unet_lr_3e-4",
 }
 
 

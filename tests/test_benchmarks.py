@@ -258,6 +258,30 @@ def test_study_quality_runs_and_resumes(bench_path, tmp_path, capsys):
         assert len(f.readlines()) == 1
 
 
+def test_study_quality_variants_are_valid_train_configs(bench_path):
+    """Every variant's flags parse as `tfp-seg train` flags into a validated TrainConfig that
+    carries them (a misspelt flag or value would only fail minutes into a study)."""
+    import study_quality
+
+    from tfp_seg import cli
+
+    parser = cli.build_parser()
+    for name in study_quality.VARIANTS:
+        flags = study_quality.variant_flags(name)
+        config = cli._train_config(parser.parse_args(["train", *flags]))
+        # argparse: a flag given twice (the base's, then the variant's) takes the last value
+        for flag, value in dict(zip(flags[::2], flags[1::2], strict=True)).items():
+            field = flag[2:].replace("-", "_")
+            got = getattr(config, field)
+            if value == "none":
+                want = None
+            elif isinstance(got, bool):
+                want = value == "true"
+            else:
+                want = type(got)(value)
+            assert got == want, (name, flag, got, value)
+
+
 # --- bench_vs_peer.py: the official PyTorch SSN side by side -------------------------------------
 # CI has no torch: these tests need none. The "missing peer" paths exit before TensorFlow loads.
 @pytest.mark.parametrize(

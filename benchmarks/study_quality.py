@@ -124,23 +124,15 @@ VARIANTS = {
         "the default job, Prob U-Net, KL weight 0.3",
         ["--model", "prob_unet", "--beta", "0.3"],
     ),
-    "prob_unet_lr_1e-3_cosine": (
-        "the default job, Prob U-Net, Adam 1e-3 with cosine decay",
-        ["--model", "prob_unet", "--lr-schedule", "cosine"],
-    ),
-    "prob_unet_lr_3e-4": (
-        "the default job, Prob U-Net, Adam 3e-4 constant",
-        ["--model", "prob_unet", "--learning-rate", "3e-4"],
+    "prob_unet_beta_10": (
+        "the default job, Prob U-Net, KL weight 10",
+        ["--model", "prob_unet", "--beta", "10"],
     ),
     # Flips and 90-degree rotations of every training example (image and labels alike).
     "augment_default": ("the default job, flips and rotations", ["--augment", "true"]),
     "prob_unet_augment": (
         "the default job, Prob U-Net, flips and rotations",
         ["--model", "prob_unet", "--augment", "true"],
-    ),
-    "prob_unet_beta_10": (
-        "the default job, Prob U-Net, KL weight 10",
-        ["--model", "prob_unet", "--beta", "10"],
     ),
 }
 # Variants whose flags apply to today's default job rather than to BASE.
@@ -164,8 +156,6 @@ ON_DEFAULT_JOB = {
     "prob_unet_beta_10",
     "augment_default",
     "prob_unet_augment",
-    "prob_unet_lr_1e-3_cosine",
-    "prob_unet_lr_3e-4",
 }
 
 

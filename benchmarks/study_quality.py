@@ -112,6 +112,10 @@ VARIANTS = {
         ["--model", "prob_unet", "--learning-rate", "1e-3", "--lr-schedule", "constant"],
     ),
     # The Probabilistic U-Net's latent size and KL weight (its default optimiser, Adam 1e-3).
+    "prob_unet_latent_2": (
+        "the default job, Prob U-Net, latent dim 2",
+        ["--model", "prob_unet", "--latent-dim", "2"],
+    ),
     "prob_unet_latent_3": (
         "the default job, Prob U-Net, latent dim 3",
         ["--model", "prob_unet", "--latent-dim", "3"],
@@ -150,6 +154,7 @@ ON_DEFAULT_JOB = {
     "head_kernel_3",
     "prob_unet_default",
     "prob_unet_lr_1e-3",
+    "prob_unet_latent_2",
     "prob_unet_latent_3",
     "prob_unet_latent_12",
     "prob_unet_beta_0.3",

@@ -99,6 +99,11 @@ VARIANTS = {
         "the default job, the per-pixel term weighted 0.3",
         ["--marginal-weight", "0.3"],
     ),
+    # The first epochs train the mean logits alone (tfp_seg.losses.MeanWarmup).
+    "mean_warmup_6": (
+        "the default job, its first 6 of 36 epochs on the mean logits' cross-entropy alone",
+        ["--mean-warmup-epochs", "6"],
+    ),
     # The loss's Monte Carlo samples per step on the default job (20 there).
     "samples_10": ("the default job, 10 samples per step", ["--num-samples", "10"]),
     "samples_40_default": ("the default job, 40 samples per step", ["--num-samples", "40"]),
@@ -148,6 +153,7 @@ ON_DEFAULT_JOB = {
     "marginal_weight_3",
     "marginal_weight_0.3",
     "mean_3_marginal_3",
+    "mean_warmup_6",
     "samples_10",
     "samples_40_default",
     "rank_20_default",

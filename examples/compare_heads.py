@@ -134,6 +134,13 @@ def parse_args(argv=None):
         default=0.0,
         help="weight of the mean logits' cross-entropy in the SSN loss (default: 0, none)",
     )
+    p.add_argument(
+        "--mean-warmup-epochs",
+        type=int,
+        default=0,
+        help="first epochs in which the SSN head trains its mean logits alone "
+        "(tfp_seg.losses.MeanWarmup; default: 0, none)",
+    )
     p.add_argument("--latent-dim", type=int, default=6, help="Prob U-Net latent size")
     p.add_argument("--eval-samples", type=int, default=16, help="samples per test image")
     p.add_argument("--seed", type=int, default=0)
@@ -199,7 +206,10 @@ def build(head: str, args, num_classes: int, learning_rate: float):
     else:
         layer = tfp_seg.layers.LowRankLogits(num_classes, rank=args.rank, **_covariance_start(args))
         loss = layer.default_loss(
-            num_samples=args.train_samples, mean_weight=args.mean_weight, **_loss_weights(args)
+            num_samples=args.train_samples,
+            mean_weight=args.mean_weight,
+            mean_warmup=args.mean_warmup_epochs > 0,
+            **_loss_weights(args),
         )
     model = tfp_seg.models.ProbabilisticSegmenter(backbone, layer)
     model.compile(optimizer=optimizer, loss=loss)
@@ -327,6 +337,8 @@ def main(argv=None) -> dict:
         callbacks: list = [timer]
         if schedule == "cosine":
             callbacks.append(cosine_schedule(rate, args.epochs))
+        if head == "ssn" and args.mean_warmup_epochs:
+            callbacks.append(tfp_seg.losses.MeanWarmup(args.mean_warmup_epochs))
         start = time.time()
         model.fit(
             train_ds,

@@ -129,6 +129,39 @@ def test_a_bad_covariance_start_is_named(tmp_path, capsys, flag, value, match):
     assert match in capsys.readouterr().err
 
 
+def test_mean_warmup_epochs_switch_the_loss_in_a_run_and_are_checked(tmp_path, capsys, monkeypatch):
+    """`--mean-warmup-epochs 1` of 2: the run's loss carries the switch and its MeanWarmup
+    callback turns it on for epoch 0 only; the stored config records the field."""
+    from tfp_seg import losses
+
+    seen = []
+
+    class Recording(losses.MeanWarmup):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append([float(s.numpy()) for s in self._switches])
+
+    monkeypatch.setattr(losses, "MeanWarmup", Recording)
+    argv = ["train", *tiny_train_args(), "--mean-warmup-epochs", "1", "--val-every", "0"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path), "--name", "w"]) == 0
+    assert seen == [[1.0], [0.0]]
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    assert config["mean_warmup_epochs"] == 1
+    from tfp_seg.runs.model import build_model, compile_model
+
+    run = TrainConfig(mean_warmup_epochs=3).validate()
+    model = build_model(run, 2)
+    compile_model(model, run)
+    assert model.loss.mean_warmup is True and float(model.loss.mean_only.numpy()) == 0.0
+    assert TrainConfig().mean_warmup_epochs == 0  # the default run: no switch in its loss
+    for bad, message in (
+        ({"mean_warmup_epochs": -1}, "`mean_warmup_epochs` must be an int >= 0; got -1"),
+        ({"mean_warmup_epochs": 2, "head": "mixture"}, "`mean_warmup_epochs` applies to the SSN"),
+        ({"mean_warmup_epochs": 36}, r"`mean_warmup_epochs` \(36\) must be less than `epochs`"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad).validate()
+
+
 def test_mean_weight_reaches_the_ssn_loss_and_is_checked(tmp_path, capsys):
     from tfp_seg.runs.model import build_model, compile_model
 

@@ -40,6 +40,7 @@ from tfp_seg.losses.heteroscedastic import HeteroscedasticNLL
 from tfp_seg.losses.mixture import MixtureNLL, mixture_nll_terms
 from tfp_seg.losses.monte_carlo import SegmentationCrossEntropy, StochasticSegmentationNLL
 from tfp_seg.losses.pixelwise import mc_categorical_nll, mc_marginal_nll, pixel_log_likelihood
+from tfp_seg.losses.warmup import MeanWarmup
 
 __all__ = [
     "mc_categorical_nll",
@@ -52,6 +53,7 @@ __all__ = [
     "mixture_nll_terms",
     "ELBO",
     "GECO",
+    "MeanWarmup",
     "default_loss",
     "register_default_loss",
 ]

@@ -121,6 +121,10 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
       chunk_size: "auto" (the default), None (all samples at once) or K: samples per chunk
         (see above).
       mean_weight: weight of the mean logits' cross-entropy (0, the default: none; see above).
+      mean_warmup: give the loss the switch `mean_only` (a non-trainable variable, 0 at the
+        start) that `tfp_seg.losses.MeanWarmup` turns on for the first epochs of `fit`: while
+        it is on, the loss is the cross-entropy of the mean logits alone (the covariance
+        channels get no gradient). Off, the loss is the one above. Default False: no switch.
     """
 
     def __init__(
@@ -136,10 +140,20 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         name: str = "stochastic_segmentation_nll",
         chunk_size: Union[int, str, None] = chunked.AUTO,
         mean_weight: float = 0.0,
+        mean_warmup: bool = False,
         **kwargs,
     ):
         self.marginal_weight = _checks.non_negative_float(marginal_weight, "marginal_weight")
         self.mean_weight = _checks.non_negative_float(mean_weight, "mean_weight")
+        if not isinstance(mean_warmup, bool):
+            raise ValueError(f"`mean_warmup` must be a bool; got {mean_warmup!r}.")
+        self.mean_warmup = mean_warmup
+        # The switch `MeanWarmup` sets: 1 while only the mean is trained, 0 (the start) after.
+        self.mean_only = (
+            tf.Variable(0.0, trainable=False, dtype=tf.float32, name="mean_only")
+            if mean_warmup
+            else None
+        )
         super().__init__(
             head,
             num_samples,
@@ -154,20 +168,46 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         )
 
     def call(self, y_true, y_pred):
+        if self.mean_only is None:
+            return self._normalize(self._ssn_nll(y_true, y_pred), y_true, y_pred)
+        # Mean warm-up: the mean logits' cross-entropy alone while the switch is on (the
+        # covariance channels get no gradient), the SSN loss after. Only the taken branch runs.
+        nll = tf.cond(
+            self.mean_only > 0.5,
+            lambda: self._warmup_nll(y_true, y_pred),
+            lambda: self._ssn_nll(y_true, y_pred),
+        )
+        return self._normalize(nll, y_true, y_pred)
+
+    def _ssn_nll(self, y_true, y_pred):
+        """`[B]` SSN loss per example (before normalisation): joint + weighted terms."""
         joint, marginal = self._nll_terms(y_true, y_pred)
         nll = joint + self.marginal_weight * marginal if self.marginal_weight else joint
         if self.mean_weight:
             nll = nll + self.mean_weight * self._mean_nll(y_true, y_pred)
-        return self._normalize(nll, y_true, y_pred)
+        return nll
 
     def _mean_nll(self, y_true, y_pred):
         """`[B]` cross-entropy of the mean logits (labels checked by the SSN terms already)."""
         logits = tf.cast(self.head.mean_logits(y_pred), tf.float32)
         return _cross_entropy(y_true, logits, self.ignore_label, self.class_weights, False)
 
+    def _warmup_nll(self, y_true, y_pred):
+        """`[B]` cross-entropy of the mean logits, with the checks of the SSN terms."""
+        logits = tf.cast(self.head.mean_logits(self._check_y_pred(y_pred)), tf.float32)
+        return _cross_entropy(
+            y_true, logits, self.ignore_label, self.class_weights, self.validate_args
+        )
+
     def get_config(self):
         config = super().get_config()
-        config.update({"marginal_weight": self.marginal_weight, "mean_weight": self.mean_weight})
+        config.update(
+            {
+                "marginal_weight": self.marginal_weight,
+                "mean_weight": self.mean_weight,
+                "mean_warmup": self.mean_warmup,  # absent from earlier versions' configs: False
+            }
+        )
         return config
 
 

@@ -137,6 +137,7 @@ class TrainConfig:
     num_samples: int = 20
     marginal_weight: float = 1.0
     mean_weight: float = 0.0  # the SSN loss's mean cross-entropy term (StochasticSegmentationNLL)
+    mean_warmup_epochs: int = 0  # epochs of the mean's cross-entropy alone first (MeanWarmup)
     epochs: Optional[int] = None  # 36; VOLUME_DEFAULTS["epochs"] with spatial_dims 3
     batch_size: int = 8
     learning_rate: Optional[float] = None  # OPTIMISER_DEFAULTS by `model`
@@ -196,6 +197,17 @@ class TrainConfig:
             raise ValueError(
                 "`mean_weight` applies to the SSN loss only (`head` low_rank, `model` "
                 f"segmenter); got head {self.head!r}, model {self.model!r}."
+            )
+        _checks.positive_int(self.mean_warmup_epochs, "mean_warmup_epochs", minimum=0)
+        if self.mean_warmup_epochs and (self.model != "segmenter" or self.head != "low_rank"):
+            raise ValueError(
+                "`mean_warmup_epochs` applies to the SSN loss only (`head` low_rank, `model` "
+                f"segmenter); got head {self.head!r}, model {self.model!r}."
+            )
+        if isinstance(self.epochs, int) and self.mean_warmup_epochs >= self.epochs > 0:
+            raise ValueError(
+                f"`mean_warmup_epochs` ({self.mean_warmup_epochs}) must be less than `epochs` "
+                f"({self.epochs}): the SSN loss trains the covariance after the warm-up."
             )
 
     @property

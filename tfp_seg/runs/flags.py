@@ -108,6 +108,11 @@ TRAIN_FLAGS: dict = {
         "weight of the mean logits' cross-entropy added to the SSN loss, a regulariser of the "
         "mean for small backbones (--head low_rank only) (default: 0)",
     ),
+    "mean_warmup_epochs": (
+        int,
+        "first epochs that train the mean logits alone on their cross-entropy before the SSN "
+        "loss (tfp_seg.losses.MeanWarmup; --head low_rank only) (default: 0)",
+    ),
     "epochs": (
         int,
         f"training epochs (default: 36; {VOLUME_DEFAULTS['epochs']} with --spatial-dims 3)",

@@ -127,6 +127,8 @@ def compile_model(model, config: TrainConfig) -> None:
         # `mean_weight` is the SSN loss's only (validated), passed where it is set: a mixture's
         # loss takes no such argument.
         extra = {"mean_weight": config.mean_weight} if config.mean_weight else {}
+        if config.mean_warmup_epochs:
+            extra["mean_warmup"] = True
         loss = head.default_loss(
             num_samples=config.num_samples, marginal_weight=config.marginal_weight, **extra
         )

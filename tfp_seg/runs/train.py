@@ -27,7 +27,7 @@ import time
 import keras
 import tensorflow as tf
 
-from tfp_seg import _interrupt, distribute
+from tfp_seg import _interrupt, distribute, losses
 from tfp_seg._io import atomic_dir, atomic_path, atomic_write_json
 from tfp_seg.runs import monitor as validation
 from tfp_seg.runs import volumes
@@ -213,6 +213,8 @@ def train(config: TrainConfig, log=print) -> dict:
             callbacks.append(cosine_schedule(config.learning_rate, config.epochs))
         else:
             callbacks.append(constant_schedule(config.learning_rate))
+        if config.mean_warmup_epochs:
+            callbacks.append(losses.MeanWarmup(config.mean_warmup_epochs))
         # Before the backup, which then stores the validation values with the epoch's weights.
         monitor = validation.make_monitor(model, config, val_data, strategy, member=i, log=log)
         if monitor is not None:

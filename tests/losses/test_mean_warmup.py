@@ -81,16 +81,22 @@ class _Recorder(keras.callbacks.Callback):
         self.kernels.append(self.model.head.projection.kernel.numpy().copy())
 
 
-def test_fit_trains_only_the_mean_channels_in_the_warmup_epochs(rng):
-    """Adam leaves weights with zero gradient in place: through the warm-up the projection's
-    covariance columns keep their initial values while the mean's move; after it both move."""
-    x = rng.random((8, 16, 16, 1), dtype=np.float32)
-    y = (x[..., 0] > 0.5).astype("int32")
+def _fit_with_warmup(rng, images, warmup, **fit):
+    """A tiny SSN fitted with `MeanWarmup(warmup)`: (head, loss, recorder, starting kernel)."""
+    x = rng.random((images, 16, 16, 1), dtype=np.float32)
     model, head, loss = _tiny_model()
     model.build(x.shape)
     start = model.head.projection.kernel.numpy().copy()
     recorder = _Recorder(loss)
-    model.fit(x, y, batch_size=4, epochs=4, verbose=0, callbacks=[losses.MeanWarmup(2), recorder])
+    y = (x[..., 0] > 0.5).astype("int32")
+    model.fit(x, y, verbose=0, callbacks=[losses.MeanWarmup(warmup), recorder], **fit)
+    return head, loss, recorder, start
+
+
+def test_fit_trains_only_the_mean_channels_in_the_warmup_epochs(rng):
+    """Adam leaves weights with zero gradient in place: through the warm-up the projection's
+    covariance columns keep their initial values while the mean's move; after it both move."""
+    head, loss, recorder, start = _fit_with_warmup(rng, 8, 2, batch_size=4, epochs=4)
     assert recorder.switch == [1.0, 1.0, 0.0, 0.0]
     c = head.num_classes
     for epoch in (0, 1):
@@ -103,15 +109,7 @@ def test_fit_trains_only_the_mean_channels_in_the_warmup_epochs(rng):
 def test_a_later_fit_past_the_warmup_trains_the_covariance(rng):
     """The switch follows the epoch index (as a resumed run sees it): from `initial_epoch` at
     or after the warm-up, the SSN loss trains every channel from the first step."""
-    x = rng.random((4, 16, 16, 1), dtype=np.float32)
-    y = (x[..., 0] > 0.5).astype("int32")
-    model, head, loss = _tiny_model()
-    model.build(x.shape)
-    start = model.head.projection.kernel.numpy().copy()
-    recorder = _Recorder(loss)
-    model.fit(
-        x, y, epochs=3, initial_epoch=2, verbose=0, callbacks=[losses.MeanWarmup(2), recorder]
-    )
+    head, _, recorder, start = _fit_with_warmup(rng, 4, 2, epochs=3, initial_epoch=2)
     assert recorder.switch == [0.0]
     c = head.num_classes
     assert np.abs(recorder.kernels[0][..., c:] - start[..., c:]).max() > 1e-4

@@ -147,7 +147,6 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         self.mean_weight = _checks.non_negative_float(mean_weight, "mean_weight")
         if not isinstance(mean_warmup, bool):
             raise ValueError(f"`mean_warmup` must be a bool; got {mean_warmup!r}.")
-        self.mean_warmup = mean_warmup
         # The switch `MeanWarmup` sets: 1 while only the mean is trained, 0 (the start) after.
         self.mean_only = (
             tf.Variable(0.0, trainable=False, dtype=tf.float32, name="mean_only")
@@ -174,7 +173,7 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
         # covariance channels get no gradient), the SSN loss after. Only the taken branch runs.
         nll = tf.cond(
             self.mean_only > 0.5,
-            lambda: self._warmup_nll(y_true, y_pred),
+            lambda: self._mean_nll(y_true, self._check_y_pred(y_pred), self.validate_args),
             lambda: self._ssn_nll(y_true, y_pred),
         )
         return self._normalize(nll, y_true, y_pred)
@@ -187,17 +186,16 @@ class StochasticSegmentationNLL(base.SampledHeadLoss):
             nll = nll + self.mean_weight * self._mean_nll(y_true, y_pred)
         return nll
 
-    def _mean_nll(self, y_true, y_pred):
-        """`[B]` cross-entropy of the mean logits (labels checked by the SSN terms already)."""
+    def _mean_nll(self, y_true, y_pred, validate_args: bool = False):
+        """`[B]` cross-entropy of the mean logits; labels are checked with `validate_args`
+        (off beside the SSN terms, which check them already)."""
         logits = tf.cast(self.head.mean_logits(y_pred), tf.float32)
-        return _cross_entropy(y_true, logits, self.ignore_label, self.class_weights, False)
+        return _cross_entropy(y_true, logits, self.ignore_label, self.class_weights, validate_args)
 
-    def _warmup_nll(self, y_true, y_pred):
-        """`[B]` cross-entropy of the mean logits, with the checks of the SSN terms."""
-        logits = tf.cast(self.head.mean_logits(self._check_y_pred(y_pred)), tf.float32)
-        return _cross_entropy(
-            y_true, logits, self.ignore_label, self.class_weights, self.validate_args
-        )
+    @property
+    def mean_warmup(self) -> bool:
+        """Whether the loss has the warm-up switch `mean_only`."""
+        return self.mean_only is not None
 
     def get_config(self):
         config = super().get_config()

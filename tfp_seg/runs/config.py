@@ -193,17 +193,13 @@ class TrainConfig:
     def _validate_loss_weights(self) -> None:
         for field in ("marginal_weight", "mean_weight"):
             _checks.non_negative_float(getattr(self, field), field)
-        if self.mean_weight and (self.model != "segmenter" or self.head != "low_rank"):
-            raise ValueError(
-                "`mean_weight` applies to the SSN loss only (`head` low_rank, `model` "
-                f"segmenter); got head {self.head!r}, model {self.model!r}."
-            )
         _checks.positive_int(self.mean_warmup_epochs, "mean_warmup_epochs", minimum=0)
-        if self.mean_warmup_epochs and (self.model != "segmenter" or self.head != "low_rank"):
-            raise ValueError(
-                "`mean_warmup_epochs` applies to the SSN loss only (`head` low_rank, `model` "
-                f"segmenter); got head {self.head!r}, model {self.model!r}."
-            )
+        for field in ("mean_weight", "mean_warmup_epochs"):
+            if getattr(self, field) and (self.model != "segmenter" or self.head != "low_rank"):
+                raise ValueError(
+                    f"`{field}` applies to the SSN loss only (`head` low_rank, `model` "
+                    f"segmenter); got head {self.head!r}, model {self.model!r}."
+                )
         if isinstance(self.epochs, int) and self.mean_warmup_epochs >= self.epochs > 0:
             raise ValueError(
                 f"`mean_warmup_epochs` ({self.mean_warmup_epochs}) must be less than `epochs` "

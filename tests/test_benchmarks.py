@@ -526,3 +526,24 @@ def test_diagnose_samples_runs_on_a_trained_run(bench_path, tmp_path, capsys):
     table = _load(out)
     assert table and all(0 <= row["off_mode"] <= 1 for row in table.values())
     assert "| type | objects |" in capsys.readouterr().out
+
+
+# --- study_sample_temperature.py: a covariance temperature fitted after training -----------------
+def test_study_sample_temperature_runs_and_reuses_the_run(bench_path, tmp_path):
+    import study_sample_temperature
+
+    out, runs = str(tmp_path / "temperature.json"), str(tmp_path / "runs")
+    tiny = "--epochs 1 --num-images 40 --image-size 32 --base-filters 4 --depth 2 --rank 2"
+    tiny += " --num-samples 4 --eval-samples 4 --val-every 0"
+    args = ["--seeds", "1", "--extra", tiny, "--temperatures", "0.5,2"]
+    args += ["--num-samples", "4", "--runs-dir", runs, "--out", out]
+    assert study_sample_temperature.main(args) == 0
+    (row,) = _load(out)["results"]
+    assert row["seed"] == 1 and row["t_val"] in (0.5, 1.0, 2.0)
+    assert set(row["val_curve"]) == {"0.5", "1.0", "2.0"} == set(row["test_curve"])
+    assert row["val_ged_t"] <= row["val_ged_1"] and row["ged_best"] <= row["test_curve"]["1.0"]
+    assert 0 <= row["hm_iou_1"] <= 1 and 0 <= row["hm_iou_t"] <= 1 and row["div_1"] > 0
+    (trained,) = os.listdir(runs)
+    stamp = os.path.getmtime(os.path.join(runs, trained, "report.json"))
+    assert study_sample_temperature.main(args) == 0  # the run is reused, not trained again
+    assert os.path.getmtime(os.path.join(runs, trained, "report.json")) == stamp

@@ -405,9 +405,25 @@ def _setup_temperature():
     return ns, {}
 
 
+def _setup_controlled():
+    val, test = _shapes_data(num_images=4), _shapes_data(num_images=2)
+    ns = {
+        **_base(),
+        "model": _small_ssn_model(),
+        "val": val,
+        "val_images": val.images,
+        "val_raters": val.annotations,
+        "test_images": test.images,
+        "test_data": test,
+    }
+    return ns, {"B": 2, "H": 16, "W": 16}
+
+
 SETUP: Dict[str, Callable[[], Tuple[Dict[str, Any], Dict[str, int]]]] = {
     "tfp_seg.calibration.conformal.ConformalRiskControl": _setup_conformal,
     "tfp_seg.calibration.temperature.TemperatureScaling": _setup_temperature,
+    "tfp_seg.calibration.controlled.ControlledSampler": _setup_controlled,
+    "tfp_seg.calibration.controlled.CovarianceTemperature": _setup_controlled,
     "tfp_seg.data.ambiguous_shapes.ambiguous_shapes": lambda: (_base(), {}),
     "tfp_seg.export": _setup_export,
     "tfp_seg.layers.batch_ensemble.BatchEnsembleConv": _setup_images,

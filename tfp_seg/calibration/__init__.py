@@ -6,7 +6,10 @@
 - Control of a low-rank (SSN) or heteroscedastic logits distribution after inference:
   `scale_class_covariance` (per class) and `with_temperature` (whole covariance) return new
   packed parameters (Monteiro et al., 2020, Sec. 5); for a mixture head
-  (`MixtureLowRankLogits`) the same controls apply to every component, or per component.
+  (`MixtureLowRankLogits`) the same controls apply to every component, or per component;
+  `ControlledSampler` wraps a trained model so that all its read-outs (and the evaluation
+  functions) draw from the controlled distribution, and `CovarianceTemperature` chooses the
+  covariance temperature on held-out annotated images by the GED of the samples.
 - Conformal calibration with finite-sample guarantees on held-out images:
   `ConformalRiskControl` (a foreground threshold whose masks have expected false-negative
   rate <= alpha; Angelopoulos et al., 2022) and `ConformalPredictionSets` (pixel-wise LAC /
@@ -20,6 +23,7 @@ Modules (every name is importable from `tfp_seg.calibration`):
 ```none
 temperature.py     TemperatureScaling
 sample_control.py  scale_class_covariance, with_temperature
+controlled.py      ControlledSampler, CovarianceTemperature
 conformal.py       ConformalRiskControl, ConformalPredictionSets
 ```
 
@@ -31,12 +35,15 @@ conformal.py       ConformalRiskControl, ConformalPredictionSets
 """
 
 from tfp_seg.calibration.conformal import ConformalPredictionSets, ConformalRiskControl
+from tfp_seg.calibration.controlled import ControlledSampler, CovarianceTemperature
 from tfp_seg.calibration.sample_control import scale_class_covariance, with_temperature
 from tfp_seg.calibration.temperature import TemperatureScaling
 
 __all__ = [
     "ConformalPredictionSets",
     "ConformalRiskControl",
+    "ControlledSampler",
+    "CovarianceTemperature",
     "TemperatureScaling",
     "scale_class_covariance",
     "with_temperature",

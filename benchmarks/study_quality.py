@@ -137,6 +137,8 @@ VARIANTS = {
         "the default job, Prob U-Net, KL weight 10",
         ["--model", "prob_unet", "--beta", "10"],
     ),
+    # A mixture of K = 3 rank-10 SSN components with image-level weights, on the default job.
+    "mixture_default": ("the default job, mixture of 3 low-rank components", ["--head", "mixture"]),
     # Flips and 90-degree rotations of every training example (image and labels alike).
     "augment_default": ("the default job, flips and rotations", ["--augment", "true"]),
     "prob_unet_augment": (
@@ -167,6 +169,7 @@ ON_DEFAULT_JOB = {
     "prob_unet_beta_10",
     "augment_default",
     "prob_unet_augment",
+    "mixture_default",
 }
 
 

@@ -541,7 +541,10 @@ def test_study_sample_temperature_runs_and_reuses_the_run(bench_path, tmp_path):
     (row,) = _load(out)["results"]
     assert row["seed"] == 1 and row["t_val"] in (0.5, 1.0, 2.0)
     assert set(row["val_curve"]) == {"0.5", "1.0", "2.0"} == set(row["test_curve"])
-    assert row["val_ged_t"] <= row["val_ged_1"] and row["ged_best"] <= row["test_curve"]["1.0"]
+    assert set(row["val_exact_curve"]) == set(row["val_curve"]) and row["t_val_exact"] > 0
+    assert row["val_ged_t"] <= row["val_ged_1"] and row["paired_best"] <= row["paired_1"]
+    assert row["paired_1"] == row["test_curve"]["1.0"]
+    assert set(row["test_diversity_curve"]) == set(row["test_curve"])
     assert 0 <= row["hm_iou_1"] <= 1 and 0 <= row["hm_iou_t"] <= 1 and row["div_1"] > 0
     (trained,) = os.listdir(runs)
     stamp = os.path.getmtime(os.path.join(runs, trained, "report.json"))

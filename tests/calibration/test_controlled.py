@@ -228,3 +228,29 @@ def test_an_unbuilt_model_builds_eagerly_and_the_control_is_read_only():
         sampler.temperature = 2.0
     sampler.class_scales[1] = 5.0  # a copy: the control is unchanged
     np.testing.assert_array_equal(sampler.class_scales, [1.0, 2.0])
+
+
+def test_fit_draws_are_the_wrapped_samplers_draws():
+    """`fit` runs the model once per batch for the whole grid, yet each temperature's GED is
+    the GED of `wrap(model).sample(images, N, seed, batch_size)` (the same batch seeds), with
+    uneven batches and per-image reference weights; class scales carry over to the wrapper."""
+    head = layers.LowRankLogits(3, rank=2)
+    model = _model(head, seed=7)
+    x = _images(n=5, seed=8)
+    rng = np.random.default_rng(9)
+    refs = rng.integers(0, 3, size=(5, 3, 8, 8))
+    weights = rng.dirichlet(np.ones(3), size=5)
+    fitted = CovarianceTemperature(temperatures=(0.5, 3.0), num_samples=6, seed=4, batch_size=2)
+    fitted.fit(model, x, refs, reference_weights=weights, class_scales={2: 2.0})
+    wrapped = fitted.wrap(model)
+    np.testing.assert_array_equal(wrapped.class_scales, [1.0, 1.0, 2.0])
+    labels = wrapped.sample(x, 6, seed=4, batch_size=2)
+    direct = unbiased_ged(np.moveaxis(labels, 0, 1), refs, 3, reference_weights=weights)
+    np.testing.assert_allclose(fitted.ged_after, direct["ged"], rtol=1e-9)
+    np.testing.assert_allclose(
+        fitted.terms_by_temperature[fitted.temperature]["cross"], direct["cross"], rtol=1e-9
+    )
+    params = model(x[:1], training=False)
+    np.testing.assert_allclose(
+        fitted.scale_params(params, head).numpy(), wrapped.control(params).numpy()
+    )

@@ -57,6 +57,7 @@ from tfp_seg.models import sampling
 
 __all__ = ["ControlledSampler", "CovarianceTemperature"]
 
+_TERMS = ("ged", "cross", "sample_diversity", "reference_diversity")
 DEFAULT_TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0)
 
 
@@ -304,6 +305,7 @@ class CovarianceTemperature:
         self._temperature: Optional[float] = None
         self.ged_by_temperature: dict = {}
         self.terms_by_temperature: dict = {}
+        self.class_scales: Optional[np.ndarray] = None
 
     @property
     def temperature(self) -> float:
@@ -337,7 +339,9 @@ class CovarianceTemperature:
         `[B, K, *S]` (K raters, or the exact modes with `reference_weights [K]` / `[B, K]`).
 
         `class_scales` (optional) are applied before the temperature, as in
-        `ControlledSampler`. Returns self.
+        `ControlledSampler`; `wrap` and `scale_params` apply them too. The model runs once
+        per batch of `batch_size` images, and the GED is accumulated batch by batch (memory
+        holds one batch's samples). Returns self.
         """
         head = _model_head(model)
         dims = getattr(model, "input_spatial_dims", None) or 2
@@ -349,31 +353,53 @@ class CovarianceTemperature:
                 f"`annotations` must have shape [B, K, *S] with B = {b} (the images' batch) and "
                 f"{dims} spatial axes; got {annotations.shape}."
             )
-        ged, terms = {}, {}
-        for t in self.temperatures:
-            sampler = ControlledSampler(model, temperature=t, class_scales=class_scales)
-            labels = sampler.sample(
-                images, self.num_samples, seed=self.seed, batch_size=self.batch_size
-            )
-            result = unbiased_ged(
-                np.moveaxis(labels, 0, 1),
-                annotations,
-                head.num_classes,
-                reference_weights=reference_weights,
-                ignore_label=ignore_label,
-                spatial_dims=dims,
-            )
-            ged[t], terms[t] = result["ged"], result
-        self.ged_by_temperature, self.terms_by_temperature = ged, terms
+        weights = None if reference_weights is None else np.asarray(reference_weights)
+        per_image = weights is not None and weights.ndim == 2
+        # The model runs once per batch; every temperature rescales the same params and draws
+        # with the same batch seed as `ControlledSampler(model, t).sample(images, N, seed,
+        # batch_size)` would (Sampler._batches), so `fit`'s draws are the wrapped model's.
+        base = ControlledSampler(model, class_scales=class_scales)
+        sums = {t: dict.fromkeys(_TERMS, 0.0) for t in self.temperatures}
+        start = 0
+        for xb, seed in base._batches(images, self.batch_size, self.seed):
+            params = base._params(xb)
+            nb = int(params.shape[0])
+            refs = annotations[start : start + nb]
+            w = weights[start : start + nb] if per_image else weights
+            for t in self.temperatures:
+                p = params if t == 1.0 else with_temperature(params, head, t)
+                labels = head.sample_labels(p, self.num_samples, seed=seed, antithetic=False)
+                result = unbiased_ged(
+                    np.moveaxis(np.asarray(labels), 0, 1),
+                    refs,
+                    head.num_classes,
+                    reference_weights=w,
+                    ignore_label=ignore_label,
+                    spatial_dims=dims,
+                )
+                for key in _TERMS:
+                    sums[t][key] += result[key] * nb
+            start += nb
+        terms = {t: {k: v / start for k, v in sums[t].items()} for t in self.temperatures}
+        self.terms_by_temperature = terms
+        self.ged_by_temperature = {t: terms[t]["ged"] for t in self.temperatures}
+        ged = self.ged_by_temperature
         self._temperature = min(self.temperatures, key=lambda t: (ged[t], abs(math.log(t))))
+        self.class_scales = base.class_scales
         return self
 
-    def wrap(self, model, class_scales=None) -> ControlledSampler:
-        """`ControlledSampler(model, temperature=self.temperature, class_scales=...)`."""
-        return ControlledSampler(model, temperature=self.temperature, class_scales=class_scales)
+    def wrap(self, model) -> ControlledSampler:
+        """`ControlledSampler(model, temperature=self.temperature, class_scales=...)` with the
+        class scales `fit` was given."""
+        return ControlledSampler(
+            model, temperature=self.temperature, class_scales=self.class_scales
+        )
 
     def scale_params(self, params, head) -> tf.Tensor:
-        """`with_temperature(params, head, self.temperature)`."""
+        """The controlled packed params: `with_temperature(params, head, self.temperature)`,
+        after `scale_class_covariance` with the class scales `fit` was given."""
+        if self.class_scales is not None:
+            params = scale_class_covariance(params, head, self.class_scales)
         return with_temperature(params, head, self.temperature)
 
     def __repr__(self):

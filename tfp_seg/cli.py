@@ -12,6 +12,8 @@ tfp-seg evaluate runs/<name>          # report.json: vs the exact distribution, 
 tfp-seg sample runs/<name> -n 8       # sampled label maps of test images (.npz)
                                       # (and their mean probabilities, the report's Dice)
 tfp-seg export runs/<name> --format saved_model|onnx   # --roi-mask: a region-of-interest input
+tfp-seg evaluate runs/<name> --covariance-temperature auto   # (or T; and sample, export):
+                                      # SSN samples with Sigma x T, T fitted on validation raters
 ```
 
 Errors (missing or corrupt files, unwritable folders, bad values) print one line starting with
@@ -36,6 +38,7 @@ from tfp_seg._io import atomic_path
 from tfp_seg.evaluation import format_report
 from tfp_seg.export import ExportError
 from tfp_seg.runs.config import TrainConfig, load_config, stored_config
+from tfp_seg.runs.control import add_control_args, controlled_sampler
 from tfp_seg.runs.data import evaluation_data
 from tfp_seg.runs.dice import batch_size_for, mean_probabilities
 from tfp_seg.runs.evaluate import evaluate_data, load_run
@@ -135,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "next to the model)",
     )
     p.add_argument("--quiet", dest="progress", action="store_false", help="no progress bar")
+    add_control_args(p)
     p.add_argument(
         "--figures",
         action=argparse.BooleanOptionalAction,
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_arg(p)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--output", help="output .npz (default: <run>/samples.npz)")
+    add_control_args(p)
 
     p = sub.add_parser(
         "export",
@@ -182,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add a second input roi_mask [B,H,W] (region of interest) for heads that take one",
     )
+    add_control_args(p)
     return parser
 
 
@@ -244,11 +250,24 @@ def _test_data(args, config, run_dir):
     return evaluation_data(config, run_dir, args.data, args.stream, args.cache_dir)
 
 
+def _controlled(args, model, config, run_dir):
+    """The run's sampler under `--covariance-temperature` / `--class-scales`, and the facts
+    the report records of the control (none without them)."""
+    try:
+        return controlled_sampler(
+            model, config, run_dir, args.covariance_temperature, args.class_scales
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def cmd_evaluate(args) -> int:
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
+    model, control = _controlled(args, model, config, run_dir)
     test = _test_data(args, config, run_dir)
     report = evaluate_data(model, test, args.num_samples, args.seed, progress=args.progress)
+    report.update(control)
     out_dir = args.output or run_dir
     _ensure_writable(out_dir)
     has_config = os.path.isfile(os.path.join(run_dir, "config.json"))
@@ -274,6 +293,7 @@ def cmd_evaluate(args) -> int:
 def cmd_sample(args) -> int:
     run_dir, config = _run_dir_and_config(args.run)
     model = _load(args.run, load_run, config)
+    model, _ = _controlled(args, model, config, run_dir)
     test = _test_data(args, config, run_dir)
     if args.images < 1:
         raise CLIError(f"--images must be >= 1; got {args.images}")
@@ -301,6 +321,7 @@ def cmd_export(args) -> int:
     # With the run's config: an MC-dropout run loads as its MCDropout sampler (an ensemble
     # as its DeepEnsemble), which the exporters export faithfully, not as a plain network.
     model = _load(args.run, load_run, config)
+    model, _ = _controlled(args, model, config, run_dir)  # recorded in the export's config
     name = os.path.basename(os.path.normpath(run_dir))
     if args.format == "saved_model":
         target = export.saved_model(

@@ -29,6 +29,8 @@ Who uses which protocol:
   `GraphSampler`           export (`export/dispatch.py`: a model that samples itself in
                            graph-safe ops, as `ProbabilisticUNet`; nothing else is probed);
   `GraphParams`            export (optional extra outputs of the `params` signature).
+  `ControlledModel`        export (`export/dispatch.py`: a model's params through a control
+                           after inference, `calibration.ControlledSampler`), the CLI.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "Sampler",
     "GraphSampler",
     "GraphParams",
+    "ControlledModel",
 ]
 
 
@@ -339,4 +342,25 @@ class GraphParams(Protocol):
 
     def params_tensors(self, images: tf.Tensor) -> Mapping[str, tf.Tensor]:
         """`{name: tensor}` computed from images `[B, *S, channels]`."""
+        ...
+
+
+@runtime_checkable
+class ControlledModel(Protocol):
+    """A model with a distribution head whose params go through a control after inference
+    (`tfp_seg.calibration.ControlledSampler`): `control(model(x))` are the params of the
+    distribution it samples, which is what `tfp_seg.export` exports for it."""
+
+    model: Any
+    """The wrapped model (`model(x) -> params`; it owns the weights)."""
+
+    head: Any
+    """The model's distribution head (a `Head`)."""
+
+    def control(self, params: tf.Tensor) -> tf.Tensor:
+        """The controlled packed params `[B, *S, P]` of the model's `params`."""
+        ...
+
+    def control_config(self) -> Mapping[str, Any]:
+        """A JSON-serialisable description of the control (written into exports)."""
         ...

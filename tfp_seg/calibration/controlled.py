@@ -176,6 +176,12 @@ class ControlledSampler(sampling.Sampler):
             params = with_temperature(params, self.head, self._temperature)
         return tf.convert_to_tensor(params)
 
+    def control_config(self) -> dict:
+        """`{"temperature": t, "class_scales": [...] or None}` (JSON), as exports record it."""
+        t = self._temperature
+        scales = None if self._class_scales is None else self._class_scales.tolist()
+        return {"temperature": list(t) if isinstance(t, tuple) else t, "class_scales": scales}
+
     def _params(self, images) -> tf.Tensor:
         return self.control(self.model(images, training=False))
 

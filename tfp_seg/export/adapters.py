@@ -12,7 +12,7 @@ import tensorflow as tf
 from tfp_seg import _checks, protocols
 from tfp_seg.export import _common
 
-__all__ = ["ExportAdapter", "FunctionAdapter", "HeadAdapter"]
+__all__ = ["ControlledHeadAdapter", "ExportAdapter", "FunctionAdapter", "HeadAdapter"]
 
 
 class ExportAdapter:
@@ -246,6 +246,21 @@ class HeadAdapter(ExportAdapter):
             return tf.convert_to_tensor(self.head.distribution(state).variance())
         except (NotImplementedError, ValueError, TypeError):
             return None
+
+
+class ControlledHeadAdapter(HeadAdapter):
+    """A `protocols.ControlledModel` (`calibration.ControlledSampler`): the wrapped model's
+    params through the control, then the head as in `HeadAdapter`; so every output (params,
+    samples, probabilities, variances) is the controlled distribution's. The control is
+    described under `control` in the export's config."""
+
+    def __init__(self, controlled, image_shape=None):
+        super().__init__(controlled.model, image_shape)
+        self.controlled = controlled
+        self.config["control"] = dict(controlled.control_config())
+
+    def prepare(self, images):
+        return self.controlled.control(super().prepare(images))
 
 
 class FunctionAdapter(ExportAdapter):

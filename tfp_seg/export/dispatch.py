@@ -24,6 +24,8 @@ def as_adapter(
     the whole input (volumes of any size the network takes), not the windows.
 
     Recognised, in order:
+      0. a `tfp_seg.protocols.ControlledModel` (`tfp_seg.calibration.ControlledSampler`):
+         as 1., with the wrapped model's params through its control;
       1. a model whose `head` is a distribution head (`tfp_seg.protocols.Head`, e.g. a
          `tfp_seg.layers.DistributionHead`) and `model(x) -> params` (`ProbabilisticSegmenter`,
          any head);
@@ -51,6 +53,8 @@ def as_adapter(
         return model
     if isinstance(model, SlidingWindowSampler):
         model = model.model
+    if isinstance(model, protocols.ControlledModel):
+        return adapters.ControlledHeadAdapter(model, image_shape)
     if _common.distribution_head(model) is not None:
         return adapters.HeadAdapter(model, image_shape)
     if isinstance(model, MCDropout):

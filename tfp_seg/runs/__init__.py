@@ -11,6 +11,7 @@ model.py      build_model, compile_model, sampler_for (the run's predictive samp
 train.py      train: run folder, training loop (strategies, resume, ensembles), save_model
 monitor.py    ValidationMonitor: validation GED / HM-IoU / diversity every few epochs
 evaluate.py   load_run, evaluate_trained (evaluation + report of a trained run)
+control.py    controlled_sampler: the CLI's --covariance-temperature T|auto, --class-scales
 dice.py       dice_report: per-class (and region) Dice of the predictive arg max
 report.py     write_report: report.json, report.md, figures/
 report_tables.py  render_markdown, METRICS: the markdown tables (metrics; GED, diversity, Dice)

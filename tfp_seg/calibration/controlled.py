@@ -45,6 +45,7 @@ import tensorflow as tf
 
 from tfp_seg import _checks, _seeds, protocols
 from tfp_seg import metrics as metrics_lib
+from tfp_seg.calibration._fitted import FittedTemperature
 from tfp_seg.calibration.sample_control import (
     _check_head,
     _class_scale_vector,
@@ -259,7 +260,7 @@ def unbiased_ged(
     }
 
 
-class CovarianceTemperature:
+class CovarianceTemperature(FittedTemperature):
     """The covariance temperature of a trained covariance head, chosen on annotated images.
 
     `fit` draws `num_samples` label maps per image at every candidate temperature (the same
@@ -312,15 +313,6 @@ class CovarianceTemperature:
         self.ged_by_temperature: dict = {}
         self.terms_by_temperature: dict = {}
         self.class_scales: Optional[np.ndarray] = None
-
-    @property
-    def temperature(self) -> float:
-        """The fitted temperature (1.0 before `fit`)."""
-        return 1.0 if self._temperature is None else self._temperature
-
-    @property
-    def fitted(self) -> bool:
-        return self._temperature is not None
 
     @property
     def ged_before(self) -> Optional[float]:

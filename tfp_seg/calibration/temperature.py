@@ -16,6 +16,7 @@ import tensorflow as tf
 from scipy import optimize, special
 
 from tfp_seg import protocols
+from tfp_seg.calibration._fitted import FittedTemperature
 from tfp_seg.calibration.sample_control import _check_head, _control_components, with_temperature
 
 __all__ = ["TemperatureScaling"]
@@ -59,7 +60,7 @@ def _flatten_logits_labels(logits, labels, ignore_label, sample_axis: bool):
     return (z[:, valid] if sample_axis else z[valid]), y[valid]
 
 
-class TemperatureScaling:
+class TemperatureScaling(FittedTemperature):
     """Post-hoc temperature scaling of logits (Guo et al., 2017): `softmax(logits / T)`.
 
     `fit` minimises the validation NLL over `log T` by a bounded 1-D search
@@ -98,16 +99,6 @@ class TemperatureScaling:
         self._temperature: Optional[float] = None
         self.nll_before: Optional[float] = None
         self.nll_after: Optional[float] = None
-
-    @property
-    def temperature(self) -> float:
-        """The fitted temperature T (1.0 before `fit`)."""
-        return 1.0 if self._temperature is None else self._temperature
-
-    @property
-    def fitted(self) -> bool:
-        """Whether a temperature has been fitted (`fit` or `fit_samples`)."""
-        return self._temperature is not None
 
     def _search(self, objective) -> "TemperatureScaling":
         lo, hi = (math.log(b) for b in self.bounds)

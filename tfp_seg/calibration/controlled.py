@@ -272,9 +272,11 @@ class CovarianceTemperature(FittedTemperature):
     test split. A grid search, not an optimiser: GED estimates from label maps are not smooth
     in `t`, and the grid's values are kept (`ged_by_temperature`, `terms_by_temperature`) so
     the curve can be inspected. The choice balances the samples' spread against their
-    distance to the annotations; when the model's samples are too diverse for another reason
-    (wrong shapes rather than too much spread), no temperature fixes it and the fit says so by
-    staying close to 1 with a flat curve.
+    distance to the annotations; when the model's samples are wrong for another reason
+    (in-between or wrong shapes rather than too much or too little spread), no temperature
+    fixes it and the curve is flat: the chosen `t` then follows the Monte Carlo and rater
+    noise of the fit (on the built-in data, 4 raters per image: 0.7-1.5 for one curve whose
+    exact minimum is 1.0-1.1), so compare `ged_after` with `ged_before` before using it.
 
     Args:
       temperatures: the candidate temperatures (finite, > 0; 1.0 is always added, so that

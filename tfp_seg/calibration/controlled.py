@@ -275,8 +275,9 @@ class CovarianceTemperature(FittedTemperature):
     distance to the annotations; when the model's samples are wrong for another reason
     (in-between or wrong shapes rather than too much or too little spread), no temperature
     fixes it and the curve is flat: the chosen `t` then follows the Monte Carlo and rater
-    noise of the fit (on the built-in data, 4 raters per image: 0.7-1.5 for one curve whose
-    exact minimum is 1.0-1.1), so compare `ged_after` with `ged_before` before using it.
+    noise of the fit (three default-job runs on the built-in data, 4 raters per image: 0.7,
+    1.5 and 1.0, where the exact validation minimum is 1.0-1.1), so compare `ged_after` with
+    `ged_before` before using it.
 
     Args:
       temperatures: the candidate temperatures (finite, > 0; 1.0 is always added, so that

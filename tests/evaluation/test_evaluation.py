@@ -166,6 +166,33 @@ def test_wrong_mode_weights_give_closed_form_ged(data):
     assert abs(report["oracle_ged"]) <= 2 * Z * se_ged
 
 
+def test_standard_errors_are_those_of_the_per_image_values_and_cover_the_truth(data):
+    """`ged_se`, `diversity_se` are std(per-image, ddof=1) / sqrt(n) of the replayed per-image
+    estimates; and they are calibrated: over 6 seeds the tilted sampler's GED lies within 4 of
+    its SEs of the closed form, and the perfect sampler's (true value 0) too."""
+    sampler = ModeSampler(data, weights_fn=_tilted)
+    exact = _closed_form(sampler)
+    n = len(data)
+    for seed in range(6):
+        report = evaluate_ambiguous(
+            sampler, data, num_samples=NUM_SAMPLES, seed=seed, batch_size=None
+        )
+        cross, div_s = _per_image(sampler, NUM_SAMPLES, seed)
+        ged = 2 * cross - div_s - exact["div_y"]
+        assert report["ged_se"] == pytest.approx(ged.std(ddof=1) / np.sqrt(n), rel=1e-9)
+        assert report["diversity_se"] == pytest.approx(div_s.std(ddof=1) / np.sqrt(n), rel=1e-9)
+        assert abs(report["ged"] - exact["ged"].mean()) <= Z * report["ged_se"]
+        assert abs(report["oracle_ged"]) <= Z * report["oracle_ged_se"]
+        assert 0 < report["hm_iou_se"] < 0.05
+    # the SE is not vacuous: the wrong weights' GED is many SEs from 0
+    assert report["ged"] > 5 * report["ged_se"]
+    first = data[:1]
+    one = evaluate_ambiguous(
+        ModeSampler(first, _tilted), first, num_samples=NUM_SAMPLES, seed=0, batch_size=None
+    )
+    assert one["ged_se"] == 0.0
+
+
 def test_ged_terms_are_consistent(data):
     report = evaluate_ambiguous(
         ModeSampler(data, _tilted), data, num_samples=3, seed=1, batch_size=None

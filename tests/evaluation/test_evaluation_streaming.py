@@ -69,6 +69,14 @@ def _reference_ambiguous(logit_samples, data, num_samples, seed, num_bins=10):
         "miou": metrics.mean_iou(pred_k, annotations, num_classes),
         "pixel_accuracy": metrics.pixel_accuracy(pred_k, annotations),
     }
+    for key, row_key in (
+        ("ged", "ged"),
+        ("oracle_ged", "oracle_ged"),
+        ("hm_iou", "hm"),
+        ("diversity", "sample_diversity"),
+    ):
+        values = np.array([r[row_key] for r in rows])
+        report[f"{key}_se"] = float(np.sqrt(np.var(values, ddof=1) / len(values)))
     marginals_k = np.repeat(marginals[:, None], k, axis=1)
     for prefix, level, scores in (
         ("", "pixel", metrics.pixel_confidence_errors(probs_k, annotations)),

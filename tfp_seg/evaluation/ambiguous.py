@@ -79,6 +79,12 @@ def _ged_terms(
     }
 
 
+def _standard_error(values) -> float:
+    """`std(values, ddof=1) / sqrt(n)`, the standard error of their mean (0 for n = 1)."""
+    x = np.asarray(values, np.float64)
+    return float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else 0.0
+
+
 def evaluate_ambiguous(
     model,
     data: AmbiguousShapes,
@@ -122,6 +128,9 @@ def evaluate_ambiguous(
         docstring): `ged_sample_diversity` is the U-statistic over pairs of distinct samples,
         so E[ged] is the exact D_GED^2 of the model's distribution, and E[oracle_ged] = 0; a
         finite-N value can therefore be slightly negative;
+      - `ged_se`, `oracle_ged_se`, `hm_iou_se`, `diversity_se`: the standard errors of those
+        image means, `std(per-image values, ddof=1) / sqrt(n)` (images and Monte Carlo draws
+        together: two draws of one model on one split differ by about sqrt(2) of it);
       - `hm_iou` vs the K annotations; `oracle_hm_iou`;
       - `diversity` = E[d(S, S')] for independent model samples S, S' (the U-statistic
         `ged_sample_diversity`, averaged over images); `oracle_diversity` = the exact
@@ -242,6 +251,15 @@ def evaluate_ambiguous(
         "miou": float(np.nanmean(metrics.per_class_iou(confusion))),
         "pixel_accuracy": float(np.trace(confusion) / confusion.sum()),
     }
+    # Standard errors of the image means (over the split's images: their sampling and the
+    # draws' Monte Carlo noise together); 0 for one image.
+    for key, values in (
+        ("ged", per_image["ged"]),
+        ("oracle_ged", per_image["oracle_ged"]),
+        ("hm_iou", per_image["hm"]),
+        ("diversity", per_image["sample_diversity"]),
+    ):
+        report[f"{key}_se"] = _standard_error(values)
     for prefix, level, scores in (
         ("", "pixel", pixel.scores()),
         ("oracle_", "pixel", oracle_pixel.scores()),

@@ -55,11 +55,23 @@ METRICS: dict = {
         "-",
         "Mean IoU distance between two true label maps: the ambiguity of the data itself.",
     ),
+    "ged_se": (
+        "GED standard error",
+        "-",
+        "Standard error of the GED's image mean (std of the per-image values / sqrt(images)): "
+        "the split's images and the Monte Carlo draws together. Differences smaller than "
+        "about twice it are noise.",
+    ),
     "hm_iou": (
         "HM-IoU",
         "higher",
         "Hungarian-matched IoU between the samples and the K annotations: does every "
         "annotation have a close sample and vice versa.",
+    ),
+    "hm_iou_se": (
+        "HM-IoU standard error",
+        "-",
+        "Standard error of the HM-IoU's image mean (as for the GED).",
     ),
     "ged_16": (
         "GED (16)",

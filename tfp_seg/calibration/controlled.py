@@ -99,6 +99,16 @@ def _class_scales_arg(class_scales, head) -> Optional[np.ndarray]:
     return _class_scale_vector(class_scales, c)
 
 
+def _controlled_params(params, head, temperature, class_scales) -> tf.Tensor:
+    """`with_temperature(scale_class_covariance(params, head, class_scales), head, t)`, each
+    step left out where it is the identity (no scales, `t = 1`)."""
+    if class_scales is not None:
+        params = scale_class_covariance(params, head, class_scales)
+    if temperature != 1.0:
+        params = with_temperature(params, head, temperature)
+    return tf.convert_to_tensor(params)
+
+
 class ControlledSampler(sampling.Sampler):
     """A trained covariance-head model whose samples come from its controlled distribution.
 
@@ -171,11 +181,7 @@ class ControlledSampler(sampling.Sampler):
 
     def control(self, params) -> tf.Tensor:
         """The controlled packed params of the model's `params` `[B, *S, P]`."""
-        if self._class_scales is not None:
-            params = scale_class_covariance(params, self.head, self._class_scales)
-        if self._temperature != 1.0:
-            params = with_temperature(params, self.head, self._temperature)
-        return tf.convert_to_tensor(params)
+        return _controlled_params(params, self.head, self._temperature, self._class_scales)
 
     def control_config(self) -> dict:
         """`{"temperature": t, "class_scales": [...] or None}` (JSON), as exports record it."""
@@ -368,7 +374,7 @@ class CovarianceTemperature(FittedTemperature):
             refs = annotations[start : start + nb]
             w = weights[start : start + nb] if per_image else weights
             for t in self.temperatures:
-                p = params if t == 1.0 else with_temperature(params, head, t)
+                p = _controlled_params(params, head, t, None)
                 labels = head.sample_labels(p, self.num_samples, seed=seed, antithetic=False)
                 result = unbiased_ged(
                     np.moveaxis(np.asarray(labels), 0, 1),
@@ -398,10 +404,9 @@ class CovarianceTemperature(FittedTemperature):
 
     def scale_params(self, params, head) -> tf.Tensor:
         """The controlled packed params: `with_temperature(params, head, self.temperature)`,
-        after `scale_class_covariance` with the class scales `fit` was given."""
-        if self.class_scales is not None:
-            params = scale_class_covariance(params, head, self.class_scales)
-        return with_temperature(params, head, self.temperature)
+        after `scale_class_covariance` with the class scales `fit` was given (the params of
+        `wrap(model)`, as `ControlledSampler.control` gives them)."""
+        return _controlled_params(params, head, self.temperature, self.class_scales)
 
     def __repr__(self):
         return f"CovarianceTemperature(temperature={self.temperature:.4g}, fitted={self.fitted})"

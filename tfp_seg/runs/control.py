@@ -90,8 +90,9 @@ def controlled_sampler(
     validation split for `auto` is not there in memory."""
     if temperature is None and class_scales is None:
         return sampler, {}
+    given = 1.0 if temperature in (None, AUTO) else temperature
     try:
-        wrapped = ControlledSampler(sampler, class_scales=class_scales)
+        wrapped = ControlledSampler(sampler, given, class_scales)
     except ValueError as exc:
         flag = "--covariance-temperature" if temperature is not None else "--class-scales"
         raise ValueError(f"{flag}: {exc}") from None
@@ -99,13 +100,15 @@ def controlled_sampler(
     if temperature == AUTO:
         _, val, _ = make_data(config, run_dir)
         images, raters = getattr(val, "images", None), getattr(val, "annotations", None)
-        if not (isinstance(images, np.ndarray) and isinstance(raters, np.ndarray)) or not len(
-            images
-        ):
+        if not (isinstance(images, np.ndarray) and isinstance(raters, np.ndarray)):
             raise ValueError(
                 "--covariance-temperature auto fits on the run's validation split in memory; "
-                f"this run's is {'empty' if images is not None else 'not in memory'} "
-                "(retry with --no-stream, or give a number)"
+                "this run's is not in memory (retry with --no-stream, or give a number)"
+            )
+        if not len(images):
+            raise ValueError(
+                "--covariance-temperature auto fits on the run's validation split; this run's "
+                "is empty (give a number)"
             )
         fitted = CovarianceTemperature(seed=config.seed).fit(
             sampler,
@@ -114,14 +117,14 @@ def controlled_sampler(
             ignore_label=getattr(val, "ignore_label", None),
             class_scales=class_scales,
         )
-        temperature = fitted.temperature
+        wrapped = fitted.wrap(sampler)
         facts["covariance_temperature_fit"] = {
             "on": f"validation split ({len(images)} images, their raters)",
             "ged_by_temperature": {str(t): g for t, g in fitted.ged_by_temperature.items()},
         }
         log(
-            f"covariance temperature {temperature:g} (validation GED {fitted.ged_before:.4f} at "
-            f"1 -> {fitted.ged_after:.4f})"
+            f"covariance temperature {fitted.temperature:g} (validation GED "
+            f"{fitted.ged_before:.4f} at 1 -> {fitted.ged_after:.4f})"
         )
-    facts["covariance_temperature"] = float(temperature if temperature is not None else 1.0)
-    return ControlledSampler(sampler, facts["covariance_temperature"], class_scales), facts
+    facts["covariance_temperature"] = float(wrapped.temperature)
+    return wrapped, facts

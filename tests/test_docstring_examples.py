@@ -439,6 +439,7 @@ SETUP: Dict[str, Callable[[], Tuple[Dict[str, Any], Dict[str, int]]]] = {
     "tfp_seg.models.backbones.keras_hub.from_keras_hub": _setup_module_globals(
         "tfp_seg", keras_hub="keras_hub"
     ),
+    "tfp_seg.models.hierarchical_prob_unet.HierarchicalProbabilisticUNet": _setup_prob_unet,
     "tfp_seg.models.prob_unet.ProbabilisticUNet": _setup_prob_unet,
     "tfp_seg.models.segmenter.ProbabilisticSegmenter": _setup_segmenter,
     "tfp_seg.models.wrappers.MCDropout": _setup_mc_dropout,

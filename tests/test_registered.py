@@ -302,6 +302,26 @@ CASES = {
         ),
         lambda: (FEATURES, _normal((2, 2), 15)),
     ),
+    "tfp_seg>HierarchicalLatent": Case(
+        "layer",
+        lambda: tfp_seg.layers.HierarchicalLatent(
+            latent_dim=2,
+            filters=(4, 8, 8),
+            latent_levels=2,
+            convs_per_block=1,
+            activation="tanh",
+            kernel_initializer="glorot_uniform",
+            epsilon=1e-3,
+        ),
+        lambda: (IMAGES,),
+    ),
+    "tfp_seg>SpatialLatentInjection": Case(
+        "layer",
+        lambda: tfp_seg.layers.SpatialLatentInjection(
+            C, filters=4, num_convs=2, activation="tanh", kernel_initializer="glorot_uniform"
+        ),
+        lambda: (FEATURES, _normal((2, 8, 8, 3), 16)),
+    ),
     "tfp_seg>GECO": Case(
         "layer",
         lambda: tfp_seg.losses.GECO(
@@ -387,6 +407,25 @@ CASES = {
             beta=0.5,
             backbone=tfp_seg.models.UNet(base_filters=4, depth=1),
             encoder_filters=(4, 8),
+            encoder_convs_per_block=1,
+            fcomb_filters=4,
+            num_fcomb_convs=1,
+            reconstruction="mean",
+            ignore_label=255,
+            class_weights=[1.0, 2.0, 1.0],
+            epsilon=1e-3,
+        ),
+        lambda: (IMAGES, LABELS, {}),
+    ),
+    "tfp_seg>HierarchicalProbabilisticUNet": Case(
+        "model",
+        lambda: tfp_seg.models.HierarchicalProbabilisticUNet(
+            C,
+            latent_dim=2,
+            latent_levels=2,
+            beta=0.5,
+            backbone=tfp_seg.models.UNet(base_filters=4, depth=1),
+            encoder_filters=(4, 8, 8),
             encoder_convs_per_block=1,
             fcomb_filters=4,
             num_fcomb_convs=1,

@@ -22,7 +22,12 @@ import tfp_seg
 from tfp_seg import export
 from tfp_seg.export import _common as export_common
 from tfp_seg.layers import CategoricalLogits, HeteroscedasticLogits, LowRankLogits
-from tfp_seg.models import ProbabilisticSegmenter, ProbabilisticUNet, UNet
+from tfp_seg.models import (
+    HierarchicalProbabilisticUNet,
+    ProbabilisticSegmenter,
+    ProbabilisticUNet,
+    UNet,
+)
 from tfp_seg.uncertainty import DeepEnsemble, MCDropout
 
 ATOL = 1e-4
@@ -531,16 +536,35 @@ def _prob_unet():
     return model
 
 
-def test_saved_model_of_a_probabilistic_unet(tmp_path):
-    """The Prob U-Net samples itself (prior latents through f_comb): the function adapter."""
-    model = _prob_unet()
+def _hprob_unet():
+    keras.utils.set_random_seed(4)
+    model = HierarchicalProbabilisticUNet(
+        num_classes=NUM_CLASSES,
+        latent_dim=1,
+        latent_levels=2,
+        backbone=UNet(base_filters=4, depth=1),
+        encoder_filters=(4, 8, 8),
+        encoder_convs_per_block=1,
+        num_fcomb_convs=1,
+    )
+    model.build((None, H, W, 1))
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [(_prob_unet, "ProbabilisticUNet"), (_hprob_unet, "HierarchicalProbabilisticUNet")],
+)
+def test_saved_model_of_a_probabilistic_unet(tmp_path, make, name):
+    """The Prob U-Nets sample themselves (prior latents through f_comb): the function adapter."""
+    model = make()
     x = _images(2, seed=12)
     seed = tf.constant(SEED, tf.int64)
     version_dir = export.saved_model(model, str(tmp_path / "pu"), num_samples=EXPORT_N)
     loaded = tf.saved_model.load(version_dir)
     out = loaded.params(tf.constant(x))
     np.testing.assert_allclose(out["mean_logits"], model(x, training=False), atol=ATOL)
-    assert "ProbabilisticUNet" in tf.compat.as_str(out["head_config"].numpy())
+    assert f'"{name}"' in tf.compat.as_str(out["head_config"].numpy())
     expected = model.sample_logits(x, EXPORT_N, seed=seed)
     got = loaded.sample(tf.constant(x), seed=seed)["logits"]
     np.testing.assert_allclose(got, expected, atol=ATOL)
@@ -549,8 +573,9 @@ def test_saved_model_of_a_probabilistic_unet(tmp_path):
     assert a.shape == (n, 2, H, W, NUM_CLASSES) and np.abs(a - a[:1]).max() > 1e-4
 
 
-def test_onnx_of_a_probabilistic_unet(tmp_path):
-    model = _prob_unet()
+@pytest.mark.parametrize("make", [_prob_unet, _hprob_unet])
+def test_onnx_of_a_probabilistic_unet(tmp_path, make):
+    model = make()
     x = _images(2, seed=12)
     path = export.onnx(model, str(tmp_path / "pu.onnx"), num_samples=EXPORT_N)
     session = _onnx_session(path)
@@ -563,6 +588,7 @@ def test_onnx_of_a_probabilistic_unet(tmp_path):
         K_SIGMA * np.sqrt((onnx_samples.var(0) + keras_samples.var(0)) / len(onnx_samples)) + 1e-5
     )
     assert np.all(np.abs(onnx_samples.mean(0) - keras_samples.mean(0)) <= tolerance)
+    assert np.abs(onnx_samples - onnx_samples[:1]).max() > 1e-4  # fresh draws per sample
 
 
 def _softmax(logits):

@@ -4,6 +4,7 @@ from tfp_seg.layers.base import DistributionHead
 from tfp_seg.layers.batch_ensemble import BatchEnsembleConv
 from tfp_seg.layers.categorical_logits import CategoricalLogits
 from tfp_seg.layers.heteroscedastic_logits import HeteroscedasticLogits
+from tfp_seg.layers.hierarchical_latent import HierarchicalLatent, SpatialLatentInjection
 from tfp_seg.layers.latent import LatentEncoder, LatentInjection
 from tfp_seg.layers.low_rank_logits import LowRankLogits
 from tfp_seg.layers.mixture_low_rank_logits import MixtureLowRankLogits
@@ -17,6 +18,8 @@ __all__ = [
     "HeteroscedasticLogits",
     "LatentEncoder",
     "LatentInjection",
+    "HierarchicalLatent",
+    "SpatialLatentInjection",
     "BatchEnsembleConv",
     "PackedConv",
 ]

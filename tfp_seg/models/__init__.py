@@ -8,6 +8,7 @@ from tfp_seg.models.backbones import (
     from_keras_hub,
 )
 from tfp_seg.models.ensembles import EnsembleSegmenter
+from tfp_seg.models.hierarchical_prob_unet import HierarchicalProbabilisticUNet
 from tfp_seg.models.prob_unet import ProbabilisticUNet
 from tfp_seg.models.segmenter import ProbabilisticSegmenter
 from tfp_seg.models.sliding import SlidingWindowSampler, sliding_window_params
@@ -18,6 +19,7 @@ __all__ = [
     "UNet",
     "ProbabilisticSegmenter",
     "ProbabilisticUNet",
+    "HierarchicalProbabilisticUNet",
     "BackboneAdapter",
     "from_keras_hub",
     "from_keras_cv",

@@ -157,22 +157,7 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
 
         # === Layers ===
         self.backbone = backbone
-        encoder_kwargs = dict(
-            latent_dim=latent_dim,
-            filters=self.encoder_filters,
-            convs_per_block=encoder_convs_per_block,
-            epsilon=epsilon,
-            spatial_dims=self.spatial_dims,
-        )
-        self.prior_net = LatentEncoder(name="prior_net", **encoder_kwargs)
-        self.posterior_net = LatentEncoder(name="posterior_net", **encoder_kwargs)
-        self.f_comb = LatentInjection(
-            num_classes,
-            filters=fcomb_filters,
-            num_convs=num_fcomb_convs,
-            spatial_dims=self.spatial_dims,
-            name="f_comb",
-        )
+        self._make_latent_layers(num_classes, latent_dim, epsilon)
 
         # === Loss (the GECO layer is an attribute so that its state is saved) ===
         self.elbo = ELBO(
@@ -190,6 +175,25 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         self.kl_tracker = keras.metrics.Mean(name="kl")
         self.geco_tracker = (
             keras.metrics.Mean(name="geco_multiplier") if self.geco is not None else None
+        )
+
+    def _make_latent_layers(self, num_classes: int, latent_dim: int, epsilon: float) -> None:
+        """Create `prior_net`, `posterior_net` and `f_comb` (a subclass's latent space)."""
+        encoder_kwargs = dict(
+            latent_dim=latent_dim,
+            filters=self.encoder_filters,
+            convs_per_block=self.encoder_convs_per_block,
+            epsilon=epsilon,
+            spatial_dims=self.spatial_dims,
+        )
+        self.prior_net = LatentEncoder(name="prior_net", **encoder_kwargs)
+        self.posterior_net = LatentEncoder(name="posterior_net", **encoder_kwargs)
+        self.f_comb = LatentInjection(
+            num_classes,
+            filters=self.fcomb_filters,
+            num_convs=self.num_fcomb_convs,
+            spatial_dims=self.spatial_dims,
+            name="f_comb",
         )
 
     # --- properties ----------------------------------------------------------------------------

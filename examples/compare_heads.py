@@ -9,6 +9,8 @@ ssn             LowRankLogits           low-rank Gaussian logits over the image 
 mixture         MixtureLowRankLogits    K low-rank components, image-level weights (MoSE-style,
                                         Gao 2023); --train-samples per component
 prob_unet       ProbabilisticUNet       Gaussian latent + f_comb (Kohl 2018; if importable)
+hprob_unet      HierarchicalProbabilisticUNet   spatial latents, coarse to fine (Kohl 2019;
+                                        only when named in --heads)
 ```
 
 each with `tfp_seg.models.UNet(base_filters, depth)` as the backbone, the same data, batch size,
@@ -46,7 +48,9 @@ from tfp_seg.reporting import write_report  # noqa: E402
 from tfp_seg.runs.config import OPTIMISER_DEFAULTS  # noqa: E402
 from tfp_seg.runs.train import cosine_schedule  # noqa: E402
 
-HEADS = ("deterministic", "heteroscedastic", "ssn", "mixture", "prob_unet")
+DEFAULT_HEADS = ("deterministic", "heteroscedastic", "ssn", "mixture", "prob_unet")
+HEADS = DEFAULT_HEADS + ("hprob_unet",)
+LATENT_HEADS = ("prob_unet", "hprob_unet")
 # (report key, column title, format)
 COLUMNS = (
     ("ged", "GED↓", "{:.4f}"),
@@ -74,9 +78,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--heads",
         nargs="+",
-        default=list(HEADS),
+        default=list(DEFAULT_HEADS),
         choices=HEADS,
-        help="heads to compare (default: all; deterministic is always included)",
+        help="heads to compare (default: all but hprob_unet; deterministic is always included)",
     )
     p.add_argument("--num-images", type=int, default=320, help="images generated (80/10/10)")
     p.add_argument("--image-size", type=int, default=32)
@@ -176,7 +180,7 @@ class StepTimer(keras.callbacks.Callback):
 
 def optimiser_of(head: str, args) -> tuple[float, str]:
     """The head's learning rate and schedule: the flags', else `tfp-seg train`'s defaults."""
-    defaults = OPTIMISER_DEFAULTS["prob_unet" if head == "prob_unet" else "segmenter"]
+    defaults = OPTIMISER_DEFAULTS[head if head in LATENT_HEADS else "segmenter"]
     rate = defaults["learning_rate"] if args.learning_rate is None else args.learning_rate
     schedule = defaults["lr_schedule"] if args.lr_schedule is None else args.lr_schedule
     return float(rate), str(schedule)
@@ -189,6 +193,12 @@ def build(head: str, args, num_classes: int, learning_rate: float):
     if head == "prob_unet":
         model = tfp_seg.models.ProbabilisticUNet(
             num_classes=num_classes, latent_dim=args.latent_dim, backbone=backbone
+        )
+        model.compile(optimizer=optimizer)
+        return model
+    if head == "hprob_unet":  # its own default latent size (1 per cell and level)
+        model = tfp_seg.models.HierarchicalProbabilisticUNet(
+            num_classes=num_classes, backbone=backbone
         )
         model.compile(optimizer=optimizer)
         return model

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -35,6 +36,39 @@ def test_a_prob_unet_run_trains_at_its_own_default_rate(tmp_path):
     np.testing.assert_allclose(history["learning_rate"], [1e-3, 1e-3], rtol=1e-6)
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     assert (config["learning_rate"], config["lr_schedule"]) == (1e-3, "constant")
+
+
+def test_a_hierarchical_prob_unet_run_trains_evaluates_and_reloads(tmp_path):
+    argv = ["train", *tiny_train_args(epochs=2, model="hprob_unet", latent_levels=2)]
+    assert cli.main([*argv, "--val-every", "1", "--output-dir", str(tmp_path), "--name", "h"]) == 0
+    config = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert (config["model"], config["latent_dim"], config["latent_levels"]) == ("hprob_unet", 1, 2)
+    assert (config["learning_rate"], config["lr_schedule"]) == (1e-3, "constant")
+    report = json.loads((tmp_path / "h" / "report.json").read_text())
+    assert np.isfinite(report["ged"]) and 0 <= report["hm_iou"] <= 1
+    history = json.loads((tmp_path / "h" / "history.json").read_text())
+    assert len(history["val_ged"]) == 2 and len(history["kl"]) == 2
+    import keras  # noqa: PLC0415
+
+    from tfp_seg.models import HierarchicalProbabilisticUNet  # noqa: PLC0415
+
+    model = keras.saving.load_model(str(tmp_path / "h" / "model.keras"))
+    assert isinstance(model, HierarchicalProbabilisticUNet) and model.latent_levels == 2
+
+
+def test_hierarchical_prob_unet_defaults_and_errors():
+    config = TrainConfig(model="hprob_unet").validate()
+    assert (config.latent_dim, config.latent_levels, config.annotations) == (1, 3, "random")
+    assert (config.learning_rate, config.lr_schedule) == (1e-3, "constant")
+    assert TrainConfig(model="prob_unet").latent_dim == 6 and TrainConfig().latent_dim == 6
+    cases = [
+        (dict(image_size=40), "divisible by 2**(depth + 1) (16)"),
+        (dict(latent_levels=6), "`latent_levels` (6) must be at most depth + 2 (5)"),
+        (dict(head="mixture"), "does not apply to `model` hprob_unet"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TrainConfig(model="hprob_unet", **fields).validate()
 
 
 def test_a_bad_schedule_is_named(tmp_path, capsys):

@@ -50,8 +50,14 @@ HEAD_CHOICES = HEADS + BASELINES
 """Every value `TrainConfig.head` accepts: `HEADS` and `BASELINES`."""
 BACKBONES = catalog.BACKBONE_NAMES  # the one list of named backbones
 """The backbones of `TrainConfig.backbone` (`tfp_seg.models.BACKBONE_NAMES`)."""
-MODELS = ("segmenter", "prob_unet")
-"""The models of `TrainConfig.model`: backbone + head, or the Probabilistic U-Net."""
+MODELS = ("segmenter", "prob_unet", "hprob_unet")
+"""The models of `TrainConfig.model`: backbone + head, the Probabilistic U-Net, or the
+Hierarchical Probabilistic U-Net."""
+LATENT_MODELS = ("prob_unet", "hprob_unet")
+"""The conditional-VAE models (no distribution head; an ELBO of their own)."""
+# The latent size where a run leaves `latent_dim` unset: Kohl et al.'s 6 for the one global
+# latent, 1 per cell and level for the hierarchical model (as its reference).
+LATENT_DIM_DEFAULTS = {"prob_unet": 6, "hprob_unet": 1}
 # How the K annotations of an image are scored in training: one drawn per image and step, all
 # of them from one set of logit samples (label sets [B, K, H, W]), or their per-pixel fractions
 # (soft labels [B, H, W, C], per-pixel heads only).
@@ -88,6 +94,7 @@ _IMAGE_DEFAULTS = {"image_size": 64, "num_images": 640, "epochs": 36}
 OPTIMISER_DEFAULTS: dict[str, dict[str, Union[float, str]]] = {
     "segmenter": {"learning_rate": 3e-3, "lr_schedule": "cosine"},
     "prob_unet": {"learning_rate": 1e-3, "lr_schedule": "constant"},
+    "hprob_unet": {"learning_rate": 1e-3, "lr_schedule": "constant"},
 }
 # A head argument left at the head's own default (`factor_init_scale`, `initial_diagonal`).
 AUTO = "auto"
@@ -155,7 +162,8 @@ class TrainConfig:
     ensemble_size: Optional[int] = None  # 3 deep-ensemble members, 4 with `ensemble`
     components: int = 3
     ensemble: Optional[str] = None
-    latent_dim: int = 6
+    latent_dim: Optional[int] = None  # LATENT_DIM_DEFAULTS by `model` (6 otherwise)
+    latent_levels: int = 3  # hprob_unet's levels with latents
     beta: float = 1.0
     seed: int = 0
     eval_samples: int = 16
@@ -189,6 +197,8 @@ class TrainConfig:
         for field, value in optimiser.items():
             if getattr(self, field) is None:
                 setattr(self, field, value)
+        if self.latent_dim is None:
+            self.latent_dim = LATENT_DIM_DEFAULTS.get(self.model, 6)
 
     def _validate_loss_weights(self) -> None:
         for field in ("marginal_weight", "mean_weight"):
@@ -237,15 +247,15 @@ class TrainConfig:
             self.ensemble_size = 4 if self.ensemble else 3
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout!r}.")
-        if self.model == "prob_unet" and self.head not in ("low_rank", "deterministic"):
+        if self.model in LATENT_MODELS and self.head not in ("low_rank", "deterministic"):
             raise ValueError(
-                f"`head` {self.head!r} does not apply to `model` prob_unet (its latent space "
+                f"`head` {self.head!r} does not apply to `model` {self.model} (its latent space "
                 "is the distribution); leave `head` at its default."
             )
-        if self.model == "prob_unet" and self.head_kernel_size != 1:
+        if self.model in LATENT_MODELS and self.head_kernel_size != 1:
             raise ValueError(
                 "`head_kernel_size` applies to `model` segmenter (its distribution head); "
-                f"got {self.head_kernel_size!r} with `model` prob_unet."
+                f"got {self.head_kernel_size!r} with `model` {self.model}."
             )
         if self.head == "mc_dropout" and self.dropout == 0.0:
             raise ValueError("`head` mc_dropout needs `dropout` > 0 (default 0.2).")
@@ -261,6 +271,7 @@ class TrainConfig:
             "ensemble_size",
             "components",
             "latent_dim",
+            "latent_levels",
         ):
             _checks.positive_int(getattr(self, field), field)
         _checks.positive_int(self.val_every, "val_every", minimum=0)
@@ -272,6 +283,17 @@ class TrainConfig:
         elif self.image_size % (2**self.depth):
             raise ValueError(
                 f"`image_size` ({self.image_size}) must be divisible by 2**depth ({2**self.depth})."
+            )
+        elif self.model == "hprob_unet" and self.image_size % (2 ** (self.depth + 1)):
+            raise ValueError(
+                f"`image_size` ({self.image_size}) must be divisible by 2**(depth + 1) "
+                f"({2 ** (self.depth + 1)}) with `model` hprob_unet: its latent nets pool once "
+                "more than the U-Net."
+            )
+        if self.model == "hprob_unet" and self.latent_levels > self.depth + 2:
+            raise ValueError(
+                f"`latent_levels` ({self.latent_levels}) must be at most depth + 2 "
+                f"({self.depth + 2}), the levels of the latent nets."
             )
         # Where the SSN / mixture heads' covariance starts (their epsilon 1e-5, exp diagonal).
         if self.factor_init_scale != AUTO:
@@ -348,14 +370,14 @@ class TrainConfig:
             # (on the built-in benchmark over 3 seeds: SSN D2_GED 0.056 against 0.094 with one
             # random rater, benchmarks/README.md, "Model quality"); the Prob U-Net keeps one
             # random rater per step, as Kohl et al. train it.
-            self.annotations = "random" if self.model == "prob_unet" else "all"
+            self.annotations = "random" if self.model in LATENT_MODELS else "all"
         if self.annotations not in ANNOTATIONS:
             raise ValueError(
                 f"`annotations` must be one of {ANNOTATIONS}; got {self.annotations!r}."
             )
-        if self.annotations == "marginal" and self.model == "prob_unet":
+        if self.annotations == "marginal" and self.model in LATENT_MODELS:
             raise ValueError(
-                "`annotations` marginal (soft labels) does not apply to `model` prob_unet (its "
+                f"`annotations` marginal (soft labels) does not apply to `model` {self.model} (its "
                 "posterior is conditioned on one label map); use random or all (every rater "
                 "as its own (image, map) pair)."
             )

@@ -184,8 +184,13 @@ TRAIN_FLAGS: dict = {
         "members the samples: batch (BatchEnsemble) or packed (Packed-Ensembles, alpha 2, "
         "gamma 1); --eval-samples must be a multiple of --ensemble-size (default: none)",
     ),
-    "latent_dim": (int, "latent dimension of --model prob_unet (default: 6)"),
-    "beta": (float, "KL weight of --model prob_unet (default: 1.0)"),
+    "latent_dim": (
+        int,
+        "latent dimension of --model prob_unet (default: 6); per cell and level of --model "
+        "hprob_unet (default: 1)",
+    ),
+    "latent_levels": (int, "decoder levels with latents of --model hprob_unet (default: 3)"),
+    "beta": (float, "KL weight of --model prob_unet / hprob_unet (default: 1.0)"),
     "seed": (int, "seed of data generation, initialisation and sampling (default: 0)"),
     "eval_samples": (int, "samples per image for evaluation (default: 16)"),
     "val_every": (int, "validation GED, HM-IoU, diversity every N epochs; 0 = off (default: 9)"),

@@ -14,7 +14,7 @@ import keras
 from tfp_seg import layers, models
 from tfp_seg.models.wrappers import DeepEnsemble, MCDropout
 from tfp_seg.runs import volumes
-from tfp_seg.runs.config import AUTO, TrainConfig
+from tfp_seg.runs.config import AUTO, LATENT_MODELS, TrainConfig
 
 __all__ = ["build_model", "compile_model", "sampler_for"]
 
@@ -78,6 +78,15 @@ def build_model(config: TrainConfig, num_classes: int, input_shape=None):
     `config.spatial_dims == 3` the U-Net, the head and the Probabilistic U-Net are 3D (inputs
     `[B, D, H, W, channels]`).
     """
+    if config.model == "hprob_unet":
+        return models.HierarchicalProbabilisticUNet(
+            num_classes,
+            latent_dim=config.latent_dim,
+            latent_levels=config.latent_levels,
+            beta=config.beta,
+            backbone=_backbone(config, input_shape),
+            spatial_dims=config.spatial_dims,
+        )
     if config.model == "prob_unet":
         return models.ProbabilisticUNet(
             num_classes,
@@ -115,7 +124,7 @@ def compile_model(model, config: TrainConfig) -> None:
     def optimizer():
         return keras.optimizers.Adam(config.learning_rate)
 
-    if config.model == "prob_unet":
+    if config.model in LATENT_MODELS:
         model.compile(optimizer=optimizer())
         return
     if config.head == "ensemble":

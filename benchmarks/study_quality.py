@@ -116,6 +116,24 @@ VARIANTS = {
         "the default job, Probabilistic U-Net, Adam 1e-3 constant",
         ["--model", "prob_unet", "--learning-rate", "1e-3", "--lr-schedule", "constant"],
     ),
+    # The Hierarchical Probabilistic U-Net (spatial latents at the decoder's 3 coarsest levels,
+    # 1 per cell and level) on the default job, its default optimiser (Adam 1e-3 constant).
+    "hprob_unet_default": (
+        "the default job, Hierarchical Probabilistic U-Net",
+        ["--model", "hprob_unet"],
+    ),
+    "hprob_unet_all_raters": (
+        "the default job, Hierarchical Prob U-Net, every rater per step",
+        ["--model", "hprob_unet", "--annotations", "all"],
+    ),
+    "hprob_unet_lr_2e-3": (
+        "the default job, Hierarchical Prob U-Net, Adam 2e-3 constant",
+        ["--model", "hprob_unet", "--learning-rate", "2e-3"],
+    ),
+    "hprob_unet_latent_2": (
+        "the default job, Hierarchical Prob U-Net, 2 latents per cell and level",
+        ["--model", "hprob_unet", "--latent-dim", "2"],
+    ),
     # The Probabilistic U-Net's latent size and KL weight (its default optimiser, Adam 1e-3).
     "prob_unet_latent_2": (
         "the default job, Prob U-Net, latent dim 2",
@@ -170,6 +188,10 @@ ON_DEFAULT_JOB = {
     "augment_default",
     "prob_unet_augment",
     "mixture_default",
+    "hprob_unet_default",
+    "hprob_unet_all_raters",
+    "hprob_unet_lr_2e-3",
+    "hprob_unet_latent_2",
 }
 
 

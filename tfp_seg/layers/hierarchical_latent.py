@@ -180,6 +180,8 @@ class HierarchicalLatent(keras.layers.Layer):
         return _checks.spatial_form(self.spatial_dims, "B", trailing)
 
     def check_input_shape(self, shape, name: str = "inputs") -> None:
+        """Raise a `ValueError` naming `name` unless `shape` is `[B, *S, channels]` with every
+        spatial size a multiple of `downsampling_factor`."""
         shape = tuple(shape)
         if len(shape) != self.spatial_dims + 2:
             raise ValueError(

@@ -64,8 +64,9 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
         levels plus one coarser level for a `UNet`, else (32, 64, 128, 192, 192). Inputs'
         spatial sizes must be multiples of `2**(len(encoder_filters) - 1)`.
       encoder_convs_per_block: 3x3 convolutions per block of those nets.
-      fcomb_filters, num_fcomb_convs, reconstruction, geco, ignore_label, class_weights,
-        epsilon, validate_inputs, spatial_dims: as `ProbabilisticUNet`.
+      fcomb_filters, num_fcomb_convs: the size of `f_comb` (as `ProbabilisticUNet`).
+      reconstruction, geco, ignore_label, class_weights: the ELBO's (see `ProbabilisticUNet`).
+      epsilon, validate_inputs, spatial_dims: as `ProbabilisticUNet`.
 
     #### Examples
 

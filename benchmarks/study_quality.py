@@ -126,10 +126,6 @@ VARIANTS = {
         "the default job, Hierarchical Prob U-Net, every rater per step",
         ["--model", "hprob_unet", "--annotations", "all"],
     ),
-    "hprob_unet_lr_2e-3": (
-        "the default job, Hierarchical Prob U-Net, Adam 2e-3 constant",
-        ["--model", "hprob_unet", "--learning-rate", "2e-3"],
-    ),
     "hprob_unet_latent_2": (
         "the default job, Hierarchical Prob U-Net, 2 latents per cell and level",
         ["--model", "hprob_unet", "--latent-dim", "2"],
@@ -190,7 +186,6 @@ ON_DEFAULT_JOB = {
     "mixture_default",
     "hprob_unet_default",
     "hprob_unet_all_raters",
-    "hprob_unet_lr_2e-3",
     "hprob_unet_latent_2",
 }
 

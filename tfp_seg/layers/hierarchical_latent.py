@@ -46,12 +46,12 @@ import tensorflow_probability as tfp
 from tfp_seg import _checks, _seeds
 from tfp_seg import distributions as dists
 from tfp_seg.layers import _conv
+from tfp_seg.layers.latent import _SOFTPLUS_INV_ONE
 
 tfd = tfp.distributions
 
 __all__ = ["HierarchicalLatent", "SpatialLatentInjection"]
 
-_SOFTPLUS_INV_ONE = math.log(math.expm1(1.0))
 _AXES = {2: ("height", "width"), 3: ("depth", "height", "width")}
 
 

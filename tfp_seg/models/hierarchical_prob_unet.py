@@ -12,8 +12,7 @@ from tfp_seg import _checks
 from tfp_seg import distributions as dists
 from tfp_seg.layers.hierarchical_latent import HierarchicalLatent, SpatialLatentInjection
 from tfp_seg.losses.elbo import GECO
-from tfp_seg.models import _spatial
-from tfp_seg.models.prob_unet import ProbabilisticUNet
+from tfp_seg.models.prob_unet import ProbabilisticUNet, unet_levels
 from tfp_seg.models.unet import UNet
 
 __all__ = ["HierarchicalProbabilisticUNet"]
@@ -108,14 +107,8 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
         if encoder_filters is None:
             if backbone is None:
                 backbone = UNet(spatial_dims=_checks.check_spatial_dims(spatial_dims))
-            if isinstance(backbone, UNet):
-                encoder_filters = [
-                    backbone.base_filters * backbone.filters_multiplier**level
-                    for level in range(backbone.depth + 1)
-                ]
-                encoder_filters.append(encoder_filters[-1])
-            else:
-                encoder_filters = list(_DEFAULT_ENCODER_FILTERS)
+            levels = unet_levels(backbone)
+            encoder_filters = levels + levels[-1:] if levels else list(_DEFAULT_ENCODER_FILTERS)
         super().__init__(
             num_classes,
             latent_dim=latent_dim,
@@ -157,31 +150,19 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
         )
 
     # --- building ------------------------------------------------------------------------------
-    def build(self, input_shape):
-        input_shape = tuple(input_shape)
-        _spatial.check_input_rank(input_shape, self.spatial_dims)
-        if input_shape[-1] is None:
-            raise ValueError("`inputs` must have a known channel count (last axis).")
-        if not self.backbone.built:
-            self.backbone.build(input_shape)
-        feature_shape = tuple(self.backbone.compute_output_shape(input_shape))
-        if not self.prior_net.built:
-            self.prior_net.build(input_shape)
-        if not self.posterior_net.built:
-            self.posterior_net.build(input_shape[:-1] + (input_shape[-1] + self.num_classes,))
-        if not self.f_comb.built:
-            latent_shape = tuple(self.prior_net.compute_output_shape(input_shape))
-            self.f_comb.build(feature_shape, latent_shape)
-        self.built = True
+    def _latent_shape(self, input_shape) -> tuple:
+        """`f_comb` combines the features with the prior decoder's output `[B, *S, G]`."""
+        return tuple(self.prior_net.compute_output_shape(input_shape))
 
     # --- forward pieces ------------------------------------------------------------------------
-    def _check_grid(self, images):
-        self.prior_net.check_input_shape(images.shape, "images")
+    def _prepare_images(self, images, name: str = "inputs"):
+        images = super()._prepare_images(images, name)
+        self.prior_net.check_input_shape(images.shape, name)
+        return images
 
     def call(self, inputs, training=None):
         """Images `[B, *S, channels]` -> logits on the prior's mean path `[B, *S, C]`."""
         images = self._prepare_images(inputs)
-        self._check_grid(images)
         features = self._features(images, training=training)
         g = self.prior_net.decode(self.prior_net.encode(images), mean=True)[2]
         return self.f_comb(features, g)
@@ -189,17 +170,13 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
     def elbo_terms(self, images, labels, training: bool = False, seed=None) -> dict:
         """The ELBO's terms (see `ProbabilisticUNet.elbo_terms`); `kl` sums the levels."""
         images = self._prepare_images(images, "images")
-        self._check_grid(images)
         features = self._features(images, training=training)
         prior_levels = self.prior_net.encode(images)
         labels = tf.convert_to_tensor(labels)
         if self._is_label_set(images, labels):
-            k = tf.shape(labels)[1]
-            images, features = (tf.repeat(t, k, axis=0) for t in (images, features))
-            prior_levels = [tf.repeat(t, k, axis=0) for t in prior_levels]
-            trailing = labels.shape[2:]
-            labels = tf.reshape(labels, tf.concat([[-1], tf.shape(labels)[2:]], 0))
-            labels.set_shape([None] + trailing.as_list())
+            labels, (images, features, prior_levels) = self._rater_pairs(
+                labels, images, features, prior_levels
+            )
         posterior_levels = self.posterior_net.encode(self._posterior_inputs(images, labels))
         posterior_params, z, _ = self.posterior_net.decode(posterior_levels, seed=seed)
         prior_params, _, g = self.prior_net.decode(prior_levels, z=z)
@@ -216,21 +193,18 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
     def prior(self, x):
         """The prior's levels along its mean path, packed (`HierarchicalLatent.distribution`)."""
         images = self._prepare_images(x, "x")
-        self._check_grid(images)
         params = self.prior_net.decode(self.prior_net.encode(images), mean=True)[0]
         return self.prior_net.distribution(params)
 
     def posterior(self, x, y):
         """The posterior's levels along its mean path, packed, for label maps `y [B, *S]`."""
         images = self._prepare_images(x, "x")
-        self._check_grid(images)
         levels = self.posterior_net.encode(self._posterior_inputs(images, y))
         return self.posterior_net.distribution(self.posterior_net.decode(levels, mean=True)[0])
 
     def reconstruct(self, x, y) -> tf.Tensor:
         """Logits `[B, *S, C]` with the prior decoder fed the posterior's mean path."""
         images = self._prepare_images(x, "x")
-        self._check_grid(images)
         features = self._features(images, training=False)
         levels = self.posterior_net.encode(self._posterior_inputs(images, y))
         z = self.posterior_net.decode(levels, mean=True)[1]
@@ -242,7 +216,6 @@ class HierarchicalProbabilisticUNet(ProbabilisticUNet):
     ) -> tf.Tensor:
         num_samples = dists.check_num_samples(num_samples, antithetic=antithetic)
         images = self._prepare_images(xb, "x")
-        self._check_grid(images)
         features = self._features(images, training=False)
         s = self.spatial_dims
         levels = [

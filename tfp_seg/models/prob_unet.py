@@ -18,6 +18,17 @@ __all__ = ["ProbabilisticUNet"]
 _DEFAULT_ENCODER_FILTERS = (32, 64, 128, 192)
 
 
+def unet_levels(backbone) -> list:
+    """The channels of a `UNet` backbone's levels (`base_filters * multiplier**l`, l = 0..depth);
+    empty for any other backbone."""
+    if not isinstance(backbone, UNet):
+        return []
+    return [
+        backbone.base_filters * backbone.filters_multiplier**level
+        for level in range(backbone.depth + 1)
+    ]
+
+
 @keras.saving.register_keras_serializable(package="tfp_seg")
 class ProbabilisticUNet(sampling.Sampler, keras.Model):
     """A U-Net whose logits depend on a low-dimensional Gaussian latent: a conditional VAE.
@@ -135,13 +146,8 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
             raise ValueError(f"`backbone` must be a callable Keras model; got {backbone!r}.")
         _spatial.check_backbone_rank(backbone, self.spatial_dims, "ProbabilisticUNet")
         if encoder_filters is None:
-            if isinstance(backbone, UNet):
-                encoder_filters = [
-                    backbone.base_filters * backbone.filters_multiplier**level
-                    for level in range(backbone.depth + 1)
-                ]
-            else:
-                encoder_filters = list(_DEFAULT_ENCODER_FILTERS)
+            levels = unet_levels(backbone)
+            encoder_filters = levels if levels else list(_DEFAULT_ENCODER_FILTERS)
         if fcomb_filters is None:
             fcomb_filters = backbone.output_channels if isinstance(backbone, UNet) else 32
         if isinstance(geco, dict):
@@ -223,8 +229,12 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         if not self.posterior_net.built:
             self.posterior_net.build(input_shape[:-1] + (input_shape[-1] + self.num_classes,))
         if not self.f_comb.built:
-            self.f_comb.build(feature_shape, (input_shape[0], self.latent_dim))
+            self.f_comb.build(feature_shape, self._latent_shape(input_shape))
         self.built = True
+
+    def _latent_shape(self, input_shape) -> tuple:
+        """The shape of what `f_comb` combines with the features: `z [B, L]`."""
+        return (input_shape[0], self.latent_dim)
 
     # --- forward pieces ------------------------------------------------------------------------
     def _prepare_images(self, images, name: str = "inputs"):
@@ -294,14 +304,9 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
         prior_params = self.prior_net(images, training=training)
         labels = tf.convert_to_tensor(labels)
         if self._is_label_set(images, labels):
-            # [B, K, *S] -> the B*K pairs (x_b, y_bk), rows b*K + k.
-            k = tf.shape(labels)[1]
-            images, features, prior_params = (
-                tf.repeat(t, k, axis=0) for t in (images, features, prior_params)
+            labels, (images, features, prior_params) = self._rater_pairs(
+                labels, images, features, prior_params
             )
-            trailing = labels.shape[2:]
-            labels = tf.reshape(labels, tf.concat([[-1], tf.shape(labels)[2:]], 0))
-            labels.set_shape([None] + trailing.as_list())
         posterior_params = self.posterior_net(
             self._posterior_inputs(images, labels), training=training
         )
@@ -314,6 +319,17 @@ class ProbabilisticUNet(sampling.Sampler, keras.Model):
             self.prior_net.distribution(prior_params),
             training=training,
         )
+
+    @staticmethod
+    def _rater_pairs(labels, *tensors):
+        """A label set `[B, K, *S]` as the B*K pairs `(x_b, y_bk)`, rows `b*K + k`: the maps
+        `[B*K, *S]` and each of `tensors` (or nested lists of them) repeated K times."""
+        k = tf.shape(labels)[1]
+        repeated = tf.nest.map_structure(lambda t: tf.repeat(t, k, axis=0), tensors)
+        trailing = labels.shape[2:]
+        maps = tf.reshape(labels, tf.concat([[-1], tf.shape(labels)[2:]], 0))
+        maps.set_shape([None] + trailing.as_list())
+        return maps, repeated
 
     # --- training ------------------------------------------------------------------------------
     def compile(self, optimizer="adam", loss=None, metrics=None, **kwargs):

@@ -78,22 +78,16 @@ def build_model(config: TrainConfig, num_classes: int, input_shape=None):
     `config.spatial_dims == 3` the U-Net, the head and the Probabilistic U-Net are 3D (inputs
     `[B, D, H, W, channels]`).
     """
-    if config.model == "hprob_unet":
-        return models.HierarchicalProbabilisticUNet(
-            num_classes,
-            latent_dim=config.latent_dim,
-            latent_levels=config.latent_levels,
-            beta=config.beta,
-            backbone=_backbone(config, input_shape),
-            spatial_dims=config.spatial_dims,
-        )
-    if config.model == "prob_unet":
-        return models.ProbabilisticUNet(
+    if config.model in LATENT_MODELS:
+        hierarchical = config.model == "hprob_unet"
+        cls = models.HierarchicalProbabilisticUNet if hierarchical else models.ProbabilisticUNet
+        return cls(
             num_classes,
             latent_dim=config.latent_dim,
             beta=config.beta,
             backbone=_backbone(config, input_shape),
             spatial_dims=config.spatial_dims,
+            **({"latent_levels": config.latent_levels} if hierarchical else {}),
         )
     if config.head == "ensemble":
         return DeepEnsemble.from_factory(
